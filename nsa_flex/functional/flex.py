@@ -1,0 +1,90 @@
+"""One entry point to FlexAttention for the whole package: compiled on CUDA, eager on CPU, never silently slow.
+
+* On CUDA, ``flex_attention`` runs through ``torch.compile``; without it torch uses an unfused path that
+  materializes ``Q x KV`` scores. Dynamo gives up compiling a frame after ``recompile_limit`` recompiles and
+  then, by default, *silently* runs it eagerly (DESIGN.md pitfall 2: out of memory at T=32k). We compile
+  with ``fail_on_recompile_limit_hit`` so that case raises an error that says what to do.
+* On CPU, eager FlexAttention is exact (it materializes scores, which is what CPU tests want) but has no
+  backward; :func:`needs_dense_path` tells the functional layer to take its exact dense path instead.
+* ``return_lse``/``return_aux`` differ between torch versions; :func:`flex` hides that.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.attention import flex_attention as _fa
+
+try:  # torch >= 2.9
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+
+class SlowPathError(RuntimeError):
+    """A fused FlexAttention kernel could not be used and the fallback would materialize T x T scores."""
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable:
+    return torch.compile(_fa.flex_attention, fullgraph=True)
+
+
+def _call(fn: Callable, *args, **kwargs):
+    if AuxRequest is not None and kwargs.pop("return_lse", False):
+        out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+    return fn(*args, **kwargs)
+
+
+def flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask=None,
+    score_mod=None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    kernel_options: Optional[dict] = None,
+):
+    """``flex_attention(q, k, v, ...)`` with GQA enabled when ``Hq != Hkv``; returns ``out`` or ``(out, lse)``.
+
+    Rows that see no key give ``out = 0`` and ``lse = -inf``.
+    """
+    kwargs = dict(
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        return_lse=return_lse,
+    )
+    if kernel_options:
+        kwargs["kernel_options"] = kernel_options
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        # Inside a user's torch.compile the call is traced into their graph and fused there.
+        if q.device.type == "cuda":
+            return _call(_fa.flex_attention, q, k, v, **kwargs)
+        with warnings.catch_warnings():
+            # On CPU the unfused path is the intended one (exact, and the only one without a C++ toolchain).
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return _call(_fa.flex_attention, q, k, v, **kwargs)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _call(_compiled_flex(), q, k, v, **kwargs)
+    except Exception as err:  # dynamo's own exception type moved between releases
+        if "recompile" in type(err).__name__.lower() or "recompile_limit" in str(err):
+            raise SlowPathError(
+                "compiled flex_attention hit dynamo's recompile limit; torch would now fall back to an unfused "
+                "kernel that materializes Q x KV scores. Keep shapes stable (pad sequence lengths to a few "
+                "buckets) or raise torch._dynamo.config.recompile_limit deliberately."
+            ) from err
+        raise
+
+
+def needs_dense_path(*tensors: Tensor) -> bool:
+    """True when gradients are needed on a device whose FlexAttention has no backward (the CPU)."""
+    return torch.is_grad_enabled() and any(t.requires_grad and t.device.type != "cuda" for t in tensors)

@@ -1,0 +1,24 @@
+"""What may attend to what: composable FlexAttention mask_mods. Pure index arithmetic, no nn.Module."""
+
+from .compressed import compressed_causal, num_compressed_blocks
+from .mask import Extent, Mask, as_mask
+from .selection import block_mask_from_indices, fine_selection
+from .static import causal, chunked, dilated, document, full, global_tokens, prefix_lm, sliding_window
+
+__all__ = [
+    "Extent",
+    "Mask",
+    "as_mask",
+    "block_mask_from_indices",
+    "causal",
+    "chunked",
+    "compressed_causal",
+    "dilated",
+    "document",
+    "fine_selection",
+    "full",
+    "global_tokens",
+    "num_compressed_blocks",
+    "prefix_lm",
+    "sliding_window",
+]

@@ -1,0 +1,36 @@
+"""The NSA compressed branch's mask: queries over compressed-block keys (``Q_LEN != KV_LEN``).
+
+Compressed key ``c`` summarizes tokens ``[c*d, c*d + l)`` (block size ``l``, stride ``d``). It may be seen
+by query ``t`` only once its whole block is in the past: ``c*d + l - 1 <= t``.
+"""
+
+from __future__ import annotations
+
+from .._checks import positive_int
+from .mask import Mask
+
+
+def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
+    """Number of compressed keys for ``seq_len`` tokens: ``max(0, (T - l) // d + 1)``."""
+    return max(0, (seq_len - block_size) // stride + 1)
+
+
+def check_compression(block_size: int, stride: int) -> tuple[int, int]:
+    """Validate a (block_size, stride) pair: both positive, ``stride <= block_size`` so no token is skipped."""
+    positive_int("block_size", block_size)
+    positive_int("stride", stride)
+    if stride > block_size:
+        raise ValueError(
+            f"stride must be <= block_size (a larger stride skips tokens), got stride={stride}, block_size={block_size}"
+        )
+    return block_size, stride
+
+
+def compressed_causal(block_size: int = 32, stride: int = 16) -> Mask:
+    """Query ``t`` sees compressed key ``c`` iff ``c*stride + block_size - 1 <= t``."""
+    l, d = check_compression(block_size, stride)
+
+    def compressed_causal(b, h, q_idx, kv_idx):
+        return kv_idx * d + (l - 1) <= q_idx
+
+    return Mask(compressed_causal, f"compressed_causal(block_size={l}, stride={d})")

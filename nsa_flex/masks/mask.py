@@ -1,0 +1,215 @@
+"""`Mask`: a FlexAttention ``mask_mod`` with algebra, a readable repr and ways to materialize itself.
+
+A mask_mod is a function ``(b, h, q_idx, kv_idx) -> bool tensor`` saying whether query ``q_idx`` of batch
+``b`` and head ``h`` may attend to key ``kv_idx``. FlexAttention evaluates it under ``vmap`` and inside
+``torch.compile``, so it must be written with tensor ops only (``&``, ``|``, ``torch.where``; no Python
+``and``/``if`` on tensors, no ``.item()``).
+
+A :class:`Mask` *is* such a function (it is callable with that signature), so it can be passed anywhere
+torch expects a mask_mod. On top of that it
+
+* composes: ``a & b`` (both allow), ``a | b`` (either allows), ``~a`` (complement), also with plain functions;
+* prints the expression it was built from: ``causal() & sliding_window(256)``;
+* knows the shapes it is defined for (batch size, heads, maximal lengths of data-dependent masks, whether
+  queries and keys must index the same sequence) and checks them before it is materialized;
+* materializes itself: :meth:`Mask.to_dense` (bool ``[B, H, Q, KV]``, for checking) and
+  :meth:`Mask.to_block_mask` (a torch ``BlockMask`` for ``flex_attention``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Union
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# A check receives (q_len, kv_len) and raises ValueError when the mask is not defined for them.
+LengthCheck = Callable[[int, int], None]
+
+# Operator precedence as in Python, used to parenthesize repr: ~ binds tighter than &, & tighter than |.
+_PRECEDENCE = {"|": 1, "&": 2, "~": 3, "atom": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """What a mask is defined for. ``None`` means "any"; composition requires agreement."""
+
+    batch: Optional[int] = None  # the mask depends on b and is defined for exactly this batch size
+    heads: Optional[int] = None  # the mask depends on h and is defined for exactly this many heads
+    checks: tuple[LengthCheck, ...] = ()
+    device: Optional[torch.device] = None  # where the tensors a data-dependent mask reads from live
+
+    def merge(self, other: "Extent") -> "Extent":
+        return Extent(
+            batch=_agree("batch", self.batch, other.batch),
+            heads=_agree("heads", self.heads, other.heads),
+            checks=self.checks + other.checks,
+            device=_agree("device", self.device, other.device),
+        )
+
+
+def _agree(what, a, b):
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"cannot combine masks defined for {what}={a} and {what}={b}")
+    return a if a is not None else b
+
+
+class Mask:
+    """A mask_mod with algebra. Wrap any ``(b, h, q_idx, kv_idx) -> bool`` function: ``Mask(fn)``.
+
+    Args:
+        fn: the mask_mod.
+        name: the expression shown by ``repr``; defaults to ``fn.__name__``.
+        extent: the batch/head sizes and length checks the mask is defined for (see :class:`Extent`).
+    """
+
+    def __init__(self, fn: MaskMod, name: Optional[str] = None, extent: Extent = Extent(), *, _op: str = "atom"):
+        if isinstance(fn, Mask):
+            fn, name, extent, _op = fn.fn, name or fn.name, fn.extent, fn._op
+        if not callable(fn):
+            raise TypeError(f"Mask(fn): fn must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
+        self.extent = extent
+        self._op = _op
+
+    # -- the mask_mod itself ------------------------------------------------------------------------
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.fn(b, h, q_idx, kv_idx)
+
+    # -- algebra --------------------------------------------------------------------------------------
+    def __and__(self, other: Union["Mask", MaskMod]) -> "Mask":
+        return _binary("&", self, as_mask(other))
+
+    def __rand__(self, other: MaskMod) -> "Mask":
+        return _binary("&", as_mask(other), self)
+
+    def __or__(self, other: Union["Mask", MaskMod]) -> "Mask":
+        return _binary("|", self, as_mask(other))
+
+    def __ror__(self, other: MaskMod) -> "Mask":
+        return _binary("|", as_mask(other), self)
+
+    def __invert__(self) -> "Mask":
+        inner = self
+
+        def not_mask(b, h, q_idx, kv_idx):
+            return ~inner(b, h, q_idx, kv_idx)
+
+        return Mask(not_mask, f"~{_wrap(self, _PRECEDENCE['~'])}", self.extent, _op="~")
+
+    def __repr__(self) -> str:
+        return self.name
+
+    # -- shapes ---------------------------------------------------------------------------------------
+    def check(self, q_len: int, kv_len: int, B: Optional[int] = None, H: Optional[int] = None) -> None:
+        """Raise ValueError if this mask is not defined for these lengths / batch / heads."""
+        for arg, value in (("q_len", q_len), ("kv_len", kv_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        for arg, value, own in (("B", B, self.extent.batch), ("H", H, self.extent.heads)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int or None, got {value!r}")
+            if own is not None and value not in (own,):
+                raise ValueError(f"{self!r} is defined for {arg}={own}, got {arg}={value}")
+        for length_check in self.extent.checks:
+            length_check(q_len, kv_len)
+
+    def _sizes(self, B: Optional[int], H: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+        return (B if B is not None else self.extent.batch, H if H is not None else self.extent.heads)
+
+    # -- materialization ------------------------------------------------------------------------------
+    def to_dense(
+        self, q_len: int, kv_len: int, B: Optional[int] = None, H: Optional[int] = None, device=None
+    ) -> Bool[Tensor, "B H q_len kv_len"]:
+        """The mask as a bool tensor ``[B, H, q_len, kv_len]`` (True = may attend). O(B*H*Q*KV) memory.
+
+        B and H default to the sizes the mask depends on, else 1.
+        """
+        self.check(q_len, kv_len, B, H)
+        B, H = self._sizes(B, H)
+        device = self._device(device)
+        return create_mask(self, B or 1, H or 1, q_len, kv_len, device=device)
+
+    def to_block_mask(
+        self,
+        q_len: int,
+        kv_len: int,
+        B: Optional[int] = None,
+        H: Optional[int] = None,
+        device=None,
+        block_size: Union[int, tuple[int, int]] = 128,
+    ) -> BlockMask:
+        """A torch ``BlockMask`` for ``flex_attention`` with blocks of ``block_size`` (int or ``(q, kv)``).
+
+        B and H default to the sizes the mask depends on; ``None`` broadcasts over that dimension.
+        On CUDA the mask is evaluated by a compiled kernel (no ``Q x KV`` tensor is built); on CPU it is
+        evaluated eagerly (inductor's CPU codegen fails for Q != KV, DESIGN.md pitfall 3).
+        """
+        self.check(q_len, kv_len, B, H)
+        q_block, kv_block = _block_pair(block_size)
+        B, H = self._sizes(B, H)
+        device = self._device(device)
+        compile_it = torch.device(device).type == "cuda"
+        return create_block_mask(
+            self, B, H, q_len, kv_len, device=device, BLOCK_SIZE=(q_block, kv_block), _compile=compile_it
+        )
+
+    def _device(self, device) -> torch.device:
+        """The device of the tensors the mask holds, unless the caller names one."""
+        if device is not None:
+            return torch.device(device)
+        return self.extent.device or torch.device("cpu")
+
+
+def same_length(name: str) -> LengthCheck:
+    """A length check for masks whose queries and keys index the same sequence (block layouts)."""
+
+    def check_same_length(q_len: int, kv_len: int) -> None:
+        if q_len != kv_len:
+            raise ValueError(f"{name} needs q_len == kv_len (self-attention), got q_len={q_len}, kv_len={kv_len}")
+
+    return check_same_length
+
+
+def _block_pair(block_size: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair):
+        raise ValueError(f"block_size must be a positive int or a pair of positive ints, got {block_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def as_mask(fn: Union[Mask, MaskMod]) -> Mask:
+    """A :class:`Mask` for ``fn`` (returned unchanged if it already is one)."""
+    return fn if isinstance(fn, Mask) else Mask(fn)
+
+
+def _wrap(mask: Mask, precedence: int) -> str:
+    return f"({mask.name})" if _PRECEDENCE[mask._op] < precedence else mask.name
+
+
+def _binary(op: str, left: Mask, right: Mask) -> Mask:
+    extent = left.extent.merge(right.extent)
+    if op == "&":
+
+        def and_mask(b, h, q_idx, kv_idx):
+            return left(b, h, q_idx, kv_idx) & right(b, h, q_idx, kv_idx)
+
+        fn = and_mask
+    else:
+
+        def or_mask(b, h, q_idx, kv_idx):
+            return left(b, h, q_idx, kv_idx) | right(b, h, q_idx, kv_idx)
+
+        fn = or_mask
+    p = _PRECEDENCE[op]
+    # Left-associative: an equal-precedence left operand needs no parentheses, a right one does.
+    left_s = _wrap(left, p)
+    right_s = f"({right.name})" if _PRECEDENCE[right._op] <= p else right.name
+    return Mask(fn, f"{left_s} {op} {right_s}", extent, _op=op)

@@ -1,0 +1,150 @@
+"""The NSA selection branch's mask, from top-k block indices, and its BlockMask built without T x T work.
+
+``block_indices[b, kv_head, t]`` lists the ``n`` key blocks (of ``block_size`` tokens) that token ``t``
+selected; ``-1`` marks an unused slot and duplicates count once. Query ``t`` of kv head ``h`` sees key ``j`` iff
+``j // block_size`` is among them and ``j <= t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .._checks import positive_int, tensor
+from .mask import Extent, Mask
+
+
+def _check_indices(block_indices: Tensor) -> Tensor:
+    idx = tensor("block_indices", block_indices, ndim=4, integer=True)
+    if idx.numel() and int(idx.min()) < -1:
+        raise ValueError(f"block_indices must be >= -1 (-1 marks an unused slot), got minimum {int(idx.min())}")
+    return idx
+
+
+def _check_kv_range(idx: Tensor, block_size: int, kv_len: int) -> None:
+    num_kv_blocks = math.ceil(kv_len / block_size)
+    if idx.numel() and int(idx.max()) >= num_kv_blocks:
+        raise ValueError(
+            f"block_indices must be < {num_kv_blocks} (the number of key blocks of size {block_size} in "
+            f"kv_len={kv_len}), got maximum {int(idx.max())}"
+        )
+
+
+def fine_selection(block_indices: Int[Tensor, "B Hkv T n"], block_size: int = 64, group_size: int = 1) -> Mask:
+    """Mask of NSA's selected blocks. ``h`` is the query head; its kv head is ``h // group_size``.
+
+    Defined for batch ``B``, ``Hkv * group_size`` heads, ``q_len <= T`` and keys covered by the indices.
+    """
+    idx = _check_indices(block_indices)
+    bs = positive_int("block_size", block_size)
+    g = positive_int("group_size", group_size)
+    B, Hkv, T, n = idx.shape
+
+    def fits(q_len: int, kv_len: int) -> None:
+        if q_len > T:
+            raise ValueError(f"fine_selection has block_indices for {T} queries, got q_len={q_len}")
+        _check_kv_range(idx, bs, kv_len)
+
+    def fine_selection(b, h, q_idx, kv_idx):
+        chosen = idx[b, h // g, q_idx]
+        kv_block = kv_idx // bs
+        # An unrolled OR over the n slots keeps the mask_mod elementwise, which compiled kernels need.
+        hit = chosen[..., 0] == kv_block
+        for i in range(1, n):
+            hit = hit | (chosen[..., i] == kv_block)
+        return hit & (kv_idx <= q_idx)
+
+    extent = Extent(batch=B, heads=Hkv * g, checks=(fits,), device=idx.device)
+    name = f"fine_selection(<indices {list(idx.shape)}>, block_size={bs}" + (f", group_size={g})" if g > 1 else ")")
+    return Mask(fine_selection, name, extent)
+
+
+def block_mask_from_indices(
+    block_indices: Int[Tensor, "B Hkv T n"],
+    q_len: int,
+    kv_len: int,
+    block_size: int = 64,
+    q_block_size: int = 128,
+    group_size: int = 1,
+    compute_q_blocks: bool = True,
+) -> BlockMask:
+    """The BlockMask of ``fine_selection(block_indices, block_size, group_size)`` without evaluating it densely.
+
+    Equal block for block to ``create_block_mask(fine_selection(...), B, Hkv*group_size, q_len, kv_len,
+    BLOCK_SIZE=(q_block_size, block_size))``: the same partial and full blocks in the same (ascending) order.
+    A key block is *full* for a query tile when every row of the tile selected it and all its keys are at or
+    before the tile's first row; otherwise, if any row can see a key of it, it is partial (the mask_mod runs).
+
+    Work: a sort of the ``q_block_size * n`` candidates of each query tile, O(T*n log(q_block_size*n)); no
+    ``T x T`` tensor. The index tensors have torch's fixed layout, ``ceil(q_len/q_block_size) x
+    ceil(kv_len/block_size)`` entries per head, which is below ``T*n`` while ``kv_len <= q_block_size*n*block_size``.
+    ``compute_q_blocks=False`` skips the transposed (query-side) indices that only the backward pass reads.
+    """
+    mask = fine_selection(block_indices, block_size, group_size)
+    mask.check(q_len, kv_len)
+    positive_int("q_block_size", q_block_size)
+    idx = block_indices[:, :, :q_len]
+    B, Hkv, _, n = idx.shape
+    bs, qbs = block_size, q_block_size
+    num_kv = math.ceil(kv_len / bs)
+    num_q = math.ceil(q_len / qbs)
+    device = idx.device
+
+    # A slot counts if it names a block with at least one key <= t. Anything else becomes the sentinel num_kv.
+    t = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+    idx = idx.long()
+    sentinel = num_kv
+    vals = torch.where((idx >= 0) & (idx * bs <= t), idx, sentinel)
+    # Duplicates within one token must count once toward "every row selected it".
+    vals, _ = vals.sort(dim=-1)
+    vals[..., 1:].masked_fill_(vals[..., 1:] == vals[..., :-1], sentinel)
+    pad_rows = num_q * qbs - q_len
+    if pad_rows:
+        vals = torch.nn.functional.pad(vals, (0, 0, 0, pad_rows), value=sentinel)
+    tiles = vals.view(B, Hkv, num_q, qbs * n).sort(dim=-1).values  # each tile's candidates, ascending
+
+    m = tiles.shape[-1]
+    first = torch.ones_like(tiles, dtype=torch.bool)
+    first[..., 1:] = tiles[..., 1:] != tiles[..., :-1]
+    # Run length of each value = (start of the next run) - (own start); the next start comes from a reverse cummin.
+    pos = torch.arange(m, device=device).expand_as(tiles)
+    starts = torch.where(first, pos, m)
+    next_start = torch.cat([starts[..., 1:], torch.full_like(starts[..., :1], m)], dim=-1)
+    next_start = next_start.flip(-1).cummin(dim=-1).values.flip(-1)
+    run = next_start - pos
+
+    present = first & (tiles < sentinel)
+    q_start = (torch.arange(num_q, device=device) * qbs).view(1, 1, num_q, 1)
+    block_end = (tiles + 1) * bs  # one past the block's last key
+    full = present & (run == qbs) & (block_end - 1 <= q_start) & (block_end <= kv_len)
+    partial = present & ~full
+
+    def ordered(keep: Tensor) -> tuple[Tensor, Tensor]:
+        counts = keep.sum(dim=-1, dtype=torch.int32)
+        chosen = torch.where(keep, tiles, sentinel).sort(dim=-1).values
+        width = min(m, num_kv)
+        chosen = chosen[..., :width].clamp_(max=num_kv - 1)  # unused tail entries must still be valid indices
+        if width < num_kv:
+            chosen = torch.nn.functional.pad(chosen, (0, num_kv - width), value=0)
+        return counts, chosen.to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    if group_size > 1:
+        kv_num, kv_idx, full_num, full_idx = (
+            x.repeat_interleave(group_size, dim=1) for x in (kv_num, kv_idx, full_num, full_idx)
+        )
+    return BlockMask.from_kv_blocks(
+        kv_num.contiguous(),
+        kv_idx.contiguous(),
+        full_num.contiguous(),
+        full_idx.contiguous(),
+        BLOCK_SIZE=(qbs, bs),
+        mask_mod=mask,
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=compute_q_blocks,
+    )

@@ -1,0 +1,3 @@
+"""nn.Modules built on nsa_flex.functional."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""score_mod generators (softcap, ALiBi, relative bias) and their composition."""

@@ -1,0 +1,16 @@
+"""Checking tools for users as much as for us: float64 dense references, ``assert_matches_dense`` and
+Hypothesis strategies (``nsa_flex.testing.strategies``, needs the ``test`` extra)."""
+
+from .assertions import TOLERANCE, assert_matches_dense
+from .reference import dense_attention
+
+__all__ = ["TOLERANCE", "assert_matches_dense", "dense_attention", "strategies"]
+
+
+def __getattr__(name):
+    # Hypothesis is a test-time dependency: import the strategies only when asked for.
+    if name == "strategies":
+        import importlib
+
+        return importlib.import_module(".strategies", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

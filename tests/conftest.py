@@ -1,0 +1,31 @@
+"""Shared test set-up: Hypothesis profiles and the `gpu` marker.
+
+Profiles: ``ci`` (default, fast) and ``thorough`` (many more examples); pick one with
+``NSA_FLEX_HYPOTHESIS=thorough pytest``.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile(os.environ.get("NSA_FLEX_HYPOTHESIS", "ci"))
+
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
