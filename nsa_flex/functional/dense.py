@@ -58,6 +58,15 @@ def dense_masked_attention(
     return out
 
 
+def mask_rows(mask, B: int, H: int, KV: int, device) -> MaskRows:
+    """Rows of a mask_mod evaluated by broadcasting index tensors (no vmap): ``[B|1, H|1, rows, KV]``."""
+
+    def rows(start: int, stop: int) -> Tensor:
+        return mask(*_grid(B, H, start, stop, KV, device))
+
+    return rows
+
+
 def _grid(B: int, H: int, start: int, stop: int, KV: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Broadcastable (b, h, q_idx, kv_idx) index tensors for evaluating a score_mod densely."""
     b = torch.arange(B, device=device).view(B, 1, 1, 1)

@@ -1,0 +1,93 @@
+"""Native Sparse Attention (DeepSeek, 2025): three branches mixed by learned gates.
+
+``o = g_cmp * o_cmp + g_sel * o_sel + g_win * o_win`` where ``o_cmp`` attends to compressed blocks,
+``o_sel`` to each token's top-n selected blocks (chosen from the compressed branch's probabilities) and
+``o_win`` to a causal sliding window.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from jaxtyping import Float
+from torch import Tensor
+
+from .._checks import positive_int, tensor
+from .branches import check_qkv, compressed_attention, selected_attention, sliding_window_attention
+from .compress import mean_pool
+from .selection import check_selection, select_blocks
+
+Compressor = Callable[[Tensor], Tensor]  # [B, H, T, D] -> [B, H, Tc, D]
+CompressSpec = Union[str, Compressor, tuple[Compressor, Compressor]]
+
+
+def resolve_compressors(compress: CompressSpec, block_size: int, stride: int) -> tuple[Compressor, Compressor]:
+    """``"mean"``, one callable for keys and values, or a ``(key_compressor, value_compressor)`` pair."""
+    if compress == "mean":
+        def mean(x: Tensor) -> Tensor:
+            return mean_pool(x, block_size, stride)
+
+        return mean, mean
+    if isinstance(compress, str):
+        raise ValueError(f"compress must be 'mean', a module/callable or a (key, value) pair of them, got {compress!r}")
+    if isinstance(compress, tuple):
+        if len(compress) != 2 or not all(callable(c) for c in compress):
+            raise TypeError(f"compress as a tuple must be (key_compressor, value_compressor), got {compress!r}")
+        return compress
+    if not callable(compress):
+        raise TypeError(f"compress must be 'mean' or callable [B, H, T, D] -> [B, H, Tc, D], got {type(compress).__name__}")
+    return compress, compress
+
+
+def nsa_attention(
+    q: Float[Tensor, "B Hq T D"],
+    k: Float[Tensor, "B Hkv T D"],
+    v: Float[Tensor, "B Hkv T Dv"],
+    gates: Float[Tensor, "B Hq T 3"],
+    compress: CompressSpec = "mean",
+    compress_block_size: int = 32,
+    compress_stride: int = 16,
+    selection_block_size: int = 64,
+    num_selected: int = 16,
+    num_initial: int = 1,
+    num_local: int = 2,
+    window_size: int = 512,
+    scale: Optional[float] = None,
+    fine_qk: Optional[tuple[Tensor, Tensor]] = None,
+    return_branches: bool = False,
+):
+    """NSA attention. ``gates[..., i]`` weighs (compressed, selected, window); typically a sigmoid, in ``[0, 1]``.
+
+    ``compress`` maps ``[B, Hkv, T, D] -> [B, Hkv, Tc, D]`` with ``Tc = max(0, (T - l) // d + 1)``.
+    ``fine_qk = (q', k')``, if given, replaces ``q, k`` in the selected and window branches only (e.g. rotary-
+    embedded copies; compression and block scoring keep the position-free ``q, k``, as in the paper).
+    Returns ``o [B, Hq, T, Dv]``, or ``(o, branches)`` with the dict ``{"compressed", "selected", "window",
+    "block_indices"}`` when ``return_branches``.
+    """
+    B, Hq, _, T = check_qkv(q, k, v)
+    tensor("gates", gates, ndim=4, floating=True, shape=(B, Hq, T, 3))
+    check_selection(compress_block_size, compress_stride, selection_block_size, num_selected, num_initial, num_local)
+    positive_int("window_size", window_size)
+    k_compress, v_compress = resolve_compressors(compress, compress_block_size, compress_stride)
+
+    k_cmp, v_cmp = k_compress(k), v_compress(v)
+    Tc = max(0, (T - compress_block_size) // compress_stride + 1)
+    for name, x in (("compressed keys", k_cmp), ("compressed values", v_cmp)):
+        expected = (B, k.shape[1], Tc)
+        if x.ndim != 4 or tuple(x.shape[:3]) != expected:
+            raise ValueError(f"compress must return [B, Hkv, Tc, D] = [{B}, {k.shape[1]}, {Tc}, *] for {name}, "
+                             f"got {list(x.shape)}")
+
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, compress_block_size, compress_stride, scale, return_lse=True)
+    block_indices = select_blocks(q, k_cmp, compress_block_size, compress_stride, selection_block_size,
+                                  num_selected, num_initial, num_local, scale, lse=lse.detach())
+    q_fine, k_fine = (q, k) if fine_qk is None else fine_qk
+    if fine_qk is not None and (q_fine.shape != q.shape or k_fine.shape != k.shape):
+        raise ValueError(f"fine_qk must have the shapes of q and k, got {list(q_fine.shape)}, {list(k_fine.shape)}")
+    o_sel = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale)
+    o_win = sliding_window_attention(q_fine, k_fine, v, window_size, scale)
+    g = gates.to(o_cmp.dtype)
+    out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win
+    if return_branches:
+        return out, {"compressed": o_cmp, "selected": o_sel, "window": o_win, "block_indices": block_indices}
+    return out
