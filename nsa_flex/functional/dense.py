@@ -77,6 +77,9 @@ def _grid(B: int, H: int, start: int, stop: int, KV: int, device) -> tuple[Tenso
 
 
 def _safe_softmax_attend(scores: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    if scores.shape[-1] == 0:  # no keys at all: every row sees nothing
+        out = scores.new_zeros(*scores.shape[:-1], v.shape[-1]) + 0 * v.sum()
+        return out, scores.new_full(scores.shape[:-1], float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)  # masked entries: exp(-inf) = 0

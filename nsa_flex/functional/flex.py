@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -68,9 +68,7 @@ def flex(
         # Inside a user's torch.compile the call is traced into their graph and fused there.
         if q.device.type == "cuda":
             return _call(_fa.flex_attention, q, k, v, **kwargs)
-        with warnings.catch_warnings():
-            # On CPU the unfused path is the intended one (exact, and the only one without a C++ toolchain).
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        with _direct_cpu_flex():
             return _call(_fa.flex_attention, q, k, v, **kwargs)
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
@@ -83,6 +81,23 @@ def flex(
                 "buckets) or raise torch._dynamo.config.recompile_limit deliberately."
             ) from err
         raise
+
+
+@contextlib.contextmanager
+def _direct_cpu_flex():
+    """Run CPU FlexAttention's unfused reference implementation directly.
+
+    On CPU the unfused path is the one we want (exact; forward only). Left alone, eager ``flex_attention``
+    still traces that implementation through dynamo for every new shape (about a second each, and it counts
+    toward dynamo's recompile limit); torch's own debug switch calls it directly instead, which gives the same
+    forward result in milliseconds. The switch is restored on exit.
+    """
+    previous = _fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    _fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+    try:
+        yield
+    finally:
+        _fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = previous
 
 
 def needs_dense_path(*tensors: Tensor) -> bool:

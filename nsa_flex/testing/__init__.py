@@ -2,9 +2,18 @@
 Hypothesis strategies (``nsa_flex.testing.strategies``, needs the ``test`` extra)."""
 
 from .assertions import TOLERANCE, assert_matches_dense
+from .nsa_reference import reference_mean_pool, reference_nsa, reference_select_blocks
 from .reference import dense_attention
 
-__all__ = ["TOLERANCE", "assert_matches_dense", "dense_attention", "strategies"]
+__all__ = [
+    "TOLERANCE",
+    "assert_matches_dense",
+    "dense_attention",
+    "reference_mean_pool",
+    "reference_nsa",
+    "reference_select_blocks",
+    "strategies",
+]
 
 
 def __getattr__(name):
