@@ -1,0 +1,54 @@
+"""Rotary position embedding (RoPE, "rotate half" / GPT-NeoX layout), without parameters or cached tables.
+
+Feature pair ``(i, i + D/2)`` of the token at position ``p`` is rotated by the angle ``p * base**(-2i/D)``.
+The angles are computed on the fly in float32 (float64 for float64 inputs), so casting the module to bf16 does
+not round them, and ``offset`` shifts the positions (a decoding step's first position).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .._checks import positive_int, tensor
+
+__all__ = ["RotaryEmbedding", "apply_rotary"]
+
+
+def apply_rotary(x: Float[Tensor, "B H T D"], offset: int = 0, base: float = 10000.0) -> Float[Tensor, "B H T D"]:
+    """Rotate ``x [B, H, T, D]`` (``D`` even) for positions ``offset, ..., offset + T - 1``."""
+    tensor("x", x, ndim=4, floating=True)
+    T, D = x.shape[-2], x.shape[-1]
+    if D % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got x of shape {list(x.shape)}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=work) / D)
+    pos = torch.arange(T, device=x.device, dtype=work) + offset
+    angles = pos[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(work).chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """``RotaryEmbedding(dim_head)(x, offset=0)``: :func:`apply_rotary` as a module (no parameters)."""
+
+    def __init__(self, dim_head: int, base: float = 10000.0):
+        super().__init__()
+        positive_int("dim_head", dim_head)
+        if dim_head % 2:
+            raise ValueError(f"rotary embedding needs an even dim_head, got {dim_head}")
+        if not base > 1:
+            raise ValueError(f"rotary base must be > 1, got {base!r}")
+        self.dim_head = dim_head
+        self.base = float(base)
+
+    def forward(self, x: Float[Tensor, "B H T D"], offset: int = 0) -> Float[Tensor, "B H T D"]:
+        if isinstance(x, Tensor) and x.shape[-1] != self.dim_head:
+            raise ValueError(f"x must have head dim {self.dim_head}, got shape {list(x.shape)}")
+        return apply_rotary(x, offset, self.base)
+
+    def extra_repr(self) -> str:
+        return f"dim_head={self.dim_head}, base={self.base}"
