@@ -285,13 +285,27 @@ def test_input_wrong_rank():
         model(torch.randn(5, SMALL["dim"]))
 
 
-# ---- GPU: torch.compile(fullgraph=True) in bf16 matches eager ----
+# ---- GPU: eager training step and torch.compile(fullgraph=True) in bf16 ----
+
+GPU_CFG = dict(dim=256, dim_head=64, heads=4, kv_heads=2, sliding_window_size=64, compress_block_size=32,
+               compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=4)
+
+
+@pytest.mark.gpu
+def test_backward_bf16_cuda():
+    torch.manual_seed(0)
+    model = SparseAttention(**GPU_CFG).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 512, GPU_CFG["dim"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
 
 @pytest.mark.gpu
 def test_compile_fullgraph_bf16_cuda():
     torch.manual_seed(0)
-    cfg = dict(dim=256, dim_head=64, heads=4, kv_heads=2, sliding_window_size=64, compress_block_size=32,
-               compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=4)
+    cfg = GPU_CFG
     model = SparseAttention(**cfg).cuda().to(torch.bfloat16)
     x = torch.randn(2, 512, cfg["dim"], device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
