@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +33,50 @@ class SlowPathError(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def _compiled_flex() -> Callable:
     return torch.compile(_fa.flex_attention, fullgraph=True)
+
+
+# Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and
+# 16..128-row Q blocks. Constraints: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0.
+SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4))
+
+
+@functools.lru_cache(maxsize=None)
+def enable_small_block_backward() -> bool:
+    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
+
+    Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
+    user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError``. This appends
+    tiles that fit to inductor's candidate list (``torch._inductor.config.inductor_choices_class``). The
+    defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
+    valid tile gain one. Called automatically on the first CUDA call; returns False if this torch lacks the hook.
+    """
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig
+    except ImportError:  # pragma: no cover - depends on the torch release
+        warnings.warn("nsa_flex: this torch has no inductor choices hook; backward with 64-token KV blocks may fail")
+        return False
+    base = inductor_config.inductor_choices_class or InductorChoices
+    if not isinstance(base, type):
+        warnings.warn("nsa_flex: a custom inductor_choices_class factory is installed; leaving it unchanged")
+        return False
+    if getattr(base, "_nsa_flex_tiles", False):
+        return True
+
+    class NSAFlexChoices(base):  # type: ignore[valid-type, misc]
+        _nsa_flex_tiles = True
+
+        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+            configs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
+            return configs + [FlexBwDConfig(*tile) for tile in SMALL_BLOCK_BWD_TILES]
+
+        def uuid(self):  # part of inductor's cache key
+            parent = getattr(super(), "uuid", None)
+            return f"nsa_flex_tiles:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
+
+    inductor_config.inductor_choices_class = NSAFlexChoices
+    return True
 
 
 def _call(fn: Callable, *args, **kwargs):
@@ -64,6 +109,8 @@ def flex(
     )
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
+    if q.device.type == "cuda":
+        enable_small_block_backward()
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         # Inside a user's torch.compile the call is traced into their graph and fused there.
         if q.device.type == "cuda":

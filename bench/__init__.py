@@ -1,0 +1,1 @@
+"""GPU benchmark suite (writes JSON + plots under bench/results/; BENCHMARKS.md quotes it)."""

@@ -1,0 +1,176 @@
+"""NSA functional layer vs the float64 loop reference (nsa_flex.testing.reference_nsa)."""
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from nsa_flex import functional as F
+from nsa_flex import testing
+
+FP32_TOL = 1e-5
+
+
+@st.composite
+def nsa_cases(draw, max_len=140):
+    """Small NSA problems: GQA ratios 1..16, odd T (also T < one compression block), n beyond the blocks."""
+    G = draw(st.sampled_from([1, 2, 4, 16]))
+    Hkv = draw(st.integers(1, 2)) if G < 16 else 1
+    stride = draw(st.sampled_from([4, 8]))
+    block = stride * draw(st.sampled_from([1, 2]))
+    sel = stride * draw(st.sampled_from([1, 2, 4]))
+    T = draw(st.one_of(st.integers(1, block), st.integers(1, max_len)))
+    return dict(
+        B=draw(st.integers(1, 2)),
+        Hq=G * Hkv,
+        Hkv=Hkv,
+        T=T,
+        D=draw(st.sampled_from([4, 8])),
+        cfg=dict(
+            compress_block_size=block,
+            compress_stride=stride,
+            selection_block_size=sel,
+            num_selected=draw(st.integers(1, 12)),
+            num_initial=draw(st.integers(0, 2)),
+            num_local=draw(st.integers(0, 3)),
+            window_size=draw(st.integers(1, 40)),
+        ),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def make_inputs(case, dtype=torch.float32, requires_grad=False):
+    gen = torch.Generator().manual_seed(case["seed"])
+    B, Hq, Hkv, T, D = (case[k] for k in ("B", "Hq", "Hkv", "T", "D"))
+    tensors = [
+        torch.randn(B, Hq, T, D, generator=gen),
+        torch.randn(B, Hkv, T, D, generator=gen),
+        torch.randn(B, Hkv, T, D, generator=gen),
+        torch.rand(B, Hq, T, 3, generator=gen),
+    ]
+    return [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
+
+
+@given(nsa_cases())
+def test_block_selection_matches_reference_exactly(case):
+    q, k, _, _ = make_inputs(case, torch.float64)
+    cfg = case["cfg"]
+    l, d = cfg["compress_block_size"], cfg["compress_stride"]
+    k_cmp = F.mean_pool(k, l, d)
+    args = (l, d, cfg["selection_block_size"], cfg["num_selected"], cfg["num_initial"], cfg["num_local"])
+    got = F.select_blocks(q, k_cmp, *args)
+    want = testing.reference_select_blocks(q, k_cmp, *args)
+    assert got.dtype == torch.long and got.shape == want.shape
+    # Same sets (order within the n is free).
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_selection_ties_break_toward_lower_block_and_forced_blocks_come_first():
+    # All compressed keys equal -> every visible compressed key gets the same probability -> many tied blocks.
+    B, Hkv, G, T, D = 1, 1, 2, 200, 4
+    q = torch.randn(B, Hkv * G, T, D, dtype=torch.float64)
+    k_cmp = torch.zeros(B, Hkv, (T - 8) // 8 + 1, D, dtype=torch.float64)
+    got = F.select_blocks(q, k_cmp, 8, 8, 16, num_selected=4, num_initial=1, num_local=2)
+    want = testing.reference_select_blocks(q, k_cmp, 8, 8, 16, 4, 1, 2)
+    assert torch.equal(got, want)
+    t = 199  # own block 12: forced 0, 12, 11; equal scores for blocks 1..10 -> lowest index, 1
+    assert got[0, 0, t].tolist() == [0, 12, 11, 1]
+    assert got[0, 0, 5].tolist() == [0, -1, -1, -1]  # only block 0 exists yet
+    # n smaller than the forced list: initial blocks first, then own block.
+    short = F.select_blocks(q, k_cmp, 8, 8, 16, num_selected=2, num_initial=1, num_local=2)
+    assert short[0, 0, t].tolist() == [0, 12]
+
+
+@given(nsa_cases())
+def test_nsa_and_each_branch_match_reference_fp32(case):
+    q, k, v, g = make_inputs(case)
+    out, branches = F.nsa_attention(q, k, v, g, return_branches=True, **case["cfg"])
+    ref, ref_branches = testing.reference_nsa(q, k, v, g, return_branches=True, **case["cfg"])
+    # fp32 scores may order a float64 near-tie differently; such draws compare nothing meaningful.
+    assume(torch.equal(branches["block_indices"].sort(-1).values, ref_branches["block_indices"].sort(-1).values))
+    for name in ("compressed", "selected", "window"):
+        err = (branches[name].double() - ref_branches[name]).abs().max().item() if q.numel() else 0.0
+        assert err <= FP32_TOL, f"{name} branch differs by {err}"
+    assert (out.double() - ref).abs().max().item() <= FP32_TOL
+    assert not torch.isnan(out).any()
+
+
+@given(nsa_cases(max_len=48))
+def test_gradients_match_reference_autograd(case):
+    q, k, v, g = make_inputs(case, torch.float64, requires_grad=True)
+    out = F.nsa_attention(q, k, v, g, **case["cfg"])
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v, g))
+    ref = testing.reference_nsa(q, k, v, g, **case["cfg"])
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v, g))
+    for name, a, b in zip("qkvg", grads, ref_grads):
+        assert not torch.isnan(a).any(), f"NaN in d{name}"
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("T", [3, 11, 40])
+def test_gradcheck_tiny_float64(T):
+    case = dict(B=1, Hq=2, Hkv=1, T=T, D=3, seed=T)
+    q, k, v, g = make_inputs(case, torch.float64, requires_grad=True)
+    cfg = dict(compress_block_size=8, compress_stride=4, selection_block_size=8, num_selected=2, window_size=5)
+    assert torch.autograd.gradcheck(lambda *x: F.nsa_attention(*x, **cfg), (q, k, v, g))
+
+
+def test_no_nan_for_first_tokens_and_padded_selections_forward_and_backward():
+    # T < compression block: no compressed key at all; n far above the available blocks: all -1 padding.
+    for T in (1, 7, 33):
+        case = dict(B=2, Hq=4, Hkv=2, T=T, D=8, seed=T)
+        q, k, v, g = make_inputs(case, requires_grad=True)
+        out, br = F.nsa_attention(q, k, v, g, compress_block_size=16, compress_stride=8, selection_block_size=16,
+                                  num_selected=32, window_size=4, return_branches=True)
+        assert torch.all(br["compressed"][:, :, : min(T, 15)] == 0)
+        out.sum().backward()
+        for x in (q, k, v, g):
+            assert torch.isfinite(x.grad).all()
+
+
+def test_separate_key_and_value_compressors():
+    case = dict(B=1, Hq=2, Hkv=1, T=50, D=4, seed=0)
+    q, k, v, g = make_inputs(case)
+    cfg = dict(compress_block_size=8, compress_stride=4, selection_block_size=8, num_selected=3, window_size=6)
+    first = lambda x: F.compression_blocks(x, 8, 4)[..., 0, :]  # noqa: E731 - key: first token of each block
+    last = lambda x: F.compression_blocks(x, 8, 4)[..., -1, :]  # noqa: E731 - value: last token
+    out = F.nsa_attention(q, k, v, g, compress=(first, last), **cfg)
+    ref = testing.reference_nsa(q, k, v, g, compress=(first, last), **cfg)
+    assert (out.double() - ref).abs().max() <= FP32_TOL
+
+
+BAD_CONFIGS = [
+    (dict(compress_stride=64, compress_block_size=32), ValueError, "stride"),
+    (dict(selection_block_size=40, compress_stride=16), ValueError, "selection_block_size"),
+    (dict(num_selected=0), ValueError, "num_selected"),
+    (dict(window_size=-1), ValueError, "window_size"),
+    (dict(compress_block_size=0), ValueError, "block_size"),
+    (dict(compress="max"), ValueError, "compress"),
+    (dict(compress=3), TypeError, "compress"),
+]
+
+
+@pytest.mark.parametrize("bad, error, word", BAD_CONFIGS)
+def test_bad_configs_raise_naming_the_argument(bad, error, word):
+    q, k, v, g = make_inputs(dict(B=1, Hq=2, Hkv=1, T=70, D=4, seed=0))
+    with pytest.raises(error, match=word):
+        F.nsa_attention(q, k, v, g, **bad)
+
+
+def test_bad_shapes_raise():
+    q, k, v, g = make_inputs(dict(B=1, Hq=3, Hkv=2, T=20, D=4, seed=0))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        F.nsa_attention(q, k, v, g[:, :2])
+    q, k, v, g = make_inputs(dict(B=1, Hq=4, Hkv=2, T=20, D=4, seed=0))
+    with pytest.raises(ValueError, match="gates"):
+        F.nsa_attention(q, k, v, g[..., :2])
+    with pytest.raises(ValueError, match="same length"):
+        F.nsa_attention(q, k[:, :, :10], v[:, :, :10], g)
+    with pytest.raises(TypeError, match="block_indices"):
+        F.selected_attention(q, k, v, torch.zeros(1, 2, 20, 2), 8)
+    with pytest.raises(ValueError, match="block_indices"):
+        F.selected_attention(q, k, v, torch.zeros(1, 2, 19, 2, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="block_indices must be <"):
+        F.selected_attention(q, k, v, torch.full((1, 2, 20, 2), 5), 8)
+    with pytest.raises(TypeError, match="dtype"):
+        F.sliding_window_attention(q, k.double(), v, 4)
