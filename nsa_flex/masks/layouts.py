@@ -116,9 +116,10 @@ def _wrap_layout(lay: Tensor, bs: int, name: str, self_attention: bool) -> Mask:
     return Mask(block_layout, name, extent)
 
 
-def _pattern_mask(lay: Tensor, bs: int, attention: str, name: str, device) -> Mask:
-    """Wrap a generated (self-attention) layout; unidirectional patterns are also causal at token level."""
-    if lay.shape[0] == 1:
+def _pattern_mask(lay: Tensor, bs: int, attention: str, name: str, device, per_head: bool = False) -> Mask:
+    """Wrap a generated (self-attention) layout; unidirectional patterns are also causal at token level.
+    A per-head layout keeps its head dimension (even of size 1): the mask is then defined for that many heads."""
+    if not per_head:
         lay = lay[0]
     if device is not None:
         lay = lay.to(device)
@@ -349,7 +350,7 @@ def fixed(
         ("horizontal_global_attention", horizontal_global_attention, False),
         ("num_different_global_patterns", num_different_global_patterns, 1),
     ])
-    return _pattern_mask(lay, block_size, attention, name, device)
+    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
 
 
 # -- variable ------------------------------------------------------------------------------------------------
@@ -437,7 +438,7 @@ def variable(
         ("horizontal_global_attention", horizontal_global_attention, False),
         ("num_heads", num_heads, 1), ("different_layout_per_head", different_layout_per_head, False),
     ])
-    return _pattern_mask(lay, block_size, attention, name, device)
+    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
 
 
 # -- bigbird -------------------------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ def bigbird(
         ("attention", attention, "bidirectional"), ("num_heads", num_heads, 1),
         ("different_layout_per_head", different_layout_per_head, False), ("seed", seed, 0),
     ])
-    return _pattern_mask(lay, block_size, attention, name, device)
+    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
 
 
 # -- longformer ----------------------------------------------------------------------------------------------
