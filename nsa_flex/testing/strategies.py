@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from hypothesis import strategies as st
@@ -129,7 +129,7 @@ def block_indices(draw, B: int, Hkv: int, T: int, n: int, num_kv_blocks: int) ->
     return idx.to(torch.int64)
 
 
-def _layout_leaves(seq_len: int, heads: Optional[int]) -> list[st.SearchStrategy[M.Mask]]:
+def _layout_leaves(seq_len: int, heads: Optional[int], device) -> list[st.SearchStrategy[M.Mask]]:
     """Block-layout patterns for a self-attention sequence of ``seq_len`` tokens."""
 
     @st.composite
@@ -146,8 +146,8 @@ def _layout_leaves(seq_len: int, heads: Optional[int]) -> list[st.SearchStrategy
             G = draw(st.sampled_from([g for g in (1, 2, 4) if L % g == 0]))
             P = draw(st.integers(1, L // G)) if per_head else 1
             horizontal = attention == "bidirectional" and draw(st.booleans())
-            return M.fixed(seq_len, bs, L, G, attention, H, per_head,
-                           horizontal_global_attention=horizontal, num_different_global_patterns=P)
+            return M.fixed(seq_len, bs, L, G, attention, H, per_head, horizontal_global_attention=horizontal,
+                           num_different_global_patterns=P, device=device)
         if kind == "variable":
             windows = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
             starts = draw(st.lists(st.integers(0, nb + 1), max_size=3))
@@ -157,17 +157,17 @@ def _layout_leaves(seq_len: int, heads: Optional[int]) -> list[st.SearchStrategy
             horizontal = attention == "bidirectional" and draw(st.booleans())
             return M.variable(seq_len, bs, draw(st.integers(0, min(nb, 3))), windows, starts, attention, seed,
                               global_block_end_indices=ends, horizontal_global_attention=horizontal,
-                              num_heads=H, different_layout_per_head=per_head)
+                              num_heads=H, different_layout_per_head=per_head, device=device)
         if kind == "bigbird":
             return M.bigbird(seq_len, bs, draw(st.integers(0, min(nb, 3))), draw(st.integers(1, min(nb, 5))),
-                             draw(st.integers(0, min(nb, 2))), attention, H, per_head, seed)
+                             draw(st.integers(0, min(nb, 2))), attention, H, per_head, seed, device=device)
         if kind == "longformer":
             starts = draw(st.lists(st.integers(0, nb + 1), max_size=3))
-            return M.longformer(seq_len, bs, draw(st.integers(1, min(nb, 5))), starts, attention)
+            return M.longformer(seq_len, bs, draw(st.integers(1, min(nb, 5))), starts, attention, device=device)
         gen = torch.Generator().manual_seed(seed)
         density = draw(st.sampled_from([0.1, 0.5, 0.9]))
         lay = torch.rand((H, nb, nb) if per_head else (nb, nb), generator=gen) < density
-        return M.block_layout(lay, bs)
+        return M.block_layout(lay.to(device or "cpu"), bs)
 
     return [pattern()]
 
@@ -179,6 +179,7 @@ def masks(
     heads: Optional[int] = None,
     layouts: bool = True,
     max_leaves: int = 4,
+    device: Union[str, torch.device, None] = None,
 ) -> st.SearchStrategy[M.Mask]:
     """Random :class:`~nsa_flex.masks.Mask` compositions (``&``, ``|``, ``~``) of the generators.
 
@@ -187,8 +188,10 @@ def masks(
     layouts, which need ``q_len == kv_len == seq_len``). ``batch`` adds per-sequence masks (``prefix_lm`` with a
     length per sequence, ``document`` with ``[B, T]`` ids; with ``heads`` also ``fine_selection``), ``heads``
     adds per-head masks (per-head layouts, ``fine_selection`` with a GQA group); the result is then defined for
-    exactly that batch / that many heads when it uses them.
+    exactly that batch / that many heads when it uses them. ``device`` is where the data-dependent masks keep
+    their tensors (``"cuda"`` for compiled kernels); default CPU.
     """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     leaves: list[st.SearchStrategy[M.Mask]] = [
         st.just(M.causal()),
         st.just(M.full()),
@@ -204,17 +207,19 @@ def masks(
     if batch is not None:
         leaves.append(
             st.integers(0, 2**31 - 1).map(
-                lambda s: M.prefix_lm(torch.randint(0, 120, (batch,), generator=torch.Generator().manual_seed(s)))
+                lambda s: M.prefix_lm(
+                    torch.randint(0, 120, (batch,), generator=torch.Generator().manual_seed(s)).to(dev)
+                )
             )
         )
     if seq_len is not None:
-        leaves.append(_document(seq_len, None))
+        leaves.append(_document(seq_len, None, dev))
         if batch is not None:
-            leaves.append(_document(seq_len, batch))
+            leaves.append(_document(seq_len, batch, dev))
         if layouts:
-            leaves.extend(_layout_leaves(seq_len, heads))
+            leaves.extend(_layout_leaves(seq_len, heads, dev))
         if batch is not None and heads is not None:
-            leaves.append(_selection(seq_len, batch, heads))
+            leaves.append(_selection(seq_len, batch, heads, dev))
 
     base = st.one_of(*leaves)
 
@@ -228,7 +233,7 @@ def masks(
     return st.recursive(base, extend, max_leaves=max_leaves)
 
 
-def _document(seq_len: int, batch: Optional[int]) -> st.SearchStrategy[M.Mask]:
+def _document(seq_len: int, batch: Optional[int], device) -> st.SearchStrategy[M.Mask]:
     """``document`` with sorted ids (packed sequences) of ``seq_len`` tokens, ``[T]`` or ``[batch, T]``."""
 
     @st.composite
@@ -237,18 +242,18 @@ def _document(seq_len: int, batch: Optional[int]) -> st.SearchStrategy[M.Mask]:
         num_docs = draw(st.integers(1, 6))
         shape = (seq_len,) if batch is None else (batch, seq_len)
         ids = torch.randint(0, num_docs, shape, generator=gen).sort(dim=-1).values
-        return M.document(ids)
+        return M.document(ids.to(device))
 
     return document()
 
 
-def _selection(seq_len: int, batch: int, heads: int) -> st.SearchStrategy[M.Mask]:
+def _selection(seq_len: int, batch: int, heads: int, device) -> st.SearchStrategy[M.Mask]:
     @st.composite
     def selection(draw):
         group = draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0]))
         bs = draw(st.sampled_from([16, 32, 64]))
         n = draw(st.integers(1, 4))
         idx = draw(block_indices(batch, heads // group, seq_len, n, math.ceil(seq_len / bs)))
-        return M.fine_selection(idx, block_size=bs, group_size=group)
+        return M.fine_selection(idx.to(device), block_size=bs, group_size=group)
 
     return selection()

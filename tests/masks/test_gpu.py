@@ -1,0 +1,178 @@
+"""The mask property tests on CUDA: compiled FlexAttention in bf16 vs float64 dense, for every generator, random
+compositions and score_mods; fine_selection / block_mask_from_indices on the GPU. Skipped without CUDA.
+
+Each Hypothesis example builds new mask_mod closures, which compiled flex_attention guards on; dynamo is reset
+per example so the recompile limit (which nsa_flex turns into an error, DESIGN.md pitfall 2) is never reached.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nsa_flex import masks, scores
+from nsa_flex.functional import flex
+from nsa_flex.testing import TOLERANCE, assert_matches_dense, dense_attention
+from nsa_flex.testing import strategies as nst
+from nsa_flex.testing.assertions import _forward_tiles
+
+pytestmark = pytest.mark.gpu
+# Every example compiles new kernels (5-20 s each on an H100): a fifth of the profile's examples, at least 3.
+gpu_settings = settings(max_examples=max(3, settings.default.max_examples // 5))
+
+CUDA = "cuda"
+BF16 = torch.bfloat16
+SHAPES = nst.shapes(head_dims=(16, 32, 64))
+
+
+def fresh_compile():
+    torch._dynamo.reset()
+
+
+def check(mask, shape, q_len=None, kv_len=None, score_mod=None):
+    fresh_compile()
+    assert_matches_dense(
+        mask, q_len or shape.q_len, kv_len or shape.kv_len, batch=shape.batch, heads=shape.heads,
+        kv_heads=shape.kv_heads, head_dim=shape.head_dim, block_size=shape.block_size, score_mod=score_mod,
+        dtype=BF16, device=CUDA, atol=TOLERANCE[BF16],
+    )
+
+
+@st.composite
+def generator_mask(draw, kind, shape):
+    T = shape.q_len
+    if kind == "causal":
+        return masks.causal()
+    if kind == "sliding_window":
+        return masks.sliding_window(draw(st.integers(1, 300)))
+    if kind == "chunked":
+        return masks.chunked(draw(st.integers(1, 100)))
+    if kind == "dilated":
+        return masks.dilated(draw(st.integers(1, 12)), draw(st.integers(1, 8)))
+    if kind == "global_tokens":
+        return masks.global_tokens(draw(st.integers(1, 40)))
+    if kind == "prefix_lm":
+        return masks.prefix_lm(torch.randint(0, 300, (shape.batch,), device=CUDA))
+    if kind == "document":
+        ids = torch.randint(0, draw(st.integers(1, 6)), (shape.batch, T), device=CUDA).sort(-1).values
+        return masks.document(ids)
+    if kind == "compressed_causal":
+        d = draw(st.integers(1, 16))
+        return masks.compressed_causal(block_size=draw(st.integers(d, 4 * d)), stride=d)
+    bs = draw(st.sampled_from([16, 32, 64]))
+    nb = math.ceil(T / bs)
+    attention = draw(st.sampled_from(["bidirectional", "unidirectional"]))
+    per_head = draw(st.booleans())
+    H = shape.heads if per_head else 1
+    if kind == "fixed":
+        return masks.fixed(T, bs, 2, 1, attention, H, per_head, num_different_global_patterns=2 if per_head else 1,
+                           device=CUDA)
+    if kind == "variable":
+        return masks.variable(T, bs, min(nb, 2), [1, 3], [0, nb // 2], attention, draw(st.integers(0, 99)),
+                              num_heads=H, different_layout_per_head=per_head, device=CUDA)
+    if kind == "bigbird":
+        return masks.bigbird(T, bs, min(nb, 2), min(nb, 3), min(nb, 1), attention, H, per_head,
+                             draw(st.integers(0, 99)), device=CUDA)
+    if kind == "longformer":
+        return masks.longformer(T, bs, min(nb, 3), [0, nb - 1], attention, device=CUDA)
+    if kind == "block_layout":
+        size = (shape.heads, nb, nb) if per_head else (nb, nb)
+        return masks.block_layout(torch.rand(size, device=CUDA) < 0.5, bs)
+    raise AssertionError(kind)
+
+
+KINDS = ["causal", "sliding_window", "chunked", "dilated", "global_tokens", "prefix_lm", "document",
+         "compressed_causal", "fixed", "variable", "bigbird", "longformer", "block_layout"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@gpu_settings
+@given(shape=SHAPES, data=st.data())
+def test_generators_compiled_bf16(kind, shape, data):
+    same = kind in ("document", "fixed", "variable", "bigbird", "longformer", "block_layout")
+    kv_len = shape.q_len if same else shape.kv_len
+    if kind == "compressed_causal":
+        kv_len = max(1, shape.kv_len // 8)
+    check(data.draw(generator_mask(kind, shape)), shape, kv_len=kv_len)
+
+
+@gpu_settings
+@given(shape=nst.shapes(same_length=True, head_dims=(16, 32, 64)), data=st.data())
+def test_random_compositions_compiled_bf16(shape, data):
+    m = data.draw(nst.masks(shape.q_len, batch=shape.batch, heads=shape.heads, device=CUDA))
+    check(m, shape)
+
+
+@gpu_settings
+@given(shape=SHAPES, data=st.data())
+def test_length_free_compositions_compiled_bf16_q_ne_kv(shape, data):
+    check(data.draw(nst.masks(device=CUDA)), shape)
+
+
+@gpu_settings
+@given(shape=SHAPES, data=st.data())
+def test_score_mods_compiled_bf16(shape, data):
+    table = torch.randn(shape.heads, 2 * data.draw(st.integers(1, 40)) - 1, device=CUDA)
+    mod = data.draw(st.sampled_from([
+        scores.softcap(5.0), scores.alibi(shape.heads), scores.relative_bias(table),
+        scores.compose(scores.alibi(shape.heads), scores.relative_bias(table), scores.softcap(20.0)),
+    ]))
+    check(masks.causal() | masks.global_tokens(3), shape, score_mod=mod)
+
+
+@st.composite
+def selection_case(draw):
+    B, Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
+    q_len = draw(nst.lengths(max_len=300))
+    kv_len = draw(st.one_of(st.just(q_len), nst.lengths(max_len=300)))
+    bs, qbs = draw(st.sampled_from([16, 32, 64, 128])), draw(st.sampled_from([16, 32, 64, 128]))
+    n = draw(st.integers(1, 5))
+    idx = draw(nst.block_indices(B, Hkv, q_len, n, math.ceil(kv_len / bs))).to(CUDA)
+    return idx, bs, qbs, group, q_len, kv_len
+
+
+@gpu_settings
+@given(case=selection_case())
+def test_block_mask_from_indices_on_cuda(case):
+    idx, bs, qbs, group, q_len, kv_len = case
+    fresh_compile()
+    got = masks.block_mask_from_indices(idx, q_len, kv_len, block_size=bs, q_block_size=qbs, group_size=group)
+    want = masks.fine_selection(idx, bs, group).to_block_mask(q_len, kv_len, block_size=(qbs, bs))
+    for num_name, idx_name in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                               ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:
+        n_got, n_want = getattr(got, num_name).long(), getattr(want, num_name).long()
+        assert torch.equal(n_got, n_want), num_name
+        i_got, i_want = getattr(got, idx_name).long(), getattr(want, idx_name).long()
+        used = torch.arange(i_want.shape[-1], device=CUDA) < n_want.unsqueeze(-1)
+        assert torch.equal(i_got[..., : i_want.shape[-1]][used], i_want[used]), idx_name
+    B, Hkv = idx.shape[:2]
+    q = torch.randn(B, Hkv * group, q_len, 64, device=CUDA, dtype=BF16)
+    k, v = (torch.randn(B, Hkv, kv_len, 64, device=CUDA, dtype=BF16) for _ in range(2))
+    out = flex(q, k, v, block_mask=got, kernel_options=_forward_tiles(q.device, (qbs, bs)))
+    ref = dense_attention(q, k, v, mask=masks.fine_selection(idx, bs, group))
+    assert not torch.isnan(out).any()
+    assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
+
+
+@gpu_settings
+@given(case=selection_case())
+def test_fine_selection_compiled_bf16(case):
+    idx, bs, qbs, group, q_len, kv_len = case
+    Hkv = idx.shape[1]
+    fresh_compile()
+    assert_matches_dense(masks.fine_selection(idx, bs, group), q_len, kv_len, kv_heads=Hkv, head_dim=64,
+                         block_size=(qbs, bs), dtype=BF16, device=CUDA)
+
+
+def test_fully_masked_rows_on_cuda_give_zero():
+    fresh_compile()
+    idx = torch.full((1, 2, 200, 4), -1, device=CUDA)
+    idx[:, :, 100:, 0] = 1
+    bm = masks.block_mask_from_indices(idx, 200, 200, block_size=64, q_block_size=64, group_size=2)
+    q = torch.randn(1, 4, 200, 64, device=CUDA, dtype=BF16)
+    k, v = (torch.randn(1, 2, 200, 64, device=CUDA, dtype=BF16) for _ in range(2))
+    out, lse = flex(q, k, v, block_mask=bm, return_lse=True, kernel_options=_forward_tiles(q.device, 64))
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out[:, :, :100] == 0).all() and torch.isneginf(lse[:, :, :100]).all()
