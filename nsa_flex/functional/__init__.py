@@ -3,7 +3,7 @@
 from .branches import compressed_attention, selected_attention, sliding_window_attention
 from .compress import compression_blocks, mean_pool
 from .dense import dense_masked_attention
-from .flex import SlowPathError, flex
+from .flex import SlowPathError, enable_small_block_kernels, flex
 from .nsa import nsa_attention
 from .selection import overlap_weights, select_blocks
 
@@ -12,6 +12,7 @@ __all__ = [
     "compressed_attention",
     "compression_blocks",
     "dense_masked_attention",
+    "enable_small_block_kernels",
     "flex",
     "mean_pool",
     "nsa_attention",

@@ -7,15 +7,19 @@ exact dense path of :mod:`nsa_flex.functional.dense`; forward results of both pa
 
 from __future__ import annotations
 
-import functools
+import collections
 from typing import Optional
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from .. import masks
+from ..masks.compressed import compressed_causal_mod
+from ..masks.mask import build_block_mask
+from ..masks.selection import fine_selection_mod
+from ..masks.static import sliding_window_mod
 from .._checks import positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
 from .flex import flex, needs_dense_path
@@ -45,25 +49,28 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> t
     return B, Hq, Hkv, T
 
 
-@functools.lru_cache(maxsize=64)
-def _static_block_mask(mask: masks.Mask, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
-    return mask.to_block_mask(q_len, kv_len, device=device, block_size=STATIC_BLOCK)
+_BLOCK_MASKS: "collections.OrderedDict[tuple, BlockMask]" = collections.OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _window_mask(window_size: int) -> masks.Mask:
-    return masks.sliding_window(window_size)
+def _static_block_mask(key: tuple, mask_mod, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    """A window/compressed BlockMask, cached per (mask, shape, device); built in-graph inside torch.compile."""
+    if torch.compiler.is_compiling():
+        # Traced into the caller's graph (fused, no Q x KV tensor); Python-side caches can't be traced.
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, BLOCK_SIZE=STATIC_BLOCK)
+    full_key = (*key, q_len, kv_len, str(device))
+    if full_key not in _BLOCK_MASKS:
+        _BLOCK_MASKS[full_key] = build_block_mask(mask_mod, q_len, kv_len, None, None, device, (STATIC_BLOCK,) * 2)
+        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASKS.popitem(last=False)
+    _BLOCK_MASKS.move_to_end(full_key)
+    return _BLOCK_MASKS[full_key]
 
 
-@functools.lru_cache(maxsize=None)
-def _compressed_mask(block_size: int, stride: int) -> masks.Mask:
-    return masks.compressed_causal(block_size, stride)
-
-
-def _attend(q, k, v, mask: masks.Mask, block_mask_fn, scale, return_lse):
+def _attend(q, k, v, mask_mod, block_mask_fn, scale, return_lse):
     """Run one branch: the dense path when CPU gradients are needed, FlexAttention otherwise."""
     if needs_dense_path(q, k, v):
-        rows = mask_rows(mask, q.shape[0], q.shape[1], k.shape[2], q.device)
+        rows = mask_rows(mask_mod, q.shape[0], q.shape[1], k.shape[2], q.device)
         return dense_masked_attention(q, k, v, rows, scale=scale, return_lse=return_lse)
     return flex(q, k, v, block_mask=block_mask_fn(), scale=scale, return_lse=return_lse)
 
@@ -78,8 +85,8 @@ def sliding_window_attention(
     """Causal sliding-window attention: query ``t`` sees keys ``t - w < j <= t``."""
     _, _, _, T = check_qkv(q, k, v)
     positive_int("window_size", window_size)
-    mask = _window_mask(window_size)
-    return _attend(q, k, v, mask, lambda: _static_block_mask(mask, T, T, q.device), scale, False)
+    mod = sliding_window_mod(window_size)
+    return _attend(q, k, v, mod, lambda: _static_block_mask(("window", window_size), mod, T, T, q.device), scale, False)
 
 
 def compressed_attention(
@@ -101,11 +108,12 @@ def compressed_attention(
     Tc = k_cmp.shape[2]
     if Tc == 0:
         # No compressed key at all; keep the graph connected so gradients are zeros, not None.
-        out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + 0 * q.sum() + 0 * v_cmp.sum()
+        out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + 0 * (q.sum() + k_cmp.sum() + v_cmp.sum())
         lse = q.new_full((B, Hq, T), float("-inf"))
         return (out, lse) if return_lse else out
-    mask = _compressed_mask(block_size, stride)
-    return _attend(q, k_cmp, v_cmp, mask, lambda: _static_block_mask(mask, T, Tc, q.device), scale, return_lse)
+    mod = compressed_causal_mod(block_size, stride)
+    key = ("compressed", block_size, stride)
+    return _attend(q, k_cmp, v_cmp, mod, lambda: _static_block_mask(key, mod, T, Tc, q.device), scale, return_lse)
 
 
 def selected_attention(
@@ -123,8 +131,11 @@ def selected_attention(
     """
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
-    mask = masks.fine_selection(block_indices, block_size, Hq // Hkv)
-    mask.check(T, T)
+    if torch.compiler.is_compiling():  # no Mask object, no data-dependent checks inside a traced graph
+        mask = fine_selection_mod(block_indices, block_size, Hq // Hkv)
+    else:
+        mask = masks.fine_selection(block_indices, block_size, Hq // Hkv)
+        mask.check(T, T)
 
     def block_mask() -> BlockMask:
         return masks.block_mask_from_indices(

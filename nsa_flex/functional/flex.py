@@ -38,22 +38,27 @@ def _compiled_flex() -> Callable:
 # Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and
 # 16..128-row Q blocks. Constraints: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0.
 SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4))
+# Forward tiles (BLOCK_M, BLOCK_N, stages, warps) for the same block sizes.
+SMALL_BLOCK_FWD_TILES = ((128, 64, 3, 8), (64, 64, 3, 4), (16, 64, 3, 4))
+# Distinct masks (window, compressed, selection, users') each compile once, then once more with dynamic
+# shapes; we allow that many deliberately, and fail loudly past it instead of falling back to T x T.
+RECOMPILE_LIMIT = 32
 
 
 @functools.lru_cache(maxsize=None)
-def enable_small_block_backward() -> bool:
-    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
+def enable_small_block_kernels() -> bool:
+    """Let compiled FlexAttention (forward and backward) run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
 
-    Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
-    user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError``. This appends
-    tiles that fit to inductor's candidate list (``torch._inductor.config.inductor_choices_class``). The
+    Torch's default forward and backward tiles must divide both sparse block sizes and some releases filter
+    them before user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError`` (or a
+    lowering error). This appends tiles that fit to inductor's candidate lists (``torch._inductor.config.inductor_choices_class``). The
     defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
     valid tile gain one. Called automatically on the first CUDA call; returns False if this torch lacks the hook.
     """
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor.choices import InductorChoices
-        from torch._inductor.template_heuristics.triton import FlexBwDConfig
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig, FlexConfig
     except ImportError:  # pragma: no cover - depends on the torch release
         warnings.warn("nsa_flex: this torch has no inductor choices hook; backward with 64-token KV blocks may fail")
         return False
@@ -67,13 +72,17 @@ def enable_small_block_backward() -> bool:
     class NSAFlexChoices(base):  # type: ignore[valid-type, misc]
         _nsa_flex_tiles = True
 
+        def get_flex_attention_fwd_configs(self, head_dim, dtype, device_type="cuda"):
+            configs = list(super().get_flex_attention_fwd_configs(head_dim, dtype, device_type))
+            return configs + [FlexConfig(*tile) for tile in SMALL_BLOCK_FWD_TILES]
+
         def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
             configs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
             return configs + [FlexBwDConfig(*tile) for tile in SMALL_BLOCK_BWD_TILES]
 
         def uuid(self):  # part of inductor's cache key
             parent = getattr(super(), "uuid", None)
-            return f"nsa_flex_tiles:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
+            return f"nsa_flex_tiles:{SMALL_BLOCK_FWD_TILES}{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
 
     inductor_config.inductor_choices_class = NSAFlexChoices
     return True
@@ -109,8 +118,8 @@ def flex(
     )
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
-    if q.device.type == "cuda":
-        enable_small_block_backward()
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        enable_small_block_kernels()  # inside a trace it must already be installed (SparseAttention does)
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         # Inside a user's torch.compile the call is traced into their graph and fused there.
         if q.device.type == "cuda":
@@ -118,14 +127,14 @@ def flex(
         with _direct_cpu_flex():
             return _call(_fa.flex_attention, q, k, v, **kwargs)
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
             return _call(_compiled_flex(), q, k, v, **kwargs)
     except Exception as err:  # dynamo's own exception type moved between releases
         if "recompile" in type(err).__name__.lower() or "recompile_limit" in str(err):
             raise SlowPathError(
-                "compiled flex_attention hit dynamo's recompile limit; torch would now fall back to an unfused "
+                f"compiled flex_attention hit dynamo's recompile limit ({RECOMPILE_LIMIT}); torch would now fall back to an unfused "
                 "kernel that materializes Q x KV scores. Keep shapes stable (pad sequence lengths to a few "
-                "buckets) or raise torch._dynamo.config.recompile_limit deliberately."
+                "buckets) or raise nsa_flex.functional.flex.RECOMPILE_LIMIT deliberately."
             ) from err
         raise
 

@@ -29,8 +29,13 @@ def check_compression(block_size: int, stride: int) -> tuple[int, int]:
 def compressed_causal(block_size: int = 32, stride: int = 16) -> Mask:
     """Query ``t`` sees compressed key ``c`` iff ``c*stride + block_size - 1 <= t``."""
     l, d = check_compression(block_size, stride)
+    return Mask(compressed_causal_mod(l, d), f"compressed_causal(block_size={l}, stride={d})")
+
+
+def compressed_causal_mod(block_size: int, stride: int):
+    """The bare mask_mod of :func:`compressed_causal` (traceable by torch.compile; no checks)."""
 
     def compressed_causal(b, h, q_idx, kv_idx):
-        return kv_idx * d + (l - 1) <= q_idx
+        return kv_idx * stride + (block_size - 1) <= q_idx
 
-    return Mask(compressed_causal, f"compressed_causal(block_size={l}, stride={d})")
+    return compressed_causal

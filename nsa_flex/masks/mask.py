@@ -19,6 +19,7 @@ torch expects a mask_mod. On top of that it
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -153,19 +154,26 @@ class Mask:
         evaluated eagerly (inductor's CPU codegen fails for Q != KV, DESIGN.md pitfall 3).
         """
         self.check(q_len, kv_len, B, H)
-        q_block, kv_block = _block_pair(block_size)
         B, H = self._sizes(B, H)
-        device = self._device(device)
-        compile_it = torch.device(device).type == "cuda"
-        return create_block_mask(
-            self, B, H, q_len, kv_len, device=device, BLOCK_SIZE=(q_block, kv_block), _compile=compile_it
-        )
+        return build_block_mask(self, q_len, kv_len, B, H, self._device(device), _block_pair(block_size))
 
     def _device(self, device) -> torch.device:
         """The device of the tensors the mask holds, unless the caller names one."""
         if device is not None:
             return torch.device(device)
         return self.extent.device or torch.device("cpu")
+
+
+def build_block_mask(
+    mask_mod: MaskMod, q_len: int, kv_len: int, B: Optional[int], H: Optional[int], device, block: tuple[int, int]
+) -> BlockMask:
+    """``create_block_mask`` the way every nsa_flex mask is built: compiled on CUDA (no Q x KV tensor), eager
+    on CPU (inductor's CPU codegen fails for Q != KV, DESIGN.md pitfall 3)."""
+    compile_it = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
+    with warnings.catch_warnings():
+        # torch >= 2.11 suggests torch.compile(create_block_mask) instead; the flag still does exactly that.
+        warnings.filterwarnings("ignore", message=".*_compile flag on create_block_mask.*")
+        return create_block_mask(mask_mod, B, H, q_len, kv_len, device=device, BLOCK_SIZE=block, _compile=compile_it)
 
 
 def same_length(name: str) -> LengthCheck:

@@ -34,6 +34,22 @@ def _check_kv_range(idx: Tensor, block_size: int, kv_len: int) -> None:
         )
 
 
+def fine_selection_mod(idx: Tensor, block_size: int, group_size: int = 1):
+    """The bare mask_mod of :func:`fine_selection` (no checks, no Mask wrapper: traceable by torch.compile)."""
+    n = idx.shape[-1]
+
+    def fine_selection(b, h, q_idx, kv_idx):
+        chosen = idx[b, h // group_size, q_idx]
+        kv_block = kv_idx // block_size
+        # An unrolled OR over the n slots keeps the mask_mod elementwise, which compiled kernels need.
+        hit = chosen[..., 0] == kv_block
+        for i in range(1, n):
+            hit = hit | (chosen[..., i] == kv_block)
+        return hit & (kv_idx <= q_idx)
+
+    return fine_selection
+
+
 def fine_selection(block_indices: Int[Tensor, "B Hkv T n"], block_size: int = 64, group_size: int = 1) -> Mask:
     """Mask of NSA's selected blocks. ``h`` is the query head; its kv head is ``h // group_size``.
 
@@ -49,18 +65,9 @@ def fine_selection(block_indices: Int[Tensor, "B Hkv T n"], block_size: int = 64
             raise ValueError(f"fine_selection has block_indices for {T} queries, got q_len={q_len}")
         _check_kv_range(idx, bs, kv_len)
 
-    def fine_selection(b, h, q_idx, kv_idx):
-        chosen = idx[b, h // g, q_idx]
-        kv_block = kv_idx // bs
-        # An unrolled OR over the n slots keeps the mask_mod elementwise, which compiled kernels need.
-        hit = chosen[..., 0] == kv_block
-        for i in range(1, n):
-            hit = hit | (chosen[..., i] == kv_block)
-        return hit & (kv_idx <= q_idx)
-
     extent = Extent(batch=B, heads=Hkv * g, checks=(fits,), device=idx.device)
     name = f"fine_selection(<indices {list(idx.shape)}>, block_size={bs}" + (f", group_size={g})" if g > 1 else ")")
-    return Mask(fine_selection, name, extent)
+    return Mask(fine_selection_mod(idx, bs, g), name, extent)
 
 
 def block_mask_from_indices(
@@ -84,9 +91,13 @@ def block_mask_from_indices(
     ceil(kv_len/block_size)`` entries per head, which is below ``T*n`` while ``kv_len <= q_block_size*n*block_size``.
     ``compute_q_blocks=False`` skips the transposed (query-side) indices that only the backward pass reads.
     """
-    mask = fine_selection(block_indices, block_size, group_size)
-    mask.check(q_len, kv_len)
-    positive_int("q_block_size", q_block_size)
+    if torch.compiler.is_compiling():
+        # Inside a user's torch.compile: no data-dependent checks (they would break the graph), bare mask_mod.
+        mask_mod = fine_selection_mod(block_indices, block_size, group_size)
+    else:
+        mask_mod = fine_selection(block_indices, block_size, group_size)
+        mask_mod.check(q_len, kv_len)
+        positive_int("q_block_size", q_block_size)
     idx = block_indices[:, :, :q_len]
     B, Hkv, _, n = idx.shape
     bs, qbs = block_size, q_block_size
@@ -144,7 +155,7 @@ def block_mask_from_indices(
         full_num.contiguous(),
         full_idx.contiguous(),
         BLOCK_SIZE=(qbs, bs),
-        mask_mod=mask,
+        mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),
         compute_q_blocks=compute_q_blocks,
     )

@@ -40,11 +40,16 @@ def sliding_window(window_size: int) -> Mask:
     Same as flash-attn ``window_size=(w - 1, 0)``.
     """
     w = positive_int("window_size", window_size)
+    return Mask(sliding_window_mod(w), f"sliding_window({w})")
+
+
+def sliding_window_mod(w: int):
+    """The bare mask_mod of :func:`sliding_window` (traceable by torch.compile; no checks)."""
 
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < w)
 
-    return Mask(sliding_window, f"sliding_window({w})")
+    return sliding_window
 
 
 def chunked(chunk_size: int) -> Mask:

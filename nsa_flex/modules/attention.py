@@ -95,6 +95,9 @@ class SparseAttention(nn.Module):
         scale: Optional[float] = None,
     ):
         super().__init__()
+        if torch.cuda.is_available():
+            # Outside any trace, so a later torch.compile(model) finds the 64-token-block kernels installed.
+            F.enable_small_block_kernels()
         positive_int("dim", dim)
         positive_int("dim_head", dim_head)
         positive_int("heads", heads)
