@@ -1,4 +1,4 @@
-"""nn.Modules built on nsa_flex.functional: compression networks and the NSA layer ``SparseAttention``."""
+"""nn.Modules built on nsa_flex.functional: compression networks, the NSA layer ``SparseAttention`` and a small LM."""
 
 from . import compression
 from .attention import SparseAttention
@@ -14,10 +14,12 @@ from .compression import (
     get_compressor,
 )
 from .rotary import RotaryEmbedding, apply_rotary
+from .transformer import CausalAttention, TransformerLM
 
 __all__ = [
     "COMPRESSORS",
     "AttentionPool",
+    "CausalAttention",
     "Compressor",
     "ConvCompress",
     "GroupedMLP",
@@ -26,6 +28,7 @@ __all__ = [
     "MeanPool",
     "RotaryEmbedding",
     "SparseAttention",
+    "TransformerLM",
     "apply_rotary",
     "compression",
     "get_compressor",

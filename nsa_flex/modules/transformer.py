@@ -1,0 +1,222 @@
+"""``TransformerLM``: a small decoder-only language model whose attention is NSA, dense or sliding-window.
+
+Pre-norm blocks ``x + attn(x)``, ``x + mlp(x)`` (the attention layer normalizes its own input with RMSNorm, as
+:class:`~nsa_flex.modules.SparseAttention` does), a final RMSNorm and an output head tied to the token embedding.
+``attn="nsa"`` uses :class:`~nsa_flex.modules.SparseAttention`; ``"dense"`` causal softmax attention
+(``F.scaled_dot_product_attention``) and ``"window"`` sliding-window attention
+(:func:`nsa_flex.functional.sliding_window_attention`) use the same qkv / rotary / output layout, so the three
+variants differ only in which keys a query sees.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as torch_F
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from .. import functional as F
+from .._checks import positive_int, tensor
+from .attention import SparseAttention
+from .rotary import RotaryEmbedding
+
+__all__ = ["CausalAttention", "TransformerLM"]
+
+ATTENTION_KINDS = ("nsa", "dense", "window")
+MLP_KINDS = ("swiglu", "gelu")
+
+# SparseAttention's own keyword arguments (lucidrains-style names) that TransformerLM passes through.
+_NSA_KWARGS = tuple(p for p in inspect.signature(SparseAttention.__init__).parameters
+                    if p not in ("self", "dim", "dim_head", "heads", "kv_heads"))
+# Those that also configure the dense / window layers; the other NSA-only ones are accepted and ignored there,
+# so one config can switch ``attn`` and keep its parameters comparable.
+_SHARED_KWARGS = ("sliding_window_size", "use_rotary", "rotary_base", "norm", "qkv_bias", "scale")
+
+
+class CausalAttention(nn.Module):
+    """Causal dense (``window_size=None``) or sliding-window self-attention with SparseAttention's layout.
+
+    Same attribute names as :class:`SparseAttention` (``norm``, ``to_qkv``, ``rotary_emb``, ``combine_heads``)
+    and the same seams (``check_input``, ``project_qkv``, ``rotate``, ``project_out``), without compression or
+    gates. Dense uses ``F.scaled_dot_product_attention(is_causal=True)``; the window
+    :func:`nsa_flex.functional.sliding_window_attention` (query ``t`` sees ``t - w < j <= t``).
+    """
+
+    def __init__(self, dim: int, dim_head: int, heads: int, kv_heads: Optional[int] = None,
+                 window_size: Optional[int] = None, use_rotary: bool = True, rotary_base: float = 10000.0,
+                 norm: bool = True, qkv_bias: bool = False, scale: Optional[float] = None):
+        super().__init__()
+        positive_int("dim", dim)
+        positive_int("dim_head", dim_head)
+        positive_int("heads", heads)
+        kv_heads = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads must divide heads (GQA), got heads={heads}, kv_heads={kv_heads}")
+        if window_size is not None:
+            positive_int("window_size", window_size)
+        if use_rotary and dim_head % 2:
+            raise ValueError(f"use_rotary needs an even dim_head, got dim_head={dim_head}")
+        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale must be a number > 0 or None, got {scale!r}")
+        self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
+        self.window_size = window_size
+        self.use_rotary = use_rotary
+        self.scale = scale
+        self.norm = nn.RMSNorm(dim) if norm else nn.Identity()
+        self.qkv_split = (heads * dim_head, kv_heads * dim_head, kv_heads * dim_head)
+        self.to_qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias)
+        self.rotary_emb = RotaryEmbedding(dim_head, rotary_base) if use_rotary else None
+        self.combine_heads = nn.Linear(heads * dim_head, dim, bias=False)
+
+    check_input = SparseAttention.check_input
+    project_qkv = SparseAttention.project_qkv
+    rotate = SparseAttention.rotate
+    project_out = SparseAttention.project_out
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal (windowed) attention of rotated ``q [B, Hq, T, D]`` over ``k, v [B, Hkv, T, D]``."""
+        if self.window_size is not None:
+            return F.sliding_window_attention(q, k, v, self.window_size, self.scale)
+        G = self.heads // self.kv_heads
+        if G > 1:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        return torch_F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+
+    def forward(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T dim"]:
+        self.check_input(x)
+        h = self.norm(x)
+        q, k, v = self.project_qkv(h)
+        rotated = self.rotate(q, k)
+        if rotated is not None:
+            q, k = rotated
+        return self.project_out(self.attend(q, k, v))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, dim_head={self.dim_head}, heads={self.heads}, kv_heads={self.kv_heads}, "
+                f"window_size={self.window_size}, use_rotary={self.use_rotary}")
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP: SwiGLU (``W2 (silu(W1 x) * W3 x)``) or GELU (``W2 gelu(W1 x)``), hidden ``mult * dim``."""
+
+    def __init__(self, dim: int, mult: int = 4, kind: str = "swiglu"):
+        super().__init__()
+        self.kind = kind
+        hidden = mult * dim
+        self.norm = nn.RMSNorm(dim)
+        self.w_in = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(self.norm(x))
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = torch_F.silu(a) * b
+        else:
+            h = torch_F.gelu(h)
+        return self.w_out(h)
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+
+    def forward(self, x: Tensor, **attn_kwargs: Any) -> Tensor:
+        x = x + self.attn(x, **attn_kwargs)
+        return x + self.mlp(x)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM: ``ids [B, T] (int) -> logits [B, T, vocab_size]``.
+
+    Args:
+        vocab_size: tokens (256 = bytes).
+        dim: model width.
+        depth: number of blocks.
+        heads: query heads.
+        dim_head: per-head width, default ``dim // heads``.
+        kv_heads: key/value heads (GQA), default ``heads``.
+        attn: ``"nsa"`` (:class:`SparseAttention`), ``"dense"`` (causal SDPA) or ``"window"`` (sliding window
+            of ``sliding_window_size`` keys).
+        mlp: ``"swiglu"`` or ``"gelu"``.
+        mlp_mult: MLP hidden width is ``mlp_mult * dim``.
+        max_seq_len: longest sequence ``forward`` accepts (and the largest KV cache ``generate`` builds).
+        **nsa_kwargs: :class:`SparseAttention` keyword arguments (``sliding_window_size``,
+            ``compress_block_size``, ``compress_block_sliding_stride``, ``selection_block_size``,
+            ``num_selected_blocks``, ``compress_mlp``, ...). With ``attn="dense"``/``"window"`` only
+            ``sliding_window_size`` (window), ``use_rotary``, ``rotary_base``, ``norm``, ``qkv_bias`` and
+            ``scale`` apply; the NSA-only ones are accepted and ignored, so one config can switch ``attn``.
+
+    ``self.config`` holds the constructor arguments (``TransformerLM(**model.config)`` rebuilds the model; save
+    ``{"config": model.config, "model": model.state_dict()}`` as a checkpoint).
+    """
+
+    def __init__(self, vocab_size: int = 256, dim: int = 256, depth: int = 4, heads: int = 8,
+                 dim_head: Optional[int] = None, kv_heads: Optional[int] = None, attn: str = "nsa",
+                 mlp: str = "swiglu", mlp_mult: int = 4, max_seq_len: int = 4096, **nsa_kwargs: Any):
+        super().__init__()
+        positive_int("vocab_size", vocab_size)
+        positive_int("dim", dim)
+        positive_int("depth", depth)
+        positive_int("heads", heads)
+        positive_int("mlp_mult", mlp_mult)
+        positive_int("max_seq_len", max_seq_len)
+        if attn not in ATTENTION_KINDS:
+            raise ValueError(f"attn must be one of {ATTENTION_KINDS}, got {attn!r}")
+        if mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {mlp!r}")
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"dim must be divisible by heads when dim_head is None, got dim={dim}, heads={heads}")
+            dim_head = dim // heads
+        positive_int("dim_head", dim_head)
+        unknown = sorted(set(nsa_kwargs) - set(_NSA_KWARGS))
+        if unknown:
+            raise ValueError(f"unknown TransformerLM argument(s) {unknown}; SparseAttention accepts {list(_NSA_KWARGS)}")
+        self.config = dict(vocab_size=vocab_size, dim=dim, depth=depth, heads=heads, dim_head=dim_head,
+                           kv_heads=kv_heads, attn=attn, mlp=mlp, mlp_mult=mlp_mult, max_seq_len=max_seq_len,
+                           **nsa_kwargs)
+        self.vocab_size, self.dim, self.depth, self.attn_kind = vocab_size, dim, depth, attn
+        self.max_seq_len = max_seq_len
+
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.layers = nn.ModuleList(
+            Block(self._attention(dim, dim_head, heads, kv_heads, attn, nsa_kwargs), FeedForward(dim, mlp_mult, mlp))
+            for _ in range(depth)
+        )
+        self.norm = nn.RMSNorm(dim)
+
+    @staticmethod
+    def _attention(dim, dim_head, heads, kv_heads, attn, nsa_kwargs) -> nn.Module:
+        if attn == "nsa":
+            return SparseAttention(dim, dim_head, heads, kv_heads, **nsa_kwargs)
+        shared = {k: v for k, v in nsa_kwargs.items() if k in _SHARED_KWARGS}
+        window = shared.pop("sliding_window_size", 512) if attn == "window" else None
+        shared.pop("sliding_window_size", None)
+        return CausalAttention(dim, dim_head, heads, kv_heads, window_size=window, **shared)
+
+    def check_ids(self, ids: Tensor) -> None:
+        tensor("ids", ids, ndim=2, integer=True)
+        if ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"ids has {ids.shape[1]} tokens, more than max_seq_len={self.max_seq_len}")
+
+    def logits(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T V"]:
+        """Final norm and the head tied to the embedding."""
+        return self.norm(x) @ self.token_emb.weight.t()
+
+    def forward(self, ids: Int[Tensor, "B T"]) -> Float[Tensor, "B T V"]:
+        """Logits ``[B, T, vocab_size]`` of the next token at every position (causal)."""
+        self.check_ids(ids)
+        x = self.token_emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.logits(x)
+
+    def extra_repr(self) -> str:
+        return f"attn={self.attn_kind!r}, max_seq_len={self.max_seq_len}"
