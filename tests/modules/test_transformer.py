@@ -34,7 +34,7 @@ def test_head_is_tied_and_config_rebuilds():
     ids = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(clone(ids), model(ids))
-    assert [n for n, p in model.named_parameters() if p.shape[0] == 256] == ["token_emb.weight"]
+    assert [n for n, p in model.named_parameters() if p.shape == (256, 32)] == ["token_emb.weight"]
 
 
 def test_dense_variant_matches_explicit_softmax():
