@@ -28,13 +28,13 @@ def test_forward_shape_causal_and_backward(attn):
 
 
 def test_head_is_tied_and_config_rebuilds():
-    model = TransformerLM(attn="dense", **TINY)
+    model = TransformerLM(vocab_size=97, attn="dense", **TINY)
     clone = TransformerLM(**model.config)
     clone.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 256, (1, 9))
+    ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(clone(ids), model(ids))
-    assert [n for n, p in model.named_parameters() if p.shape == (256, 32)] == ["token_emb.weight"]
+    assert [n for n, p in model.named_parameters() if 97 in p.shape] == ["token_emb.weight"]
 
 
 def test_dense_variant_matches_explicit_softmax():
