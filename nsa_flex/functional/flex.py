@@ -38,8 +38,6 @@ def _compiled_flex() -> Callable:
 # Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and
 # 16..128-row Q blocks. Constraints: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0.
 SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4))
-# Forward tiles (BLOCK_M, BLOCK_N, stages, warps) for the same block sizes.
-SMALL_BLOCK_FWD_TILES = ((128, 64, 3, 8), (64, 64, 3, 4), (16, 64, 3, 4))
 # Distinct masks (window, compressed, selection, users') each compile once, then once more with dynamic
 # shapes; we allow that many deliberately, and fail loudly past it instead of falling back to T x T.
 RECOMPILE_LIMIT = 32
@@ -47,18 +45,19 @@ RECOMPILE_LIMIT = 32
 
 @functools.lru_cache(maxsize=None)
 def enable_small_block_kernels() -> bool:
-    """Let compiled FlexAttention (forward and backward) run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
+    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
 
-    Torch's default forward and backward tiles must divide both sparse block sizes and some releases filter
-    them before user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError`` (or a
-    lowering error). This appends tiles that fit to inductor's candidate lists (``torch._inductor.config.inductor_choices_class``). The
+    Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
+    user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError``. (The forward
+    takes ``kernel_options`` before its filter: :func:`forward_tiles` handles it.) This appends tiles that
+    fit to inductor's backward candidate list (``torch._inductor.config.inductor_choices_class``). The
     defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
     valid tile gain one. Called automatically on the first CUDA call; returns False if this torch lacks the hook.
     """
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor.choices import InductorChoices
-        from torch._inductor.template_heuristics.triton import FlexBwDConfig, FlexConfig
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig
     except ImportError:  # pragma: no cover - depends on the torch release
         warnings.warn("nsa_flex: this torch has no inductor choices hook; backward with 64-token KV blocks may fail")
         return False
@@ -72,17 +71,13 @@ def enable_small_block_kernels() -> bool:
     class NSAFlexChoices(base):  # type: ignore[valid-type, misc]
         _nsa_flex_tiles = True
 
-        def get_flex_attention_fwd_configs(self, head_dim, dtype, device_type="cuda"):
-            configs = list(super().get_flex_attention_fwd_configs(head_dim, dtype, device_type))
-            return configs + [FlexConfig(*tile) for tile in SMALL_BLOCK_FWD_TILES]
-
         def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
             configs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
             return configs + [FlexBwDConfig(*tile) for tile in SMALL_BLOCK_BWD_TILES]
 
         def uuid(self):  # part of inductor's cache key
             parent = getattr(super(), "uuid", None)
-            return f"nsa_flex_tiles:{SMALL_BLOCK_FWD_TILES}{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
+            return f"nsa_flex_tiles:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
 
     inductor_config.inductor_choices_class = NSAFlexChoices
     return True
@@ -93,6 +88,22 @@ def _call(fn: Callable, *args, **kwargs):
         out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
         return out, aux.lse
     return fn(*args, **kwargs)
+
+
+def forward_tiles(block_mask) -> dict:
+    """Forward ``kernel_options`` whose tiles divide the BlockMask's block sizes (none needed for multiples of 128).
+
+    Compiled FlexAttention's default forward tile must divide the sparse block sizes; on torch 2.11 / H100 a
+    ``(128, 64)`` or ``(16, 64)`` BlockMask otherwise fails to lower ("Q and KV block size must be divisible
+    by BLOCK_M and BLOCK_N"). ``fwd_`` keys leave the backward's own tiles alone.
+    """
+    if block_mask is None:
+        return {}
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    if q_block % 128 == 0 and kv_block % 128 == 0:
+        return {}
+    # the largest power of two dividing each block size, at most 64
+    return {"fwd_BLOCK_M": min(64, q_block & -q_block), "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
 
 
 def flex(
@@ -116,6 +127,8 @@ def flex(
         enable_gqa=q.shape[1] != k.shape[1],
         return_lse=return_lse,
     )
+    if q.device.type == "cuda":
+        kernel_options = {**forward_tiles(block_mask), **(kernel_options or {})}
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
     if q.device.type == "cuda" and not torch.compiler.is_compiling():

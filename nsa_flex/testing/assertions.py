@@ -57,25 +57,9 @@ def assert_matches_dense(
         for h, n in ((H, q_len), (Hkv, kv_len), (Hkv, kv_len))
     )
     block_mask = m.to_block_mask(q_len, kv_len, B=B, H=H, device=device, block_size=block_size)
-    out = flex(q, k, v, block_mask=block_mask, score_mod=score_mod, kernel_options=_forward_tiles(device, block_size))
+    out = flex(q, k, v, block_mask=block_mask, score_mod=score_mod)
     ref = dense_attention(q, k, v, mask=m, score_mod=score_mod)
     return _report(out, ref, atol, f"{m!r} (q_len={q_len}, kv_len={kv_len}, block_size={block_size}, {dtype})")
-
-
-def _forward_tiles(device: torch.device, block_size) -> Optional[dict]:
-    """Forward tiles that divide the BlockMask's block sizes, for compiled CUDA flex.
-
-    Compiled FlexAttention's default forward tiles must divide the sparse block sizes (torch 2.11, H100: a
-    ``(16, 64)`` or ``(128, 64)`` BlockMask fails to lower with "Q and KV block size must be divisible by
-    BLOCK_M and BLOCK_N"). Blocks that are multiples of 128 keep torch's defaults.
-    """
-    if device.type != "cuda":
-        return None
-    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if q_block % 128 == 0 and kv_block % 128 == 0:
-        return None
-    # the largest power of two dividing each block size, at most 64
-    return {"BLOCK_M": min(64, q_block & -q_block), "BLOCK_N": min(64, kv_block & -kv_block)}
 
 
 def _report(out: Tensor, ref: Tensor, atol: float, what: str) -> float:
