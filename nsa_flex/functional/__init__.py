@@ -2,6 +2,7 @@
 
 from .branches import compressed_attention, selected_attention, sliding_window_attention
 from .compress import compression_blocks, mean_pool
+from .decode import cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed
 from .dense import dense_masked_attention
 from .flex import SlowPathError, enable_small_block_kernels, flex
 from .nsa import nsa_attention
@@ -9,6 +10,8 @@ from .selection import overlap_weights, select_blocks
 
 __all__ = [
     "SlowPathError",
+    "cached_attention",
+    "compiled_nsa_decode",
     "compressed_attention",
     "compression_blocks",
     "dense_masked_attention",
@@ -16,8 +19,11 @@ __all__ = [
     "flex",
     "mean_pool",
     "nsa_attention",
+    "nsa_decode",
     "overlap_weights",
+    "rotary_at",
     "select_blocks",
     "selected_attention",
     "sliding_window_attention",
+    "update_compressed",
 ]

@@ -2,6 +2,7 @@
 
 from . import compression
 from .attention import SparseAttention
+from .cache import KVCache, NSACache
 from .compression import (
     COMPRESSORS,
     AttentionPool,
@@ -23,9 +24,11 @@ __all__ = [
     "Compressor",
     "ConvCompress",
     "GroupedMLP",
+    "KVCache",
     "LinearCompress",
     "MLPCompress",
     "MeanPool",
+    "NSACache",
     "RotaryEmbedding",
     "SparseAttention",
     "TransformerLM",

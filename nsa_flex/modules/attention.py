@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._checks import positive_int, tensor
+from .cache import NSACache
 from .compression import COMPRESSORS, get_compressor
 from .rotary import RotaryEmbedding
 
@@ -149,6 +150,8 @@ class SparseAttention(nn.Module):
                 strategy_combine_mlp.bias.copy_(torch.tensor([-2.0, -2.0, 2.0]).repeat(heads))
         self.to_strategy_combine = strategy_combine_mlp
         self.combine_heads = nn.Linear(heads * dim_head, dim, bias=False)
+        # Decode steps through torch.compile(mode="reduce-overhead") (CUDA graphs) when True and on CUDA.
+        self.compile_decode = False
 
     def _build_compressors(self, spec: CompressSpec, expand_factor: float) -> tuple[Any, Any]:
         if isinstance(spec, tuple):
@@ -216,13 +219,76 @@ class SparseAttention(nn.Module):
         """Merge heads and apply the output projection."""
         return self.combine_heads(rearrange(o, "b h t d -> b t (h d)"))
 
-    def forward(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T dim"]:
-        """Causal NSA over the whole sequence: ``x [B, T, dim] -> [B, T, dim]``."""
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> NSACache:
+        """An empty :class:`~nsa_flex.modules.cache.NSACache` for ``batch_size`` sequences of up to ``max_len``."""
+        p = self.to_qkv.weight
+        return NSACache(batch_size, self.kv_heads, self.dim_head, max_len, self.compress_block_size,
+                        self.compress_block_sliding_stride, device=p.device if device is None else device,
+                        dtype=p.dtype if dtype is None else dtype)
+
+    def forward(self, x: Float[Tensor, "B T dim"], cache: Optional[NSACache] = None, return_cache: bool = False,
+                lengths: Optional[Tensor] = None):
+        """Causal NSA: ``x [B, T, dim] -> [B, T, dim]`` (``(out, cache)`` with ``return_cache``).
+
+        Without a cache: the whole sequence. With an empty ``cache`` (:meth:`init_cache`; or ``cache=None,
+        return_cache=True``, which allocates one of exactly ``T`` tokens): the prefill, one parallel call over
+        the prompts ``x`` (left-aligned, ``lengths [B]`` tokens each, default ``T``) that fills the cache. With
+        a filled cache: a decode step, ``x`` holds the next ``T`` tokens of every sequence (positions
+        ``cache.lengths[b] + i``; rotary uses them), attended by :func:`nsa_flex.functional.nsa_decode`.
+        """
         self.check_input(x)
+        if cache is None and not return_cache:
+            if lengths is not None:
+                raise ValueError("lengths is only used with a cache (the prefill's prompt lengths)")
+            h = self.norm(x)
+            q, k, v = self.project_qkv(h)
+            gates = self.compute_gates(h)
+            o = F.nsa_attention(q, k, v, gates, fine_qk=self.rotate(q, k), **self.nsa_config())
+            return self.project_out(o)
+        if cache is None:
+            cache = self.init_cache(x.shape[0], x.shape[1], x.device, x.dtype)
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an NSACache (from init_cache), got {type(cache).__name__}")
+        if (cache.kv_heads, cache.dim_head, cache.compress_block_size, cache.compress_stride) != (
+                self.kv_heads, self.dim_head, self.compress_block_size, self.compress_block_sliding_stride):
+            raise ValueError(f"cache {cache!r} was not made for this layer ({self.extra_repr()})")
+        cache.check_batch(x)
+        out = self._prefill(x, cache, lengths) if cache.is_empty else self._decode(x, cache, lengths)
+        return (out, cache) if return_cache else out
+
+    def _prefill(self, x: Tensor, cache: NSACache, lengths: Optional[Tensor]) -> Tensor:
+        lengths = cache.prefill_lengths(x.shape[1], lengths)
         h = self.norm(x)
         q, k, v = self.project_qkv(h)
         gates = self.compute_gates(h)
-        o = F.nsa_attention(q, k, v, gates, fine_qk=self.rotate(q, k), **self.nsa_config())
+        k_cmp, v_cmp = self.k_compress(k), self.v_compress(v)
+        config = self.nsa_config()
+        config["compress"] = (lambda _: k_cmp, lambda _: v_cmp)  # computed once, also stored in the cache
+        o = F.nsa_attention(q, k, v, gates, fine_qk=self.rotate(q, k), **config)
+        cache.store_prefill(k, v, k_cmp, v_cmp)
+        cache.start(lengths)
+        return self.project_out(o)
+
+    def _decode(self, x: Tensor, cache: NSACache, lengths: Optional[Tensor]) -> Tensor:
+        if lengths is not None:
+            raise ValueError("lengths is only for the prefill (an empty cache); decode steps append to every sequence")
+        T = x.shape[1]
+        cache.check_room(T)
+        positions = cache.positions(T)
+        h = self.norm(x)
+        q, k, v = self.project_qkv(h)
+        gates = self.compute_gates(h)
+        cache.write(k, v, positions)
+        F.update_compressed(cache.k, cache.v, cache.k_cmp, cache.v_cmp, positions, self.k_compress,
+                            self.v_compress, self.compress_block_size, self.compress_block_sliding_stride)
+        decode = F.compiled_nsa_decode() if (self.compile_decode and x.is_cuda) else F.nsa_decode
+        o = decode(q, cache.k, cache.v, cache.k_cmp, cache.v_cmp, positions, gates,
+                   compress_block_size=self.compress_block_size, compress_stride=self.compress_block_sliding_stride,
+                   selection_block_size=self.selection_block_size, num_selected=self.num_selected_blocks,
+                   num_initial=self.num_initial_blocks, num_local=self.num_local_blocks,
+                   window_size=self.sliding_window_size, scale=self.scale,
+                   rotary_base=None if self.rotary_emb is None else self.rotary_emb.base)
+        cache.advance(T)
         return self.project_out(o)
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import positive_int, tensor
 from .attention import SparseAttention
+from .cache import KVCache, NSACache
 from .rotary import RotaryEmbedding
 
 __all__ = ["CausalAttention", "TransformerLM"]
@@ -86,14 +87,52 @@ class CausalAttention(nn.Module):
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         return torch_F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def forward(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T dim"]:
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty :class:`~nsa_flex.modules.cache.KVCache` (rotated keys, values) for ``batch_size`` sequences."""
+        p = self.to_qkv.weight
+        return KVCache(batch_size, self.kv_heads, self.dim_head, max_len,
+                       device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
+
+    def forward(self, x: Float[Tensor, "B T dim"], cache: Optional[KVCache] = None, return_cache: bool = False,
+                lengths: Optional[Tensor] = None):
+        """``x [B, T, dim] -> [B, T, dim]``; the cache protocol of :meth:`SparseAttention.forward`."""
         self.check_input(x)
-        h = self.norm(x)
-        q, k, v = self.project_qkv(h)
-        rotated = self.rotate(q, k)
-        if rotated is not None:
-            q, k = rotated
-        return self.project_out(self.attend(q, k, v))
+        if cache is None and not return_cache:
+            if lengths is not None:
+                raise ValueError("lengths is only used with a cache (the prefill's prompt lengths)")
+            q, k, v = self.project_qkv(self.norm(x))
+            rotated = self.rotate(q, k)
+            if rotated is not None:
+                q, k = rotated
+            return self.project_out(self.attend(q, k, v))
+        if cache is None:
+            cache = self.init_cache(x.shape[0], x.shape[1], x.device, x.dtype)
+        if type(cache) is not KVCache or (cache.kv_heads, cache.dim_head) != (self.kv_heads, self.dim_head):
+            raise ValueError(f"cache must be a KVCache from this layer's init_cache, got {cache!r}")
+        cache.check_batch(x)
+        T = x.shape[1]
+        q, k, v = self.project_qkv(self.norm(x))
+        if cache.is_empty:  # prefill: the whole prompt in one parallel call
+            lengths = cache.prefill_lengths(T, lengths)
+            rotated = self.rotate(q, k)
+            if rotated is not None:
+                q, k = rotated
+            o = self.attend(q, k, v)
+            cache.store_prefill(k, v)
+            cache.start(lengths)
+        else:
+            if lengths is not None:
+                raise ValueError("lengths is only for the prefill (an empty cache); decode steps append to every sequence")
+            cache.check_room(T)
+            positions = cache.positions(T)
+            if self.rotary_emb is not None:
+                q = F.rotary_at(q, positions, self.rotary_emb.base)
+                k = F.rotary_at(k, positions, self.rotary_emb.base)
+            cache.write(k, v, positions)
+            o = F.cached_attention(q, cache.k, cache.v, positions, self.window_size, self.scale)
+            cache.advance(T)
+        out = self.project_out(o)
+        return (out, cache) if return_cache else out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, dim_head={self.dim_head}, heads={self.heads}, kv_heads={self.kv_heads}, "
@@ -210,13 +249,104 @@ class TransformerLM(nn.Module):
         """Final norm and the head tied to the embedding."""
         return self.norm(x) @ self.token_emb.weight.t()
 
-    def forward(self, ids: Int[Tensor, "B T"]) -> Float[Tensor, "B T V"]:
-        """Logits ``[B, T, vocab_size]`` of the next token at every position (causal)."""
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> list:
+        """One empty cache per layer (:class:`NSACache` or :class:`KVCache`), ``max_len`` default ``max_seq_len``."""
+        max_len = self.max_seq_len if max_len is None else positive_int("max_len", max_len)
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.max_seq_len}")
+        return [layer.attn.init_cache(batch_size, max_len) for layer in self.layers]
+
+    def forward(self, ids: Int[Tensor, "B T"], cache: Optional[list] = None,
+                lengths: Optional[Tensor] = None) -> Float[Tensor, "B T V"]:
+        """Logits ``[B, T, vocab_size]`` of the next token at every position (causal).
+
+        With ``cache`` (from :meth:`init_cache`): an empty cache is filled by this call (the prefill; ``ids``
+        holds prompts left-aligned, ``lengths [B]`` tokens each, logits beyond a prompt are meaningless); a
+        filled one is extended by ``ids``' tokens (a decode step; positions continue each sequence).
+        """
         self.check_ids(ids)
+        if cache is not None and (not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers)):
+            raise ValueError(f"cache must be a list of {len(self.layers)} layer caches (init_cache), got "
+                             f"{type(cache).__name__}")
+        if cache is None and lengths is not None:
+            raise ValueError("lengths is only used with a cache (the prefill's prompt lengths)")
         x = self.token_emb(ids)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if cache is None else layer(x, cache=cache[i], lengths=lengths)
         return self.logits(x)
+
+    def set_compile_decode(self, enabled: bool = True) -> None:
+        """Decode NSA steps through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA."""
+        for layer in self.layers:
+            if isinstance(layer.attn, SparseAttention):
+                layer.attn.compile_decode = enabled
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 prompt_lengths: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after each prompt with the KV cache: one parallel prefill, then one
+        token per step. Returns only the new tokens, ``LongTensor [B, max_new_tokens]``.
+
+        Prompts: ``prompt_ids [B, T]`` left-aligned (row ``b``'s prompt is ``prompt_ids[b, :prompt_lengths[b]]``,
+        the rest padding; ``prompt_lengths`` default all ``T``), or a list of 1-D token sequences of any
+        lengths. Each row's logits are those of running it alone (so greedy decoding, ``temperature=0``, gives
+        the same tokens; sampling draws from ``generator`` for the whole batch at once). ``top_k`` keeps the
+        ``k`` most likely tokens.
+        ValueError if a prompt plus ``max_new_tokens`` exceeds ``max_seq_len``.
+        """
+        positive_int("max_new_tokens", max_new_tokens)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None:
+            positive_int("top_k", top_k)
+        device = self.token_emb.weight.device
+        if isinstance(prompt_ids, (list, tuple)):
+            if prompt_lengths is not None:
+                raise ValueError("prompt_lengths is only for a padded prompt tensor, not a list of prompts")
+            if not prompt_ids:
+                raise ValueError("prompt_ids is an empty list")
+            rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompt_ids]
+            prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+            ids = torch.zeros(len(rows), int(prompt_lengths.max()), dtype=torch.long)
+            for b, r in enumerate(rows):
+                ids[b, : len(r)] = r
+        else:
+            ids = prompt_ids
+            tensor("prompt_ids", ids, ndim=2, integer=True)
+        ids = ids.to(device)
+        B, T = ids.shape
+        if prompt_lengths is None:
+            prompt_lengths = torch.full((B,), T, dtype=torch.long)
+        tensor("prompt_lengths", prompt_lengths, ndim=1, integer=True, shape=(B,))
+        prompt_lengths = prompt_lengths.to(device=device, dtype=torch.long)
+        lo, hi = int(prompt_lengths.min()), int(prompt_lengths.max())
+        if lo < 1 or hi > T:
+            raise ValueError(f"prompt_lengths must be in [1, {T}], got min {lo}, max {hi}")
+        if hi + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"the longest prompt ({hi} tokens) plus max_new_tokens={max_new_tokens} exceeds "
+                             f"max_seq_len={self.max_seq_len}")
+        cache = self.init_cache(B, hi + max_new_tokens)
+        logits = self(ids[:, :hi], cache=cache, lengths=prompt_lengths)
+        last = logits[torch.arange(B, device=device), prompt_lengths - 1]
+        out = []
+        for step in range(max_new_tokens):
+            token = self._sample(last, temperature, top_k, generator)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                last = self(token.unsqueeze(1), cache=cache)[:, -1]
+        return torch.stack(out, dim=1)
+
+    @staticmethod
+    def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+        logits = logits.float()
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     def extra_repr(self) -> str:
         return f"attn={self.attn_kind!r}, max_seq_len={self.max_seq_len}"

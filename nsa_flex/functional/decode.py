@@ -1,0 +1,300 @@
+"""NSA decoding: attention of a few new tokens over a KV cache, by gathering (never ``T x T``).
+
+For each new query at absolute position ``t`` (per sequence, so a batch may hold sequences of different
+lengths) :func:`nsa_decode` computes exactly what :func:`nsa_attention` computes at row ``t`` of the full
+sequence:
+
+* compressed branch: softmax over the cached compressed keys ``c`` with ``c*d + l - 1 <= t``;
+* block scoring + top-n from those probabilities with :func:`select_blocks`' semantics (overlap weights, forced
+  initial/own/previous blocks first, blocks after ``t``'s excluded, ties toward the lower index, ``-1`` padding);
+* selected branch: the chosen blocks' keys ``j <= t`` gathered from the cache;
+* window branch: the ``w`` keys ``t - w < j <= t`` gathered from the cache;
+* gating ``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``.
+
+Everything is plain tensor ops with shapes fixed by the cache size (no data-dependent shapes, no host syncs),
+so the step can be captured with CUDA graphs: :func:`compiled_nsa_decode` wraps it in
+``torch.compile(mode="reduce-overhead")`` on CUDA. :func:`update_compressed` appends the compressed keys of
+blocks that the new tokens complete; :func:`cached_attention` is the dense / sliding-window decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .._checks import positive_int, tensor
+from .selection import check_selection, forced_rank
+
+__all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed"]
+
+
+def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: float = 10000.0) -> Tensor:
+    """RoPE of :func:`nsa_flex.modules.rotary.apply_rotary` ("rotate half"), at per-sequence positions.
+
+    ``positions [B, T]`` (or ``[B, H, T]``) gives each row's absolute position; the arithmetic is the same as
+    ``apply_rotary``'s (angles ``float(p) * base**(-2i/D)`` in float32, float64 for float64 input).
+    """
+    D = x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=work) / D)
+    pos = positions.to(work)
+    if pos.ndim == x.ndim - 2:  # [B, T] -> [B, 1, T]
+        pos = pos.unsqueeze(1)
+    angles = pos.unsqueeze(-1) * inv_freq  # [B, 1 or H, T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(work).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _gather(cache: Tensor, idx: Tensor) -> Tensor:
+    """``cache [B, H, L, D]``, ``idx [B, H or 1, T, K]`` (valid, in range) -> ``[B, H, T, K, D]``."""
+    B, H, L, D = cache.shape
+    idx = idx.expand(B, H, *idx.shape[2:])
+    flat = idx.reshape(B, H, -1, 1).expand(-1, -1, -1, D)
+    return cache.gather(2, flat).view(B, H, idx.shape[2], idx.shape[3], D)
+
+
+def _masked_softmax(logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last dim of the ``valid`` entries; rows with none give ``p = 0`` and ``lse = -inf``."""
+    logits = logits.masked_fill(~valid, float("-inf"))
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)
+    s = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(s > 0, s, torch.ones_like(s))
+    return p, (s.log() + m).squeeze(-1)
+
+
+def _check_positions(positions: Tensor, B: int, T: int) -> None:
+    tensor("positions", positions, ndim=2, integer=True, shape=(B, T))
+
+
+def cached_attention(
+    q: Float[Tensor, "B Hq T D"],
+    k_cache: Float[Tensor, "B Hkv L D"],
+    v_cache: Float[Tensor, "B Hkv L Dv"],
+    positions: Int[Tensor, "B T"],
+    window_size: Optional[int] = None,
+    scale: Optional[float] = None,
+) -> Float[Tensor, "B Hq T Dv"]:
+    """Causal (``window_size=None``) or sliding-window attention of new queries over a KV cache.
+
+    Query ``(b, i)`` sits at ``positions[b, i]`` and sees cached keys ``j <= t`` (and ``j > t - w`` with a
+    window). The cache must already hold the new tokens' keys. Dense: one masked pass over all ``L`` slots;
+    window: ``w`` gathered keys.
+    """
+    B, Hq, T, D = q.shape
+    tensor("k_cache", k_cache, ndim=4, floating=True, shape=(B, None, None, D))
+    tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, k_cache.shape[1], k_cache.shape[2], None))
+    _check_positions(positions, B, T)
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads must be a multiple of kv heads, got Hq={Hq}, Hkv={Hkv}")
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.view(B, Hkv, G, T, D).to(work)
+    if window_size is None:
+        logits = torch.einsum("bhgtd,bhld->bhgtl", qg, k_cache.to(work)) * scale
+        j = torch.arange(L, device=q.device)
+        valid = (j.view(1, 1, -1) <= positions.unsqueeze(-1)).view(B, 1, 1, T, L)
+        p, _ = _masked_softmax(logits, valid)
+        out = torch.einsum("bhgtl,bhld->bhgtd", p, v_cache.to(work))
+    else:
+        positive_int("window_size", window_size)
+        tok = positions.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=q.device)
+        valid = (tok >= 0).view(B, 1, 1, T, window_size)
+        idx = tok.clamp(0, L - 1).unsqueeze(1)
+        k, v = _gather(k_cache, idx).to(work), _gather(v_cache, idx).to(work)
+        logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, k) * scale
+        p, _ = _masked_softmax(logits, valid)
+        out = torch.einsum("bhgtk,bhtkd->bhgtd", p, v)
+    return out.reshape(B, Hq, T, -1).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _overlap_table(num_cmp: int, block_size: int, stride: int, selection_block_size: int, device: str):
+    """For each compressed block ``c``: the selection blocks it overlaps and the overlap sizes, ``[Tc, K]``."""
+    span = math.ceil((block_size - 1) / selection_block_size) + 1  # selection blocks one compressed block can touch
+    c = torch.arange(num_cmp, device=device).view(-1, 1)
+    s = (c * stride) // selection_block_size + torch.arange(span, device=device).view(1, -1)
+    lo = torch.maximum(c * stride, s * selection_block_size)
+    hi = torch.minimum(c * stride + block_size, (s + 1) * selection_block_size)
+    return s, (hi - lo).clamp(min=0)
+
+
+def nsa_decode(
+    q: Float[Tensor, "B Hq T D"],
+    k_cache: Float[Tensor, "B Hkv L D"],
+    v_cache: Float[Tensor, "B Hkv L Dv"],
+    k_cmp: Float[Tensor, "B Hkv C D"],
+    v_cmp: Float[Tensor, "B Hkv C Dv"],
+    positions: Int[Tensor, "B T"],
+    gates: Float[Tensor, "B Hq T 3"],
+    compress_block_size: int = 32,
+    compress_stride: int = 16,
+    selection_block_size: int = 64,
+    num_selected: int = 16,
+    num_initial: int = 1,
+    num_local: int = 2,
+    window_size: int = 512,
+    scale: Optional[float] = None,
+    rotary_base: Optional[float] = None,
+    return_branches: bool = False,
+):
+    """NSA output of ``T`` new queries (a few; typically 1) over a cache, gather-based (module docstring).
+
+    Args:
+        q: new queries, position-free (as :func:`nsa_attention`'s ``q``), ``[B, Hq, T, D]``.
+        k_cache, v_cache: cached position-free keys and values ``[B, Hkv, L, D]``; slots ``<= t`` must be
+            filled for every query ``t`` (including the new tokens' own). Slots beyond are ignored.
+        k_cmp, v_cmp: cached compressed keys/values ``[B, Hkv, C, D]``; slot ``c`` must hold block ``c`` for
+            every ``c`` with ``c*d + l - 1 <= t``; others are ignored (any finite value).
+        positions: absolute position of each query, ``[B, T]`` (int).
+        gates: ``[B, Hq, T, 3]`` in the order (compressed, selected, window).
+        rotary_base: if given, the selected and window branches use RoPE (this base) on ``q`` and on the
+            gathered keys at their positions, like ``nsa_attention(..., fine_qk=rotary(q, k))``.
+        return_branches: also return ``{"compressed", "selected", "window", "block_indices"}``.
+
+    Returns ``o [B, Hq, T, Dv]`` (or ``(o, branches)``); ``block_indices [B, Hkv, T, n]`` equal
+    :func:`select_blocks` on the full sequence at those rows (order within ``n`` aside).
+    """
+    B, Hq, T, D = tensor("q", q, ndim=4, floating=True).shape
+    tensor("k_cache", k_cache, ndim=4, floating=True, shape=(B, None, None, D))
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, Hkv, L, None))
+    Dv = v_cache.shape[-1]
+    tensor("k_cmp", k_cmp, ndim=4, floating=True, shape=(B, Hkv, None, D))
+    tensor("v_cmp", v_cmp, ndim=4, floating=True, shape=(B, Hkv, k_cmp.shape[2], Dv))
+    _check_positions(positions, B, T)
+    tensor("gates", gates, ndim=4, floating=True, shape=(B, Hq, T, 3))
+    if Hq % Hkv:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
+    check_selection(compress_block_size, compress_stride, selection_block_size, num_selected, num_initial, num_local)
+    positive_int("window_size", window_size)
+    l, d, ls, n = compress_block_size, compress_stride, selection_block_size, num_selected
+    G, C = Hq // Hkv, k_cmp.shape[2]
+    S = math.ceil(L / ls)
+    scale = D ** -0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    qg = q.view(B, Hkv, G, T, D).to(work)
+    pos = positions.to(torch.long)
+
+    # Compressed branch over all C cached slots, masked to the complete blocks c*d + l - 1 <= t.
+    c = torch.arange(C, device=dev)
+    cmp_valid = (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
+    logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp.to(work)) * scale
+    p_cmp, _ = _masked_softmax(logits, cmp_valid)
+    o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp, v_cmp.to(work))
+
+    # Block scores: overlap-weighted sums of the group's probabilities (select_blocks' W, as a sparse table).
+    S_all = max(S, 1)
+    if C > 0:
+        sel, weight = _overlap_table(C, l, d, ls, str(dev))
+        contrib = p_cmp.sum(dim=2).unsqueeze(-1) * weight.to(work)  # [B, Hkv, T, C, span]
+        keep = sel < S_all
+        contrib = torch.where(keep, contrib, torch.zeros_like(contrib))
+        index = sel.clamp(max=S_all - 1).view(1, 1, 1, -1).expand(B, Hkv, T, -1)
+        scores = torch.zeros(B, Hkv, T, S_all, device=dev, dtype=work)
+        scores = scores.scatter_add(-1, index, contrib.reshape(B, Hkv, T, -1))
+    else:
+        scores = torch.zeros(B, Hkv, T, S_all, device=dev, dtype=work)
+
+    # Top-n exactly as select_blocks: forced blocks first, then highest scores, ties to the lower index.
+    K = num_initial + num_local
+    big = float(G * l + 1)
+    rank = forced_rank(pos.reshape(-1), S_all, ls, num_initial, num_local).view(B, 1, T, S_all)
+    own = (pos // ls).view(B, 1, T, 1)
+    s = torch.arange(S_all, device=dev).view(1, 1, 1, -1)
+    key = torch.where(rank < K, big + (K - rank).to(work), torch.where(s <= own, scores, torch.full_like(scores, -1.0)))
+    order = key.sort(dim=-1, descending=True, stable=True)
+    m = min(n, S_all)
+    block_indices = torch.where(order.values[..., :m] >= 0, order.indices[..., :m], -1)
+    if m < n:
+        block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - m), -1)], dim=-1)
+
+    q_fine = qg if rotary_base is None else rotary_at(q, pos, rotary_base).view(B, Hkv, G, T, D).to(work)
+
+    def fine(tok: Tensor, valid: Tensor) -> Tensor:
+        """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
+        idx = tok.clamp(0, L - 1)
+        k, v = _gather(k_cache, idx), _gather(v_cache, idx).to(work)
+        if rotary_base is not None:
+            k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3), rotary_base).view_as(k)
+        lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k.to(work)) * scale
+        p, _ = _masked_softmax(lg, valid.unsqueeze(2))
+        return torch.einsum("bhgtk,bhtkd->bhgtd", p, v)
+
+    # Selected branch: the n blocks' tokens j <= t.
+    tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
+    valid = (block_indices.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, ls).flatten(-2) & (tok <= pos.view(B, 1, T, 1))
+    o_sel = fine(tok, valid)
+
+    # Window branch: t - w < j <= t.
+    tok = (pos.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=dev)).unsqueeze(1)
+    o_win = fine(tok, tok >= 0)
+
+    g = gates.to(work).view(B, Hkv, G, T, 3)
+    out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win
+    out = out.reshape(B, Hq, T, Dv).to(q.dtype)
+    if return_branches:
+        branches = {name: x.reshape(B, Hq, T, Dv).to(q.dtype)
+                    for name, x in (("compressed", o_cmp), ("selected", o_sel), ("window", o_win))}
+        branches["block_indices"] = block_indices
+        return out, branches
+    return out
+
+
+def update_compressed(
+    k_cache: Float[Tensor, "B Hkv L D"],
+    v_cache: Float[Tensor, "B Hkv L Dv"],
+    k_cmp: Float[Tensor, "B Hkv C1 D"],
+    v_cmp: Float[Tensor, "B Hkv C1 Dv"],
+    positions: Int[Tensor, "B T"],
+    k_compress: Callable[[Tensor], Tensor],
+    v_compress: Callable[[Tensor], Tensor],
+    block_size: int,
+    stride: int,
+) -> None:
+    """In place: compress every block that the tokens at ``positions`` complete and store it in ``k_cmp, v_cmp``.
+
+    Token ``t`` completes block ``c = (t + 1 - l) / d`` when ``t + 1 >= l`` and ``(t + 1 - l) % d == 0``. The
+    block's ``l`` tokens are read from the (already updated) caches and compressed with the compressor's
+    ``compress_blocks([B, H, 1, l, D])`` (or the compressor itself on ``[B, H, l, D]``). Rows whose token
+    completes nothing write into the last slot of ``k_cmp, v_cmp``, a scratch slot (allocate ``C + 1``), so the
+    update has no data-dependent control flow.
+    """
+    B, Hkv, L, _ = k_cache.shape
+    scratch = k_cmp.shape[2] - 1
+    dev = k_cache.device
+    for i in range(positions.shape[1]):
+        t = positions[:, i].to(torch.long)
+        start = t + 1 - block_size
+        complete = (start >= 0) & (start % stride == 0)
+        slot = torch.where(complete, torch.div(start, stride, rounding_mode="floor"), torch.full_like(t, scratch))
+        slot = slot.clamp(max=scratch)
+        tok = (start.clamp(min=0).view(B, 1) + torch.arange(block_size, device=dev)).clamp(max=L - 1)
+        idx = tok.view(B, 1, 1, block_size)
+        for cache, out, comp in ((k_cache, k_cmp, k_compress), (v_cache, v_cmp, v_compress)):
+            blocks = _gather(cache, idx)  # [B, Hkv, 1, l, D]
+            if hasattr(comp, "compress_blocks"):
+                new = comp.compress_blocks(blocks)
+            else:
+                new = comp(blocks[:, :, 0])
+            index = slot.view(B, 1, 1, 1).expand(B, Hkv, 1, out.shape[-1])
+            out.scatter_(2, index, new.to(out.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_nsa_decode() -> Callable:
+    """:func:`nsa_decode` under ``torch.compile(mode="reduce-overhead", dynamic=False)`` (CUDA graphs); CUDA only.
+
+    Untested on CPU CI (the first call compiles); the callers keep every host-side check outside it.
+    """
+    return torch.compile(nsa_decode, mode="reduce-overhead", dynamic=False)
