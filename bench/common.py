@@ -57,8 +57,10 @@ def peak_memory(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """Write ``payload`` as ``<directory>/<name>.json`` and return the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path

@@ -1,64 +1,214 @@
-"""NSA (ours) vs dense causal SDPA: forward and forward+backward time and peak memory, one process, same inputs.
+"""NSA training/inference speed: ours vs dense attention and fla's Triton NSA, one process, same inputs.
 
-Usage: ``python -m bench.nsa [--seq-lens 8192 16384] [--heads 64 --kv-heads 4 --head-dim 128]``
+Methods (each states exactly what it computes):
+
+* ``sdpa_causal``   dense causal attention, ``F.scaled_dot_product_attention`` (flash / cuDNN backend), GQA.
+* ``flex_causal``   dense causal attention through compiled FlexAttention (``masks.causal()``).
+* ``fla_nsa``       fla ``parallel_nsa``: compressed (mean pooling, block = stride = 64) + selected branches,
+                    no window branch (it needs flash-attn); only when ``fla`` imports and ``Hq/Hkv >= 16``.
+* ``nsa_flex``      ours, ``functional.nsa_attention``: compressed (mean, l=32, d=16) + selected (l'=64, n=16)
+                    + window (w=512), gated.
+
+Inputs: ``random`` (independent normal q, k, v: every token's selection is independent, the worst case for
+block-sparse kernels) and ``structured`` (a slowly varying random walk along the sequence plus noise, so
+neighbouring tokens attend alike, as in trained models). For each T: forward and forward+backward time
+(median of CUDA-event timings after warm-up), peak memory, and a per-stage breakdown of our forward.
+Writes ``bench/results/nsa.json`` and ``bench/results/nsa.png``.
+
+``--smoke`` runs a tiny CPU version of the same code (CI runs it so the script cannot rot).
+
+Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs paper small] [--smoke]``
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
+from nsa_flex import masks
 
-from .common import cuda_time, environment, peak_memory, save
+from .common import RESULTS, cuda_time, environment, peak_memory, save
 
-PAPER = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16, window_size=512)
-
-
-def inputs(T: int, heads: int, kv_heads: int, head_dim: int, requires_grad: bool):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    make = lambda h, d: torch.randn(1, h, T, d, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-    q, k, v = make(heads, head_dim), make(kv_heads, head_dim), make(kv_heads, head_dim)
-    gates = torch.rand(1, heads, T, 3, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return [x.requires_grad_(requires_grad) for x in (q, k, v, gates)]
+PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
+                 num_initial=1, num_local=2, window_size=512)
+CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128)}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384])
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
+def make_inputs(T: int, heads: int, kv_heads: int, head_dim: int, kind: str, device, dtype, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def tensor(h: int) -> torch.Tensor:
+        x = torch.randn(1, h, T, head_dim, generator=gen)
+        if kind == "structured":
+            # A random walk along T (local correlation) plus noise.
+            drift = torch.randn(1, h, T, head_dim, generator=gen).cumsum(dim=2) / (T**0.5) * 4
+            x = 0.5 * x + drift
+        return x.to(device=device, dtype=dtype)
+
+    q, k, v = tensor(heads), tensor(kv_heads), tensor(kv_heads)
+    gates = torch.rand(1, heads, T, 3, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v, gates
+
+
+def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
+    causal = masks.causal()
+
+    def sdpa(q, k, v, g):
+        return torch_F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+    def flex_causal(q, k, v, g):
+        block_mask = F.branches._static_block_mask(("causal",), causal.fn, q.shape[2], k.shape[2], q.device)
+        return F.flex(q, k, v, block_mask=block_mask)
+
+    def ours(q, k, v, g):
+        return F.nsa_attention(q, k, v, g, **PAPER_NSA)
+
+    out = {"sdpa_causal": sdpa, "flex_causal": flex_causal, "nsa_flex": ours}
+    if fla_nsa is not None:
+
+        def fla(q, k, v, g):
+            # fla's layout is [B, T, H, D]; gates [B, T, Hq].
+            tq, tk, tv = (x.transpose(1, 2) for x in (q, k, v))
+            gt = g.transpose(1, 2)
+            o = fla_nsa(tq, tk, tv, g_cmp=gt[..., 0], g_slc=gt[..., 1], g_swa=None,
+                        block_counts=PAPER_NSA["num_selected"], block_size=PAPER_NSA["selection_block_size"],
+                        window_size=0)
+            return o.transpose(1, 2)
+
+        out["fla_nsa"] = fla
+    return out
+
+
+def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
+    """Our forward, stage by stage (each timed on its own, inputs from the previous stage)."""
+    cfg = PAPER_NSA
+    l, d, ls = cfg["compress_block_size"], cfg["compress_stride"], cfg["selection_block_size"]
+    T = q.shape[2]
+    G = q.shape[1] // k.shape[1]
+    with torch.no_grad():
+        k_cmp, v_cmp = F.mean_pool(k, l, d), F.mean_pool(v, l, d)
+        o_cmp, lse = F.compressed_attention(q, k_cmp, v_cmp, l, d, return_lse=True)
+        idx = F.select_blocks(q, k_cmp, l, d, ls, cfg["num_selected"], lse=lse)
+        o_sel = F.selected_attention(q, k, v, idx, ls)
+        o_win = F.sliding_window_attention(q, k, v, cfg["window_size"])
+        return {
+            "compress": timer(lambda: (F.mean_pool(k, l, d), F.mean_pool(v, l, d))),
+            "compressed_attn": timer(lambda: F.compressed_attention(q, k_cmp, v_cmp, l, d, return_lse=True)),
+            "scoring_topk": timer(lambda: F.select_blocks(q, k_cmp, l, d, ls, cfg["num_selected"], lse=lse)),
+            "mask_build": timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G,
+                                                                      compute_q_blocks=False)),
+            "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),
+            "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
+            "gating": timer(lambda: g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win),
+        }
+
+
+def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall milliseconds (the --smoke mode's stand-in for CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def load_fla() -> Optional[Callable]:
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
+        print(f"fla not available ({type(err).__name__}: {err}); skipping fla_nsa")
+        return None
+    return parallel_nsa
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["config"], r["inputs"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (config, inputs) in zip(axes[0], panels):
+        for method in sorted({r["method"] for r in rows}):
+            for key, style in (("fwd_ms", "--"), ("fwd_bwd_ms", "-")):
+                pts = sorted((r["T"], r[key]) for r in rows
+                             if r["config"] == config and r["inputs"] == inputs and r["method"] == method and r.get(key))
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"{method} {key[:-3]}")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms", title=f"{config}, {inputs} inputs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
+    p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
+    p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_causal flex_causal fla_nsa nsa_flex")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG (default bench/results)")
     args = p.parse_args(argv)
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        seq_lens, configs = [256], {"tiny": dict(heads=4, kv_heads=1, head_dim=16)}
+        timer = cpu_time
+        fla = None
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.nsa needs CUDA (use --smoke for the CPU check)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        seq_lens, configs = args.seq_lens, {name: CONFIGS[name] for name in args.configs}
+        timer = lambda fn: cuda_time(fn, 3, args.repeats)  # noqa: E731
+        fla = load_fla()
     env = environment()
-    print(env)
+    print(env, flush=True)
     rows = []
-    for T in args.seq_lens:
-        q, k, v, g = inputs(T, args.heads, args.kv_heads, args.head_dim, True)
+    for config, shape in configs.items():
+        for inputs in args.inputs:
+            for T in seq_lens:
+                q, k, v, g = make_inputs(T, **shape, kind=inputs, device=device, dtype=dtype)
+                for name, fn in methods(fla if shape["heads"] // shape["kv_heads"] >= 16 else None).items():
+                    if args.methods and name not in args.methods:
+                        continue
+                    row = dict(config=config, inputs=inputs, T=T, method=name, **shape)
+                    try:
+                        with torch.no_grad():
+                            row["fwd_ms"] = timer(lambda: fn(q, k, v, g))
+                            if device.type == "cuda":
+                                row["fwd_peak_bytes"] = peak_memory(lambda: fn(q, k, v, g))
+                        leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
 
-        def ours():
-            return F.nsa_attention(q, k, v, g, **PAPER)
+                        def step():
+                            fn(*leaves).float().pow(2).mean().backward()
 
-        def dense():
-            return torch_F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        for name, fn in (("nsa_flex", ours), ("sdpa_causal", dense)):
-            with torch.no_grad():
-                fwd = cuda_time(fn, 2, args.repeats)
-                fwd_mem = peak_memory(fn)
-
-            def step():
-                fn().float().pow(2).mean().backward()
-
-            both = cuda_time(step, 2, args.repeats)
-            both_mem = peak_memory(step)
-            row = dict(T=T, method=name, fwd_ms=fwd, fwd_bwd_ms=both, fwd_peak_bytes=fwd_mem, fwd_bwd_peak_bytes=both_mem)
-            print(row, flush=True)
-            rows.append(row)
-    save("nsa", {"env": env, "config": PAPER, "heads": args.heads, "kv_heads": args.kv_heads, "rows": rows})
+                        row["fwd_bwd_ms"] = timer(step)
+                        if device.type == "cuda":
+                            row["fwd_bwd_peak_bytes"] = peak_memory(step)
+                        if name == "nsa_flex":
+                            row["stages_ms"] = stage_breakdown(q, k, v, g, timer)
+                    except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
+                        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    print(row, flush=True)
+                    rows.append(row)
+    payload = {"env": env, "nsa_config": PAPER_NSA, "rows": rows, "smoke": args.smoke}
+    path = save("nsa_smoke" if args.smoke else "nsa", payload, args.out)
+    if not args.smoke:
+        plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""The benchmark scripts must not rot: their CPU smoke modes run the same code paths on tiny inputs."""
+
+import json
+
+from bench import nsa
+
+
+def test_nsa_benchmark_smoke(tmp_path):
+    payload = nsa.main(["--smoke", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert json.loads((tmp_path / "nsa_smoke.json").read_text())["rows"] == rows
+    ours = [r for r in rows if r["method"] == "nsa_flex"]
+    assert ours and all("error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in ours)
+    assert set(ours[0]["stages_ms"]) == {"compress", "compressed_attn", "scoring_topk", "mask_build",
+                                         "selected_attn", "window_attn", "gating"}
+    assert all("error" not in r for r in rows if r["method"] == "sdpa_causal")
