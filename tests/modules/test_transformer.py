@@ -7,6 +7,15 @@ import torch
 
 from nsa_flex.modules import TransformerLM
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = dict(dim=32, depth=2, heads=4, kv_heads=2, sliding_window_size=8, compress_block_size=8,
             compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2, max_seq_len=128)
 
@@ -69,3 +78,87 @@ def test_too_long_or_bad_ids_raise():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(TypeError, match="ids"):
         model(torch.zeros(1, 4))
+
+
+def _mixing(model):
+    """Gates that use all three NSA branches (the default init leans on the window)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            if hasattr(layer.attn, "to_strategy_combine"):
+                layer.attn.to_strategy_combine.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["nsa", "dense", "window"])
+@torch.no_grad()
+def test_prefill_and_decoding_logits_equal_full_forward(attn):
+    """A padded batch of prompts (lengths crossing compression/selection blocks), then token by token."""
+    torch.manual_seed(5)
+    model = _mixing(TransformerLM(attn=attn, **{**TINY, "max_seq_len": 48}))
+    B, T = 3, 45
+    ids = torch.randint(0, 256, (B, T))
+    full = model(ids)
+    lengths = torch.tensor([1, 14, 7])
+    cache = model.init_cache(B, 48)
+    first = model(ids[:, :14], cache=cache, lengths=lengths)
+    for b in range(B):
+        torch.testing.assert_close(first[b, : lengths[b]], full[b, : lengths[b]], rtol=0, atol=1e-4)
+    pos = lengths.clone()
+    rows = torch.arange(B)
+    while int(pos.max()) < T:
+        pos = pos.clamp(max=T - 1)
+        step = model(ids[rows, pos].unsqueeze(1), cache=cache)[:, 0]
+        torch.testing.assert_close(step, full[rows, pos], rtol=0, atol=1e-4)
+        pos = pos + 1
+    with pytest.raises(ValueError, match="max_len"):
+        for _ in range(10):
+            model(ids[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("attn", ["nsa", "dense"])
+@torch.no_grad()
+def test_greedy_generate_equals_argmax_of_full_forward_and_batches(attn):
+    torch.manual_seed(6)
+    model = _mixing(TransformerLM(attn=attn, **TINY))
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 12, 7)]
+    batch = model.generate(prompts, 12, temperature=0)
+    assert batch.shape == (3, 12) and batch.dtype == torch.long
+    for b, p in enumerate(prompts):
+        seq = p.clone()
+        for _ in range(12):  # no cache: full forward each step
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax().view(1)])
+        assert batch[b].tolist() == seq[len(p):].tolist()
+    # The same batch as a padded tensor + prompt_lengths.
+    padded = torch.zeros(3, 12, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = p
+    same = model.generate(padded, 12, temperature=0, prompt_lengths=torch.tensor([3, 12, 7]))
+    assert same.tolist() == batch.tolist()
+
+
+@torch.no_grad()
+def test_sampling_top_k_and_generator():
+    model = TransformerLM(attn="window", **TINY)
+    prompt = torch.randint(0, 256, (2, 5))
+    a = model.generate(prompt, 8, top_k=3, generator=torch.Generator().manual_seed(0))
+    b = model.generate(prompt, 8, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert a.tolist() == b.tolist() and a.shape == (2, 8)
+    # top_k=1 is greedy
+    assert model.generate(prompt, 4, top_k=1).tolist() == model.generate(prompt, 4, temperature=0).tolist()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(prompt_lengths=torch.tensor([0, 3])), "prompt_lengths"),
+    (dict(prompt_lengths=torch.tensor([5, 6])), "prompt_lengths"),
+    (dict(max_new_tokens=124), "max_seq_len"),
+])
+def test_generate_bad_arguments_raise(kwargs, match):
+    model = TransformerLM(attn="dense", **TINY)
+    args = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.generate(torch.zeros(2, 5, dtype=torch.long), **args)
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=[])
