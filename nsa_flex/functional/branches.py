@@ -8,9 +8,11 @@ exact dense path of :mod:`nsa_flex.functional.dense`; forward results of both pa
 from __future__ import annotations
 
 import collections
+import math
 from typing import Optional
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -18,7 +20,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from .. import masks
 from ..masks.compressed import compressed_causal_mod
 from ..masks.mask import build_block_mask
-from ..masks.selection import fine_selection_mod
 from ..masks.static import sliding_window_mod
 from .._checks import positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
@@ -26,6 +27,8 @@ from .flex import flex, needs_dense_path
 
 # FlexAttention tile for the static (window, compressed) masks; 128 has valid forward and backward kernels.
 STATIC_BLOCK = 128
+# Query rows per tile of the selection branch (DESIGN.md: one token's 16 heads per tile was the robust choice).
+SELECTION_TILE_ROWS = 16
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> tuple[int, int, int, int]:
@@ -131,15 +134,18 @@ def selected_attention(
     """
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
-    if torch.compiler.is_compiling():  # no Mask object, no data-dependent checks inside a traced graph
-        mask = fine_selection_mod(block_indices, block_size, Hq // Hkv)
-    else:
-        mask = masks.fine_selection(block_indices, block_size, Hq // Hkv)
+    G = Hq // Hkv
+    if needs_dense_path(q, k, v):
+        mask = masks.fine_selection(block_indices, block_size, G)
         mask.check(T, T)
-
-    def block_mask() -> BlockMask:
-        return masks.block_mask_from_indices(
-            block_indices, T, T, block_size, group_size=Hq // Hkv, compute_q_blocks=torch.is_grad_enabled()
-        )
-
-    return _attend(q, k, v, mask, block_mask, scale, False)
+        rows = mask_rows(mask, B, Hq, T, q.device)
+        return dense_masked_attention(q, k, v, rows, scale=scale)
+    # GQA folded into query rows (row t*G + g): each selected KV block is loaded once for the G heads
+    # sharing it, and a tile of about 16 rows covers few tokens, so it unions few selections.
+    tile_rows = G * math.ceil(SELECTION_TILE_ROWS / G)
+    q_rows = rearrange(q, "b (h g) t d -> b h (t g) d", g=G)
+    block_mask = masks.block_mask_from_indices(
+        block_indices, T * G, T, block_size, tile_rows, compute_q_blocks=torch.is_grad_enabled(), rows_per_token=G
+    )
+    out = flex(q_rows, k, v, block_mask=block_mask, scale=scale)
+    return rearrange(out, "b h (t g) d -> b (h g) t d", g=G)

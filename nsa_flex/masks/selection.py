@@ -34,18 +34,23 @@ def _check_kv_range(idx: Tensor, block_size: int, kv_len: int) -> None:
         )
 
 
-def fine_selection_mod(idx: Tensor, block_size: int, group_size: int = 1):
-    """The bare mask_mod of :func:`fine_selection` (no checks, no Mask wrapper: traceable by torch.compile)."""
+def fine_selection_mod(idx: Tensor, block_size: int, group_size: int = 1, rows_per_token: int = 1):
+    """The bare mask_mod of :func:`fine_selection` (no checks, no Mask wrapper: traceable by torch.compile).
+
+    ``rows_per_token = G`` is the GQA-folded layout: query row ``r`` is token ``r // G`` (its ``G`` query heads
+    stacked as consecutive rows) and ``h`` is the kv head.
+    """
     n = idx.shape[-1]
 
     def fine_selection(b, h, q_idx, kv_idx):
-        chosen = idx[b, h // group_size, q_idx]
+        t = q_idx // rows_per_token
+        chosen = idx[b, h // group_size, t]
         kv_block = kv_idx // block_size
         # An unrolled OR over the n slots keeps the mask_mod elementwise, which compiled kernels need.
         hit = chosen[..., 0] == kv_block
         for i in range(1, n):
             hit = hit | (chosen[..., i] == kv_block)
-        return hit & (kv_idx <= q_idx)
+        return hit & (kv_idx <= t)
 
     return fine_selection
 
@@ -78,6 +83,7 @@ def block_mask_from_indices(
     q_block_size: int = 128,
     group_size: int = 1,
     compute_q_blocks: bool = True,
+    rows_per_token: int = 1,
 ) -> BlockMask:
     """The BlockMask of ``fine_selection(block_indices, block_size, group_size)`` without evaluating it densely.
 
@@ -90,33 +96,47 @@ def block_mask_from_indices(
     ``T x T`` tensor. The index tensors have torch's fixed layout, ``ceil(q_len/q_block_size) x
     ceil(kv_len/block_size)`` entries per head, which is below ``T*n`` while ``kv_len <= q_block_size*n*block_size``.
     ``compute_q_blocks=False`` skips the transposed (query-side) indices that only the backward pass reads.
+
+    ``rows_per_token = G`` builds the GQA-folded mask (DESIGN.md "Performance design"): queries are laid out
+    ``[B, Hkv, T*G, D]`` with token ``t``'s ``G`` heads as rows ``t*G .. t*G+G-1``, so a query tile of
+    ``q_block_size`` rows covers ``q_block_size / G`` tokens and each selected KV block is loaded once for all
+    ``G`` heads. Then ``q_len`` counts rows (``T*G``) and ``group_size`` must be 1.
     """
+    r = rows_per_token
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile: no data-dependent checks (they would break the graph), bare mask_mod.
-        mask_mod = fine_selection_mod(block_indices, block_size, group_size)
+        mask_mod = fine_selection_mod(block_indices, block_size, group_size, r)
     else:
-        mask_mod = fine_selection(block_indices, block_size, group_size)
-        mask_mod.check(q_len, kv_len)
         positive_int("q_block_size", q_block_size)
-    idx = block_indices[:, :, :q_len]
+        positive_int("rows_per_token", r)
+        if r > 1 and (group_size != 1 or q_len % r or q_block_size % r):
+            raise ValueError(
+                f"rows_per_token={r} needs group_size=1 and q_len, q_block_size multiples of it, got "
+                f"group_size={group_size}, q_len={q_len}, q_block_size={q_block_size}"
+            )
+        mask = fine_selection(block_indices, block_size, group_size)
+        mask.check(q_len // r, kv_len)
+        mask_mod = mask if r == 1 else fine_selection_mod(block_indices, block_size, 1, r)
+    q_tokens = q_len // r
+    idx = block_indices[:, :, :q_tokens]
     B, Hkv, _, n = idx.shape
-    bs, qbs = block_size, q_block_size
+    bs, tpt = block_size, q_block_size // r  # tpt: tokens per query tile
     num_kv = math.ceil(kv_len / bs)
-    num_q = math.ceil(q_len / qbs)
+    num_q = math.ceil(q_tokens / tpt)
     device = idx.device
 
     # A slot counts if it names a block with at least one key <= t. Anything else becomes the sentinel num_kv.
-    t = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+    t = torch.arange(q_tokens, device=device).view(1, 1, q_tokens, 1)
     idx = idx.long()
     sentinel = num_kv
     vals = torch.where((idx >= 0) & (idx * bs <= t), idx, sentinel)
     # Duplicates within one token must count once toward "every row selected it".
     vals, _ = vals.sort(dim=-1)
     vals[..., 1:].masked_fill_(vals[..., 1:] == vals[..., :-1], sentinel)
-    pad_rows = num_q * qbs - q_len
-    if pad_rows:
-        vals = torch.nn.functional.pad(vals, (0, 0, 0, pad_rows), value=sentinel)
-    tiles = vals.view(B, Hkv, num_q, qbs * n).sort(dim=-1).values  # each tile's candidates, ascending
+    pad_tokens = num_q * tpt - q_tokens
+    if pad_tokens:
+        vals = torch.nn.functional.pad(vals, (0, 0, 0, pad_tokens), value=sentinel)
+    tiles = vals.view(B, Hkv, num_q, tpt * n).sort(dim=-1).values  # each tile's candidates, ascending
 
     m = tiles.shape[-1]
     first = torch.ones_like(tiles, dtype=torch.bool)
@@ -129,9 +149,9 @@ def block_mask_from_indices(
     run = next_start - pos
 
     present = first & (tiles < sentinel)
-    q_start = (torch.arange(num_q, device=device) * qbs).view(1, 1, num_q, 1)
+    q_start = (torch.arange(num_q, device=device) * tpt).view(1, 1, num_q, 1)  # first token of each tile
     block_end = (tiles + 1) * bs  # one past the block's last key
-    full = present & (run == qbs) & (block_end - 1 <= q_start) & (block_end <= kv_len)
+    full = present & (run == tpt) & (block_end - 1 <= q_start) & (block_end <= kv_len)
     partial = present & ~full
 
     def ordered(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,7 +174,7 @@ def block_mask_from_indices(
         kv_idx.contiguous(),
         full_num.contiguous(),
         full_idx.contiguous(),
-        BLOCK_SIZE=(qbs, bs),
+        BLOCK_SIZE=(q_block_size, bs),
         mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),
         compute_q_blocks=compute_q_blocks,

@@ -1,0 +1,43 @@
+"""The GQA-folded selection BlockMask (rows t*G + g) equals create_block_mask of its mask_mod, block for block."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_block_mask
+
+from nsa_flex import masks
+from nsa_flex.masks.selection import fine_selection_mod
+
+
+@given(
+    G=st.sampled_from([1, 2, 4, 16]),
+    tokens=st.integers(1, 90),
+    n=st.integers(1, 5),
+    block=st.sampled_from([16, 32]),
+    q_block_tokens=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_folded_block_mask_equals_create_block_mask(G, tokens, n, block, q_block_tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_kv = -(-tokens // block)
+    idx = torch.randint(-1, num_kv, (2, 2, tokens, n), generator=gen)
+    idx[..., 0] = 0  # shared choices make full blocks appear
+    q_block = max(16, G * q_block_tokens)
+    q_block -= q_block % G
+    rows = tokens * G
+    got = masks.block_mask_from_indices(idx, rows, tokens, block, q_block, rows_per_token=G)
+    want = create_block_mask(fine_selection_mod(idx, block, 1, G), 2, 2, rows, tokens, device="cpu",
+                             BLOCK_SIZE=(q_block, block))
+    assert torch.equal(got.to_dense(), want.to_dense())
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+    assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+    assert torch.equal(got.q_num_blocks, want.q_num_blocks)
+
+
+def test_folded_layout_rejects_inconsistent_sizes():
+    idx = torch.zeros(1, 1, 10, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="rows_per_token"):
+        masks.block_mask_from_indices(idx, 40, 10, 16, 30, rows_per_token=4)
+    with pytest.raises(ValueError, match="rows_per_token"):
+        masks.block_mask_from_indices(idx, 40, 10, 16, 32, group_size=2, rows_per_token=4)
