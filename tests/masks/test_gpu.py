@@ -16,7 +16,6 @@ from nsa_flex import masks, scores
 from nsa_flex.functional import flex
 from nsa_flex.testing import TOLERANCE, assert_matches_dense, dense_attention
 from nsa_flex.testing import strategies as nst
-from nsa_flex.testing.assertions import _forward_tiles
 
 pytestmark = pytest.mark.gpu
 # Every example compiles new kernels (5-20 s each on an H100): a fifth of the profile's examples, at least 3.
@@ -150,7 +149,7 @@ def test_block_mask_from_indices_on_cuda(case):
     B, Hkv = idx.shape[:2]
     q = torch.randn(B, Hkv * group, q_len, 64, device=CUDA, dtype=BF16)
     k, v = (torch.randn(B, Hkv, kv_len, 64, device=CUDA, dtype=BF16) for _ in range(2))
-    out = flex(q, k, v, block_mask=got, kernel_options=_forward_tiles(q.device, (qbs, bs)))
+    out = flex(q, k, v, block_mask=got)
     ref = dense_attention(q, k, v, mask=masks.fine_selection(idx, bs, group))
     assert not torch.isnan(out).any()
     assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
@@ -173,6 +172,6 @@ def test_fully_masked_rows_on_cuda_give_zero():
     bm = masks.block_mask_from_indices(idx, 200, 200, block_size=64, q_block_size=64, group_size=2)
     q = torch.randn(1, 4, 200, 64, device=CUDA, dtype=BF16)
     k, v = (torch.randn(1, 2, 200, 64, device=CUDA, dtype=BF16) for _ in range(2))
-    out, lse = flex(q, k, v, block_mask=bm, return_lse=True, kernel_options=_forward_tiles(q.device, 64))
+    out, lse = flex(q, k, v, block_mask=bm, return_lse=True)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert (out[:, :, :100] == 0).all() and torch.isneginf(lse[:, :, :100]).all()
