@@ -98,22 +98,22 @@ def cached_attention(
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.view(B, Hkv, G, T, D).to(work)
+    qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype, softmax in fp32 (fp64 for fp64)
     if window_size is None:
-        logits = torch.einsum("bhgtd,bhld->bhgtl", qg, k_cache.to(work)) * scale
+        logits = torch.einsum("bhgtd,bhld->bhgtl", qg, k_cache).to(work) * scale
         j = torch.arange(L, device=q.device)
         valid = (j.view(1, 1, -1) <= positions.unsqueeze(-1)).view(B, 1, 1, T, L)
         p, _ = _masked_softmax(logits, valid)
-        out = torch.einsum("bhgtl,bhld->bhgtd", p, v_cache.to(work))
+        out = torch.einsum("bhgtl,bhld->bhgtd", p.to(v_cache.dtype), v_cache)
     else:
         positive_int("window_size", window_size)
         tok = positions.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=q.device)
         valid = (tok >= 0).view(B, 1, 1, T, window_size)
         idx = tok.clamp(0, L - 1).unsqueeze(1)
-        k, v = _gather(k_cache, idx).to(work), _gather(v_cache, idx).to(work)
-        logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, k) * scale
+        k, v = _gather(k_cache, idx), _gather(v_cache, idx)
+        logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, k).to(work) * scale
         p, _ = _masked_softmax(logits, valid)
-        out = torch.einsum("bhgtk,bhtkd->bhgtd", p, v)
+        out = torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v)
     return out.reshape(B, Hq, T, -1).to(q.dtype)
 
 
@@ -183,15 +183,15 @@ def nsa_decode(
     scale = D ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    qg = q.view(B, Hkv, G, T, D).to(work)
+    qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype (fp32 accumulation on GPU), softmax in fp32
     pos = positions.to(torch.long)
 
     # Compressed branch over all C cached slots, masked to the complete blocks c*d + l - 1 <= t.
     c = torch.arange(C, device=dev)
     cmp_valid = (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
-    logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp.to(work)) * scale
+    logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
     p_cmp, _ = _masked_softmax(logits, cmp_valid)
-    o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp, v_cmp.to(work))
+    o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
 
     # Block scores: overlap-weighted sums of the group's probabilities (select_blocks' W, as a sparse table).
     S_all = max(S, 1)
@@ -219,17 +219,17 @@ def nsa_decode(
     if m < n:
         block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - m), -1)], dim=-1)
 
-    q_fine = qg if rotary_base is None else rotary_at(q, pos, rotary_base).view(B, Hkv, G, T, D).to(work)
+    q_fine = qg if rotary_base is None else rotary_at(q, pos, rotary_base).view(B, Hkv, G, T, D)
 
     def fine(tok: Tensor, valid: Tensor) -> Tensor:
         """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
         idx = tok.clamp(0, L - 1)
-        k, v = _gather(k_cache, idx), _gather(v_cache, idx).to(work)
+        k, v = _gather(k_cache, idx), _gather(v_cache, idx)
         if rotary_base is not None:
             k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3), rotary_base).view_as(k)
-        lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k.to(work)) * scale
+        lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
         p, _ = _masked_softmax(lg, valid.unsqueeze(2))
-        return torch.einsum("bhgtk,bhtkd->bhgtd", p, v)
+        return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
 
     # Selected branch: the n blocks' tokens j <= t.
     tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
