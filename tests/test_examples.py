@@ -20,7 +20,7 @@ def _env() -> dict[str, str]:
 
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"compose_pattern.py", "plug_into_flex.py", "property_test_new_strategy.py"} <= names
+    assert {"compose_pattern.py", "plug_into_flex.py", "property_test_new_strategy.py", "generate.py"} <= names
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)

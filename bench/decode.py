@@ -1,0 +1,180 @@
+"""Decoding latency per new token: NSA over a KV cache (ours) vs dense SDPA over a KV cache, one process.
+
+One attention layer's decode step for one new token per sequence, the cache already holding ``T`` tokens:
+
+* ``sdpa_dense``   write the new k/v into a preallocated cache, then ``F.scaled_dot_product_attention`` of the
+                   new query over the ``T + 1`` cached keys (GQA via ``enable_gqa``; flash/cuDNN/efficient backend).
+* ``nsa_decode``   write the new k/v, compress the block it completes (mean pooling; branch-free, so one block
+                   is compressed every step, the worst case), then :func:`nsa_flex.functional.nsa_decode`:
+                   compressed attention over the cached compressed keys, scoring + top-n, attention over the
+                   gathered selected blocks and window, gating. Eager.
+* ``nsa_decode_graph``  the same ``nsa_decode`` under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs);
+                   ``--no-compile`` skips it.
+
+Inputs are random (bf16, NSA paper config l=32, d=16, l'=64, n=16, w=512, rotary on). Median of CUDA-event
+timings after warm-up, for ``T`` in 8k/16k/32k/64k and batch 1 and 16. Writes ``bench/results/decode.json``.
+
+``--smoke`` runs a tiny CPU version of the same code in seconds (the tests run it so the script cannot rot).
+
+Usage: ``python -m bench.decode [--contexts 8192 16384 32768 65536] [--batches 1 16] [--configs paper small]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+import torch.nn.functional as torch_F
+
+from nsa_flex import functional as F
+
+from .common import RESULTS, cuda_time, environment, save
+
+PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
+                 num_initial=1, num_local=2, window_size=512)
+CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128)}
+ROTARY_BASE = 10000.0
+
+
+def make_state(B: int, T: int, heads: int, kv_heads: int, head_dim: int, cfg: dict, device, dtype, seed: int = 0):
+    """A cache of ``T`` random tokens (room for one more) and one new token per sequence."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    L = T + 1
+    l, d = cfg["compress_block_size"], cfg["compress_stride"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    k_cache, v_cache = rand(B, kv_heads, L, head_dim), rand(B, kv_heads, L, head_dim)
+    C = max(0, (L - l) // d + 1)
+    k_cmp = torch.zeros(B, kv_heads, C + 1, head_dim, device=device, dtype=dtype)
+    v_cmp = torch.zeros_like(k_cmp)
+    k_cmp[:, :, :C] = F.mean_pool(k_cache, l, d)
+    v_cmp[:, :, :C] = F.mean_pool(v_cache, l, d)
+    return dict(
+        q=rand(B, heads, 1, head_dim), k_new=rand(B, kv_heads, 1, head_dim), v_new=rand(B, kv_heads, 1, head_dim),
+        gates=torch.rand(B, heads, 1, 3, generator=gen).to(device=device, dtype=dtype),
+        k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp,
+        # The new token sits at position T. update_compressed is branch-free: it compresses one block per step
+        # whether or not the token completes one, so the timing does not depend on T mod d.
+        positions=torch.full((B, 1), T, dtype=torch.long, device=device),
+    )
+
+
+def _write(s: dict) -> None:
+    B, H = s["k_new"].shape[:2]
+    idx = s["positions"].view(B, 1, 1, 1).expand(B, H, 1, s["k_new"].shape[-1])
+    s["k_cache"].scatter_(2, idx, s["k_new"])
+    s["v_cache"].scatter_(2, idx, s["v_new"])
+
+
+def methods(cfg: dict, compile_graphs: bool) -> dict[str, Callable[[dict], object]]:
+    l, d = cfg["compress_block_size"], cfg["compress_stride"]
+
+    def mean(x):  # a plain compressor [B, H, l, D] -> [B, H, 1, D], as nsa_attention's compress="mean"
+        return F.mean_pool(x, l, d)
+
+    def sdpa_dense(s):
+        _write(s)
+        q = F.rotary_at(s["q"], s["positions"], ROTARY_BASE)
+        T1 = int(s["positions"][0, 0]) + 1  # all sequences have the same length here
+        k, v = s["k_cache"][:, :, :T1], s["v_cache"][:, :, :T1]
+        return torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+
+    def make_nsa(decode):
+        def step(s):
+            _write(s)
+            F.update_compressed(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], mean, mean, l, d)
+            return decode(s["q"], s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], s["gates"],
+                          **cfg, rotary_base=ROTARY_BASE)
+
+        return step
+
+    out = {"sdpa_dense": sdpa_dense, "nsa_decode": make_nsa(F.nsa_decode)}
+    if compile_graphs:
+        out["nsa_decode_graph"] = make_nsa(F.compiled_nsa_decode())
+    return out
+
+
+def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536],
+                   help="tokens already in the cache")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
+    p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_dense nsa_decode nsa_decode_graph")
+    p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph (reduce-overhead) variant")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the JSON (default bench/results)")
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops: extra intra-op threads only contend on a shared CI runner
+        device, dtype = torch.device("cpu"), torch.float32
+        contexts, batches = [95, 200], [1, 2]
+        configs = {"tiny": dict(heads=4, kv_heads=1, head_dim=16)}
+        cfg = dict(PAPER_NSA, compress_block_size=8, compress_stride=4, selection_block_size=16, num_selected=3,
+                   window_size=32)
+        timer = cpu_time
+        compile_graphs = False
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.decode needs CUDA (use --smoke for the CPU check)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        contexts, batches = args.contexts, args.batches
+        configs = {name: CONFIGS[name] for name in args.configs}
+        cfg = PAPER_NSA
+        timer = lambda fn: cuda_time(fn, 5, args.repeats)  # noqa: E731
+        compile_graphs = not args.no_compile
+    env = environment()
+    print(env, flush=True)
+    rows = []
+    for config, shape in configs.items():
+        for B in batches:
+            for T in contexts:
+                for name, fn in methods(cfg, compile_graphs).items():
+                    if args.methods and name not in args.methods:
+                        continue
+                    row = dict(config=config, context=T, batch=B, method=name, **shape)
+                    try:
+                        state = make_state(B, T, **shape, cfg=cfg, device=device, dtype=dtype)
+                        with torch.no_grad():
+                            row["ms_per_token"] = timer(lambda: fn(state))
+                    except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
+                        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    print(row, flush=True)
+                    rows.append(row)
+                    if device.type == "cuda":
+                        del state
+                        torch.cuda.empty_cache()
+    payload = {"env": env, "nsa_config": cfg, "rows": rows, "smoke": args.smoke,
+               "note": "one attention layer, one new token per sequence, median ms per decode step"}
+    path = save("decode_smoke" if args.smoke else "decode", payload, args.out)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
