@@ -5,6 +5,7 @@ Subcommands::
     nsa-flex show  "causal() & sliding_window(64) | global_tokens(4)" --q-len 256 [--text] [--out mask.png]
     nsa-flex check "causal() & sliding_window(64)" [--examples 8]
     nsa-flex demo
+    nsa-flex train [--attn nsa|dense|window] [--context 1024] [--steps 2000] ... (examples/train_lm.py)
 
 A mask expression is parsed *safely*, never ``eval``-ed: :func:`parse_mask` walks its syntax tree and accepts
 only calls of the mask generators of :mod:`nsa_flex.masks` that take plain values (``causal``,
@@ -27,6 +28,7 @@ import random
 import sys
 import time
 import types
+from pathlib import Path
 import typing
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -745,11 +747,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a few-second tour on CPU: compose, draw, check, NSA")
     demo.set_defaults(func=cmd_demo)
+
+    # Listed for --help only: `main` forwards `train ...` to examples/train_lm.py before parsing.
+    sub.add_parser("train", add_help=False,
+                   help="train a byte-level LM with NSA/dense/window attention (examples/train_lm.py; "
+                        "nsa-flex train --help)")
     return parser
+
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    """``nsa-flex train ARGS``: run ``examples/train_lm.py``'s ``main(ARGS)`` (a source checkout has it)."""
+    import importlib.util
+
+    if not TRAIN_SCRIPT.is_file():
+        raise CLIError(f"train needs examples/train_lm.py of a source checkout (not found at {TRAIN_SCRIPT})")
+    spec = importlib.util.spec_from_file_location("nsa_flex_examples_train_lm", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.main(list(argv), prog=f"{PROG} train")
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 mismatch found, 2 bad command line or expression)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        try:
+            return cmd_train(argv[1:])
+        except CLIError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
