@@ -79,6 +79,9 @@ def enable_small_block_kernels() -> bool:
             parent = getattr(super(), "uuid", None)
             return f"nsa_flex_tiles:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
 
+    # Inductor pickles the choices class into its cache key: make it importable by name from this module.
+    NSAFlexChoices.__module__, NSAFlexChoices.__qualname__ = __name__, "NSAFlexChoices"
+    globals()["NSAFlexChoices"] = NSAFlexChoices
     inductor_config.inductor_choices_class = NSAFlexChoices
     return True
 
