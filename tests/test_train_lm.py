@@ -1,0 +1,199 @@
+"""examples/train_lm.py: resume reproduces the uninterrupted run, checkpoints are written atomically, bad
+arguments give a one-line error with exit status 2, and the outputs (log, plot, checkpoint) are usable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsa_flex.modules import TransformerLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_lm_under_test", REPO / "examples" / "train_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_lm = load_script()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        (root / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
+    return root
+
+
+def tiny(corpus: Path, out: Path, *extra: str, attn: str = "dense") -> list[str]:
+    return ["--attn", attn, "--corpus", str(corpus), "--val-percent", "30", "--out", str(out), "--context", "32",
+            "--batch", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--window", "8", "--compress-block", "8",
+            "--compress-stride", "4", "--selection-block", "8", "--num-selected", "2", "--steps", "6",
+            "--warmup", "2", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "3", "--no-progress",
+            "--no-plot", *extra]
+
+
+def run(argv: list[str]) -> dict:
+    return train_lm.train(train_lm.parse_args(argv))
+
+
+def curve(log: dict) -> tuple[list[float], list[float]]:
+    h = log["history"]
+    return [r["loss"] for r in h["train"]], [r["loss"] for r in h["val"]]
+
+
+def params(out: Path) -> dict[str, torch.Tensor]:
+    return train_lm.load_checkpoint(out / "checkpoint.pt")["model"]
+
+
+@pytest.mark.parametrize("attn", ["dense", "nsa"])
+def test_resume_reproduces_the_uninterrupted_loss_curve(corpus, tmp_path, attn):
+    full = run(tiny(corpus, tmp_path / "full", attn=attn))
+    first = run(tiny(corpus, tmp_path / "split", "--stop-after", "4", attn=attn))  # "interrupted" after step 4
+    assert first["summary"]["step"] == 4 and not first["summary"]["finished"]
+    resumed = run(tiny(corpus, tmp_path / "split", "--resume", attn=attn))
+    assert resumed["summary"]["step"] == 6 and resumed["summary"]["finished"]
+    assert resumed["summary"]["steps_this_run"] == 2
+    train_full, val_full = curve(full)
+    train_res, val_res = curve(resumed)
+    assert len(train_full) == 6 and len(val_full) == 3
+    assert train_res == train_full  # exact on CPU: same batches, same state
+    assert val_res == val_full
+    assert [r["lr"] for r in resumed["history"]["train"]] == [r["lr"] for r in full["history"]["train"]]
+    pa, pb = params(tmp_path / "full"), params(tmp_path / "split")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert train_full[-1] < train_full[0]  # it learns something
+
+
+def test_failed_checkpoint_write_leaves_the_last_good_one(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = tiny(corpus, out, "--ckpt-every", "2", "--steps", "4")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4): write half of it, then "crash"
+            real_save(obj, f, *args, **kwargs)
+            f.truncate(f.tell() // 2)
+            raise KeyboardInterrupt("simulated kill during the checkpoint write")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_lm.torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv)
+    monkeypatch.setattr(train_lm.torch, "save", real_save)
+    ckpt = train_lm.load_checkpoint(out / "checkpoint.pt")  # still loadable: the step-2 one
+    assert ckpt["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.json"]  # no temporary left behind
+    model = TransformerLM(**ckpt["config"])
+    model.load_state_dict(ckpt["model"])  # a plain state dict, usable without the script
+    resumed = run(argv + ["--resume"])
+    uninterrupted = run(tiny(corpus, tmp_path / "clean", "--ckpt-every", "2", "--steps", "4"))
+    assert curve(resumed) == curve(uninterrupted)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train_lm.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        train_lm.atomic_write(path, broken)
+    assert train_lm.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_outputs_log_plot_and_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = [a for a in tiny(corpus, out, "--steps", "3", "--eval-every", "0") if a != "--no-plot"]
+    assert train_lm.main(argv) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert log["summary"]["finished"] and log["summary"]["step"] == 3
+    assert [r["step"] for r in log["history"]["train"]] == [1, 2, 3]
+    assert [r["step"] for r in log["history"]["val"]] == [3]  # eval-every 0: only at the end
+    assert log["model_config"]["attn"] == "dense" and log["num_parameters"] > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert train_lm.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+def test_lr_schedule_warms_up_then_decays():
+    args = train_lm.parse_args(["--steps", "100", "--warmup", "10", "--lr", "1e-3", "--attn", "dense"])
+    lrs = [train_lm.lr_at(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] >= 1e-4 - 1e-12
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--attn", "linear"], "unknown attention type 'linear'"),
+        (["--attn", "nsa", "--context", "32", "--compress-block", "32"], "must be > --compress-block 32"),
+        (["--context", "2048", "--max-seq-len", "1024"], "beyond the model's max_seq_len 1024"),
+        (["--corpus", "/nonexistent/corpus"], "corpus path '/nonexistent/corpus' does not exist"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--context", "abc"], "invalid int value: 'abc'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--dist", "ddp", "--smoke"], "needs torchrun"),
+        (["--dist", "mpi"], "--dist must be none, ddp or fsdp"),
+        (["--smoke", "--attn", "nsa", "--selection-block", "6"], "model configuration: selection_block_size"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    code = train_lm.main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("train_lm.py: error: ") and fragment in lines[0], lines[0]
+
+
+def test_resume_errors_are_one_line(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_lm.main(tiny(corpus, out, "--resume")) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert train_lm.main(tiny(corpus, out, "--steps", "1")) == 0
+    capsys.readouterr()
+    assert train_lm.main(tiny(corpus, out, "--resume", "--dim", "32")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dim 16 -> 32" in err
+
+
+def test_empty_corpus_directory_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train_lm.main(["--corpus", str(tmp_path / "empty"), "--smoke", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "contains no *.py files" in err
+
+
+def test_cli_train_forwards_and_keeps_the_exit_status(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "nsa_flex", "train", "--attn", "sparse"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "nsa-flex train: error: unknown attention type 'sparse' (choose nsa, dense or window)"
+
+
+def test_cli_train_runs_the_script(tmp_path, corpus, capsys):
+    from nsa_flex.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", *tiny(corpus, out, "--steps", "2")]) == 0
+    assert "finished at step 2/2" in capsys.readouterr().out
+    assert (out / "checkpoint.pt").exists()
