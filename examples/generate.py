@@ -28,8 +28,9 @@ def load_model(checkpoint: str | None, device: torch.device) -> TransformerLM:
         return TransformerLM(**TINY).to(device)
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        keys = list(state)[:5] if isinstance(state, dict) else None
         raise SystemExit(f"{checkpoint}: expected a dict with 'config' (TransformerLM kwargs) and 'model' "
-                         f"(state_dict), got {type(state).__name__} with keys {list(state)[:5] if isinstance(state, dict) else ''}")
+                         f"(state_dict), got {type(state).__name__} (keys {keys})")
     model = TransformerLM(**state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model
@@ -69,8 +70,9 @@ def main(argv=None) -> list[bytes]:
         text = bytes(row)
         out.append(text)
         print(f"{prompt!r} -> {text.decode('utf-8', errors='replace')!r}")
+    source = "checkpoint" if args.checkpoint else "random init"
     print(f"{new.numel()} tokens in {seconds:.2f} s ({model.attn_kind} attention, "
-          f"{sum(p.numel() for p in model.parameters())} parameters, {'checkpoint' if args.checkpoint else 'random init'})")
+          f"{sum(p.numel() for p in model.parameters())} parameters, {source})")
     return out
 
 

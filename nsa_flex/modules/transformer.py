@@ -122,7 +122,8 @@ class CausalAttention(nn.Module):
             cache.start(lengths)
         else:
             if lengths is not None:
-                raise ValueError("lengths is only for the prefill (an empty cache); decode steps append to every sequence")
+                raise ValueError("lengths is only for the prefill (an empty cache); "
+                                 "decode steps append to every sequence")
             cache.check_room(T)
             positions = cache.positions(T)
             if self.rotary_emb is not None:
@@ -216,7 +217,8 @@ class TransformerLM(nn.Module):
         positive_int("dim_head", dim_head)
         unknown = sorted(set(nsa_kwargs) - set(_NSA_KWARGS))
         if unknown:
-            raise ValueError(f"unknown TransformerLM argument(s) {unknown}; SparseAttention accepts {list(_NSA_KWARGS)}")
+            raise ValueError(f"unknown TransformerLM argument(s) {unknown}; "
+                             f"SparseAttention accepts {list(_NSA_KWARGS)}")
         self.config = dict(vocab_size=vocab_size, dim=dim, depth=depth, heads=heads, dim_head=dim_head,
                            kv_heads=kv_heads, attn=attn, mlp=mlp, mlp_mult=mlp_mult, max_seq_len=max_seq_len,
                            **nsa_kwargs)
