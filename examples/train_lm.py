@@ -226,9 +226,13 @@ class Dist:
                 self.device = torch.device("cpu")
             import torch.distributed as dist
 
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                    device_id=self.device if use_cuda else None)
             self.initialized = True
+            self.owns_group = not dist.is_initialized()  # a caller may have set the process group up already
+            if self.owns_group:
+                dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                        device_id=self.device if use_cuda else None)
+            _check(dist.get_world_size() == world, f"the process group has {dist.get_world_size()} ranks, "
+                                                   f"WORLD_SIZE says {world}")
 
     @property
     def main(self) -> bool:
@@ -256,11 +260,11 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        if self.initialized:
+        if self.initialized and self.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-            self.initialized = False
+        self.initialized = False
 
 
 def wrap_model(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
