@@ -140,10 +140,13 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    _check(args.attn in ("nsa", "dense", "window"), f"unknown attention type {args.attn!r} (choose nsa, dense or window)")
+    _check(args.attn in ("nsa", "dense", "window"),
+           f"unknown attention type {args.attn!r} (choose nsa, dense or window)")
     _check(args.dist in ("none", "ddp", "fsdp"), f"--dist must be none, ddp or fsdp, got {args.dist!r}")
-    _check(args.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
-    _check(args.compress_mlp in COMPRESSORS, f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
+    _check(args.precision in ("auto", "bf16", "fp32"),
+           f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
+    _check(args.compress_mlp in COMPRESSORS,
+           f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
     for name in ("context", "steps", "batch", "dim", "depth", "heads", "mlp_mult", "window", "compress_block",
                  "compress_stride", "selection_block", "num_selected", "eval_batches"):
         value = getattr(args, name)
@@ -346,7 +349,8 @@ def plot_losses(path: Path, history: dict[str, list], title: str) -> bool:
     if losses:
         ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="train")
         k = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
         ax.plot(steps, smooth, color="C0", lw=1.5, label=f"train (mean of {k})" if k > 1 else None)
     if history["val"]:
         ax.plot([r["step"] for r in history["val"]], [r["loss"] for r in history["val"]], "o-", color="C3",
@@ -445,7 +449,8 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
         if dist.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         start_step, history, elapsed_before = ckpt["step"], ckpt["history"], ckpt.get("elapsed", 0.0)
-        _check(start_step <= args.steps, f"--resume: the checkpoint is at step {start_step}, beyond --steps {args.steps}")
+        _check(start_step <= args.steps,
+               f"--resume: the checkpoint is at step {start_step}, beyond --steps {args.steps}")
 
     log: dict[str, Any] = {
         "args": vars(args), "model_config": config, "num_parameters": num_params, "device": str(dist.device),

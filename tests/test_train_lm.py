@@ -197,3 +197,71 @@ def test_cli_train_runs_the_script(tmp_path, corpus, capsys):
     assert main(["train", *tiny(corpus, out, "--steps", "2")]) == 0
     assert "finished at step 2/2" in capsys.readouterr().out
     assert (out / "checkpoint.pt").exists()
+
+
+# --- examples/needle.py ------------------------------------------------------------------------------------
+def load_needle():
+    spec = importlib.util.spec_from_file_location("needle_under_test", REPO / "examples" / "needle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+needle = load_needle()
+
+
+def test_needle_sequences_hold_the_pair_at_the_depth_and_the_question_at_the_end():
+    args = needle.parse_args(["--smoke", "--context", "40", "--key-len", "3", "--value-len", "4"])
+    gen = torch.Generator().manual_seed(0)
+    depths = torch.tensor([0.0, 0.5, 1.0])
+    tokens, answer = needle.make_batch(depths, args, gen)
+    assert tokens.shape == (3, 41) and answer.shape == (3, 40) and int(answer.sum()) == 3 * 4
+    needle_len, tail_len = needle.needle_len(args), needle.tail_len(args)
+    last_start = 41 - tail_len - needle_len
+    for row, start in zip(tokens.tolist(), (0, round(0.5 * last_start), last_start)):
+        text = bytes(row).decode()
+        pair = text[start:start + needle_len]
+        assert pair[0] == "#" and pair[4] == "=" and pair[-1] == ";", text
+        key, value = pair[1:4], pair[5:9]
+        assert key.isdigit() and value.isdigit()
+        assert text.endswith(f"?{key}>{value}"), text
+        filler = text[:start] + text[start + needle_len:len(text) - tail_len]
+        assert set(filler) <= set("abcdefghijklmnopqrstuvwxyz "), filler
+    # The masked targets are exactly the value digits after the question.
+    assert bytes(tokens[:, 1:][answer].tolist()).decode() == "".join(bytes(r).decode()[-4:] for r in tokens.tolist())
+
+
+def test_needle_smoke_trains_and_reports_every_attention_type(tmp_path):
+    args = needle.parse_args(["--smoke", "--steps", "2", "--depths", "2", "--eval-samples", "2", "--depth", "1",
+                              "--no-progress", "--out", str(tmp_path)])
+    report = needle.run(args)
+    assert set(report["results"]) == {"nsa", "dense", "window"}
+    for r in report["results"].values():
+        assert r["eval"]["depths"] == [0.0, 1.0] and len(r["train_loss"]) == 2
+        assert all(0 <= a <= 1 for a in r["eval"]["accuracy"] + r["eval"]["digit_accuracy"])
+    assert json.loads((tmp_path / "needle.json").read_text())["results"].keys() == report["results"].keys()
+    assert (tmp_path / "needle.png").exists()
+
+
+def test_needle_fine_tunes_a_train_lm_checkpoint(corpus, tmp_path):
+    run(tiny(corpus, tmp_path / "lm", "--steps", "1", "--context", "48"))
+    args = needle.parse_args(["--init", str(tmp_path / "lm" / "checkpoint.pt"), "--context", "48", "--steps", "1",
+                              "--depths", "1", "--eval-samples", "1", "--batch", "1", "--no-progress", "--no-plot",
+                              "--out", str(tmp_path / "ft")])
+    report = needle.run(args)
+    assert list(report["results"]) == ["dense (fine-tuned lm)"]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--attn", "nsa", "linear"], "unknown attention type 'linear'"),
+        (["--smoke", "--context", "12"], "--context 12 is too short"),
+        (["--init", "/nonexistent.pt"], "--init: no checkpoint file at '/nonexistent.pt'"),
+        (["--smoke", "--steps", "-1"], "--steps must be >= 1"),
+    ],
+)
+def test_needle_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment):
+    assert needle.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("needle.py: error: ") and fragment in lines[0], lines
