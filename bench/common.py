@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,18 @@ def cuda_time(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> f
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall milliseconds of ``fn()`` (the CPU smoke modes' stand-in for CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 

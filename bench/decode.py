@@ -29,7 +29,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 
-from .common import RESULTS, cuda_time, environment, save
+from .common import RESULTS, cpu_time, cuda_time, environment, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -96,19 +96,6 @@ def methods(cfg: dict, compile_graphs: bool) -> dict[str, Callable[[dict], objec
     if compile_graphs:
         out["nsa_decode_graph"] = make_nsa(F.compiled_nsa_decode())
     return out
-
-
-def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
-    import time
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> dict:

@@ -23,7 +23,6 @@ Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs pape
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable, Optional
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as torch_F
 from nsa_flex import functional as F
 from nsa_flex import masks
 
-from .common import RESULTS, cuda_time, environment, peak_memory, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -106,18 +105,6 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
             "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
             "gating": timer(lambda: g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win),
         }
-
-
-def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
-    """Median wall milliseconds (the --smoke mode's stand-in for CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def load_fla() -> Optional[Callable]:
