@@ -29,6 +29,22 @@ CompressSpec = Union[None, str, nn.Module, tuple[CompressorLike, CompressorLike]
 _MLP_KINDS = ("mlp", "grouped_mlp")
 
 
+def check_head_layout(dim: int, dim_head: int, heads: int, kv_heads: Optional[int], use_rotary: bool,
+                      scale: Optional[float]) -> int:
+    """Validate an attention layer's head layout (shared by every attention module); returns ``kv_heads``."""
+    positive_int("dim", dim)
+    positive_int("dim_head", dim_head)
+    positive_int("heads", heads)
+    kv_heads = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads must divide heads (GQA), got heads={heads}, kv_heads={kv_heads}")
+    if use_rotary and dim_head % 2:
+        raise ValueError(f"use_rotary needs an even dim_head, got dim_head={dim_head}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a number > 0 or None, got {scale!r}")
+    return kv_heads
+
+
 class SparseAttention(nn.Module):
     """NSA self-attention layer: ``x [B, T, dim] -> [B, T, dim]`` (causal).
 
@@ -99,12 +115,7 @@ class SparseAttention(nn.Module):
         if torch.cuda.is_available():
             # Outside any trace, so a later torch.compile(model) finds the 64-token-block kernels installed.
             F.enable_small_block_kernels()
-        positive_int("dim", dim)
-        positive_int("dim_head", dim_head)
-        positive_int("heads", heads)
-        kv_heads = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
-        if heads % kv_heads:
-            raise ValueError(f"kv_heads must divide heads (GQA), got heads={heads}, kv_heads={kv_heads}")
+        kv_heads = check_head_layout(dim, dim_head, heads, kv_heads, use_rotary, scale)
         positive_int("sliding_window_size", sliding_window_size)
         positive_int("compress_block_size", compress_block_size)
         positive_int("compress_block_sliding_stride", compress_block_sliding_stride)
@@ -122,10 +133,6 @@ class SparseAttention(nn.Module):
         positive_int("num_selected_blocks", num_selected_blocks)
         positive_int("num_initial_blocks", num_initial_blocks, minimum=0)
         positive_int("num_local_blocks", num_local_blocks, minimum=0)
-        if use_rotary and dim_head % 2:
-            raise ValueError(f"use_rotary needs an even dim_head, got dim_head={dim_head}")
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"scale must be a number > 0 or None, got {scale!r}")
 
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.sliding_window_size = sliding_window_size

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._checks import positive_int, tensor
-from .attention import SparseAttention
+from .attention import SparseAttention, check_head_layout
 from .cache import KVCache, NSACache
 from .rotary import RotaryEmbedding
 
@@ -51,18 +51,9 @@ class CausalAttention(nn.Module):
                  window_size: Optional[int] = None, use_rotary: bool = True, rotary_base: float = 10000.0,
                  norm: bool = True, qkv_bias: bool = False, scale: Optional[float] = None):
         super().__init__()
-        positive_int("dim", dim)
-        positive_int("dim_head", dim_head)
-        positive_int("heads", heads)
-        kv_heads = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
-        if heads % kv_heads:
-            raise ValueError(f"kv_heads must divide heads (GQA), got heads={heads}, kv_heads={kv_heads}")
+        kv_heads = check_head_layout(dim, dim_head, heads, kv_heads, use_rotary, scale)
         if window_size is not None:
             positive_int("window_size", window_size)
-        if use_rotary and dim_head % 2:
-            raise ValueError(f"use_rotary needs an even dim_head, got dim_head={dim_head}")
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"scale must be a number > 0 or None, got {scale!r}")
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.window_size = window_size
         self.use_rotary = use_rotary
