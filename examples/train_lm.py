@@ -122,7 +122,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     r.add_argument("--dist", default="none", help="none, ddp or fsdp (under torchrun) (default none)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     r.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile every block (meant for CUDA; not yet measured)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument("--no-plot", action="store_true", help="do not draw loss.png")
     r.add_argument("--smoke", action="store_true", help="tiny model, a few steps: a CPU check in seconds")
@@ -429,6 +430,9 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
         raise ArgError(f"model configuration: {err}") from None
     num_params = sum(p.numel() for p in model.parameters())
     model.to(dist.device)
+    if args.compile:  # per block and in place, so parameter names (and checkpoints) stay those of the model
+        for layer in model.layers:
+            layer.compile()
     model = wrap_model(model, dist)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
