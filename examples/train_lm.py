@@ -86,6 +86,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     a("--warmup", type=int, help=f"linear warm-up steps (default {DEFAULTS['warmup']})")
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off (default 1)")
+    a("--grad-accum", type=int, default=1,
+      help="split each rank's share of the batch into this many micro-batches (less memory, same gradients)")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=int, help=f"model width (default {DEFAULTS['dim']})")
     g.add_argument("--depth", type=int, help=f"blocks (default {DEFAULTS['depth']})")
@@ -161,6 +163,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     _check(args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
     _check(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     _check(args.grad_clip >= 0, f"--grad-clip must be >= 0, got {args.grad_clip}")
+    _check(args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}")
+    _check(args.batch % args.grad_accum == 0,
+           f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum}")
     _check(0 < args.val_percent < 100, f"--val-percent must be in (0, 100), got {args.val_percent}")
     if args.max_seq_len is None:
         args.max_seq_len = args.context
@@ -222,7 +227,8 @@ class Dist:
                    f"torchrun --nproc-per-node 2 examples/train_lm.py --dist {args.dist} ...")
             self.rank, self.world = int(os.environ["RANK"]), world
             self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            _check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the world size {world}")
+            _check(args.batch % (world * args.grad_accum) == 0,
+                   f"--batch {args.batch} must be divisible by world size {world} x --grad-accum {args.grad_accum}")
             if use_cuda:
                 self.device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(self.device)
@@ -385,6 +391,28 @@ def lm_loss(model: torch.nn.Module, windows: torch.Tensor, args: argparse.Namesp
     return torch_F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
 
 
+def accumulate_gradients(model: torch.nn.Module, windows: torch.Tensor, args: argparse.Namespace,
+                         dist: Dist) -> torch.Tensor:
+    """Backward of the mean loss over ``windows`` in ``--grad-accum`` equal micro-batches; returns that loss.
+
+    Gradients are synchronized across ranks only on the last micro-batch (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync``)."""
+    chunks = windows.chunk(args.grad_accum)
+    total = torch.zeros((), device=dist.device)
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext()
+        if dist.mode == "ddp" and not last:
+            sync = model.no_sync()
+        elif dist.mode == "fsdp" and args.grad_accum > 1:
+            model.set_requires_gradient_sync(last)
+        with sync:
+            loss = lm_loss(model, chunk, args, dist.device) / len(chunks)
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val_data: torch.Tensor, args: argparse.Namespace, dist: Dist) -> float:
     """Mean validation loss over ``--eval-batches`` fixed batches (the same windows at every evaluation)."""
@@ -492,9 +520,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        windows = dist.local_rows(next(train_sampler))
-        loss = lm_loss(model, windows, args, dist.device)
-        loss.backward()
+        loss = accumulate_gradients(model, dist.local_rows(next(train_sampler)), args, dist)
         grad_norm = None
         if args.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

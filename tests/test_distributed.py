@@ -76,8 +76,9 @@ def _worker(mode: str, corpus: str, out: str) -> int:
     if int(os.environ["RANK"]) == 0:
         torch.save({"loss": loss, "grads": grads}, Path(out) / "grads.pt")
     run = str(Path(out) / "run")
-    code = train_lm.main(tiny(corpus, run, "--dist", mode, "--stop-after", "2"))  # "interrupted" after step 2
-    return code or train_lm.main(tiny(corpus, run, "--dist", mode, "--resume"))
+    # "Interrupted" after step 2, with 2 micro-batches per rank (gradients synchronized on the last one only).
+    code = train_lm.main(tiny(corpus, run, "--dist", mode, "--stop-after", "2", "--grad-accum", "2"))
+    return code or train_lm.main(tiny(corpus, run, "--dist", mode, "--resume", "--grad-accum", "2"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_two_processes_match_one_on_the_same_global_batch(mode, corpus, tmp_path
         assert g.abs().sum() > 0 or name.endswith("bias"), f"{name}: no gradient reached it"
         torch.testing.assert_close(dist_result["grads"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
-    # The whole run (3 AdamW steps, interrupted after 2, resumed from the gathered checkpoint).
+    # The whole run (3 AdamW steps, interrupted after 2, resumed from the gathered checkpoint; 2 micro-batches).
     single = train_lm.train(train_lm.parse_args(tiny(str(corpus), str(tmp_path / "single"))))
     ckpt = train_lm.load_checkpoint(out / "run" / "checkpoint.pt")
     assert ckpt["step"] == 3 and ckpt["args"]["dist"] == mode

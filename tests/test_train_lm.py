@@ -76,6 +76,16 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(corpus, tmp_path, attn):
     assert train_full[-1] < train_full[0]  # it learns something
 
 
+def test_gradient_accumulation_follows_the_same_curve(corpus, tmp_path):
+    whole = run(tiny(corpus, tmp_path / "whole", "--steps", "3"))
+    micro = run(tiny(corpus, tmp_path / "micro", "--steps", "3", "--grad-accum", "4"))
+    for a, b in zip(curve(whole), curve(micro)):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    pa, pb = params(tmp_path / "whole"), params(tmp_path / "micro")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+
+
 def test_failed_checkpoint_write_leaves_the_last_good_one(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = tiny(corpus, out, "--ckpt-every", "2", "--steps", "4")
@@ -150,6 +160,7 @@ def test_lr_schedule_warms_up_then_decays():
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--dist", "ddp", "--smoke"], "needs torchrun"),
         (["--dist", "mpi"], "--dist must be none, ddp or fsdp"),
+        (["--batch", "6", "--grad-accum", "4"], "--batch 6 must be divisible by --grad-accum 4"),
         (["--smoke", "--attn", "nsa", "--selection-block", "6"], "model configuration: selection_block_size"),
     ],
 )
