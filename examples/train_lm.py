@@ -84,7 +84,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     a("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
     a("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (default 0.1)")
     a("--warmup", type=int, help=f"linear warm-up steps (default {DEFAULTS['warmup']})")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the weight matrices (default 0.1)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off (default 1)")
     a("--grad-accum", type=int, default=1,
       help="split each rank's share of the batch into this many micro-batches (less memory, same gradients)")
@@ -462,8 +462,11 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
         for layer in model.layers:
             layer.compile()
     model = wrap_model(model, dist)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
+    # Weight decay on matrices only (not on norm gains; the embedding is the tied output head, a matrix).
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
     train_sampler = WindowSampler(corpus.train, args.context, args.batch, seed=args.seed)
     history: dict[str, list] = {"train": [], "val": []}
     start_step, elapsed_before = 0, 0.0
