@@ -19,6 +19,7 @@ Run:
     python examples/train_lm.py --attn dense --context 1024 --steps 2000 --out runs/dense
     python examples/train_lm.py --out runs/nsa --resume                   # continue runs/nsa/checkpoint.pt
     torchrun --nproc-per-node 8 examples/train_lm.py --dist fsdp --batch 64 --out runs/nsa8
+    python examples/train_lm.py --compare runs/nsa runs/dense --out runs/compare   # one plot, one table
     nsa-flex train --smoke                                                # the same script via the CLI
 
 Without arguments and without CUDA it runs the ``--smoke`` preset. Bad arguments give a one-line
@@ -129,6 +130,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument("--no-plot", action="store_true", help="do not draw loss.png")
     r.add_argument("--smoke", action="store_true", help="tiny model, a few steps: a CPU check in seconds")
+    r.add_argument("--compare", nargs="+", metavar="RUN_DIR", default=None,
+                   help="no training: plot and tabulate the log.json of these runs into OUT (default runs/compare)")
     return p
 
 
@@ -139,6 +142,8 @@ def _check(cond: bool, message: str) -> None:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in defaults (or the --smoke preset) and validate; raises ArgError with a one-line message."""
+    if args.compare and args.out is None:
+        args.out = "runs/compare"
     preset = SMOKE if args.smoke else DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -571,6 +576,58 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     return log
 
 
+def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
+    """Validation curves of several runs in one plot (``OUT/compare.png``), a table on stdout and in
+    ``OUT/compare.json``: attention, context, parameters, steps, final train / validation loss, tokens/s."""
+    logs = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir) / LOG
+        _check(path.is_file(), f"--compare: no {LOG} in {run_dir!r}")
+        try:
+            logs[str(run_dir)] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ArgError(f"--compare: cannot read {str(path)!r}: {err}") from None
+    rows = []
+    for name, log in logs.items():
+        h, a, summary = log["history"], log["args"], log.get("summary", {})
+        rows.append({"run": name, "attn": a["attn"], "context": a["context"], "parameters": log["num_parameters"],
+                     "steps": h["train"][-1]["step"] if h["train"] else 0,
+                     "train_loss": h["train"][-1]["loss"] if h["train"] else None,
+                     "val_loss": h["val"][-1]["loss"] if h["val"] else None,
+                     "val_bpb": h["val"][-1]["bpb"] if h["val"] else None,
+                     "tokens_per_second": summary.get("tokens_per_second"), "device": log.get("device"),
+                     "world_size": log.get("world_size")})
+    width = max(len(r["run"]) for r in rows)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"{'run':<{width}}  attn    context  params  steps  train   val     bits/byte  tokens/s")
+    for r in rows:
+        print(f"{r['run']:<{width}}  {r['attn']:<6}  {r['context']:>7}  {r['parameters'] / 1e6:>5.2f}M  {r['steps']:>5}"
+              f"  {fmt(r['train_loss'], '.4f'):<6}  {fmt(r['val_loss'], '.4f'):<6}  {fmt(r['val_bpb'], '.3f'):<9}"
+              f"  {fmt(r['tokens_per_second'], '.0f')}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", {"runs": rows})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"runs": rows}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, log in logs.items():
+        val = log["history"]["val"]
+        ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o-", ms=3,
+                label=f"{log['args']['attn']} T={log['args']['context']} ({name})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "compare.png", lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return {"runs": rows}
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """Command-line entry point: 0 on success, 2 (one-line error on stderr) for bad arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -579,7 +636,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         argv = ["--smoke"]
     try:
         args = parse_args(argv, prog)
-        train(args)
+        if args.compare:
+            compare_runs(args.compare, Path(args.out))
+        else:
+            train(args)
     except ArgError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -141,6 +141,21 @@ def test_outputs_log_plot_and_checkpoint(corpus, tmp_path):
     assert train_lm.load_checkpoint(out / "checkpoint.pt")["step"] == 3
 
 
+def test_compare_tabulates_and_plots_runs(corpus, tmp_path, capsys):
+    for attn in ("dense", "window"):
+        run(tiny(corpus, tmp_path / attn, "--steps", "2", attn=attn))
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert train_lm.main(["--compare", str(tmp_path / "dense"), str(tmp_path / "window"), "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and "dense" in table[1] and "window" in table[2]
+    rows = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["attn"] for r in rows] == ["dense", "window"] and all(r["steps"] == 2 for r in rows)
+    assert (out / "compare.png").exists()
+    assert train_lm.main(["--compare", str(tmp_path / "missing")]) == 2
+    assert "--compare: no log.json in" in capsys.readouterr().err
+
+
 def test_lr_schedule_warms_up_then_decays():
     args = train_lm.parse_args(["--steps", "100", "--warmup", "10", "--lr", "1e-3", "--attn", "dense"])
     lrs = [train_lm.lr_at(s, args) for s in range(100)]
