@@ -6,7 +6,8 @@ loss every step and the validation loss every ``--eval-every`` steps to ``OUT/lo
 ``OUT/loss.png`` (matplotlib) and keeps ``OUT/checkpoint.pt`` (written to a temporary file, then renamed: an
 interrupted write leaves the previous checkpoint intact). ``--resume`` continues from it -- model, optimizer,
 step, learning-rate schedule and the data sampler's random state -- so the resumed loss curve is the
-uninterrupted one. On CUDA the forward runs under bf16 autocast.
+uninterrupted one (exactly on CPU; on CUDA up to the kernels' own run-to-run nondeterminism). On CUDA the forward
+runs under bf16 autocast.
 
 Distributed: the same command under ``torchrun`` with ``--dist ddp`` (DistributedDataParallel) or
 ``--dist fsdp`` (FSDP2 ``fully_shard`` per block). Every rank draws the same global batch of ``--batch``
@@ -18,6 +19,7 @@ Run:
     python examples/train_lm.py --attn nsa --context 1024 --steps 2000 --out runs/nsa
     python examples/train_lm.py --attn dense --context 1024 --steps 2000 --out runs/dense
     python examples/train_lm.py --out runs/nsa --resume                   # continue runs/nsa/checkpoint.pt
+    python examples/train_lm.py --out runs/nsa --auto-resume --time-limit 540   # repeat until it says finished
     torchrun --nproc-per-node 8 examples/train_lm.py --dist fsdp --batch 64 --out runs/nsa8
     python examples/train_lm.py --compare runs/nsa runs/dense --out runs/compare   # one plot, one table
     nsa-flex train --smoke                                                # the same script via the CLI
@@ -119,7 +121,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                                     f"{DEFAULTS['eval_batches']})")
     r.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps and at the end; 0 = only at the end "
                                                   f"(default {DEFAULTS['ckpt_every']})")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (which must exist)")
+    r.add_argument("--auto-resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt if it exists, else start (for repeated time-limited runs)")
+    r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop with a checkpoint once this invocation has trained this long (checked every step)")
     r.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a time slot")
     r.add_argument("--dist", default="none", help="none, ddp or fsdp (under torchrun) (default none)")
@@ -162,6 +168,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("dim_head", "kv_heads", "max_seq_len", "max_files", "stop_after"):
         value = getattr(args, name)
         _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _check(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0, got {args.time_limit}")
     for name in ("eval_every", "ckpt_every", "warmup"):
         value = getattr(args, name)
         _check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -267,6 +274,16 @@ class Dist:
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (the same answer on every rank)."""
+        if not self.initialized:
+            return bool(flag)
+        import torch.distributed as dist
+
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def barrier(self) -> None:
         if self.initialized:
@@ -444,6 +461,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     if args.resume:
         _check(ckpt_path.exists(), f"--resume: no checkpoint at {str(ckpt_path)!r}")
+    resume = args.resume or (args.auto_resume and ckpt_path.exists())
     try:
         corpus = load_corpus(args.corpus, val_percent=args.val_percent, max_files=args.max_files)
     except ValueError as err:
@@ -476,7 +494,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     history: dict[str, list] = {"train": [], "val": []}
     start_step, elapsed_before = 0, 0.0
 
-    if args.resume:
+    if resume:
         ckpt = load_checkpoint(ckpt_path)
         _check(ckpt.get("format") == FORMAT, f"--resume: {str(ckpt_path)!r} is not a {PROG} checkpoint")
         saved = ckpt["args"]
@@ -553,6 +571,8 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
             postfix["val"] = f"{history['val'][-1]['loss']:.3f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
+        if args.time_limit is not None and dist.any(time.perf_counter() - t0 >= args.time_limit):
+            stop = step  # every rank stops at the same step
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == stop:
             checkpoint(step, elapsed)
     bar.close()

@@ -86,6 +86,16 @@ def test_gradient_accumulation_follows_the_same_curve(corpus, tmp_path):
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_time_limit_and_auto_resume_reach_the_same_end(corpus, tmp_path):
+    full = run(tiny(corpus, tmp_path / "full", "--steps", "4"))
+    argv = tiny(corpus, tmp_path / "slots", "--steps", "4", "--auto-resume", "--time-limit", "1e-9")
+    logs = [run(argv) for _ in range(4)]  # a time limit this small stops after every step, with a checkpoint
+    assert [log["summary"]["step"] for log in logs] == [1, 2, 3, 4] and logs[-1]["summary"]["finished"]
+    assert curve(logs[-1]) == curve(full)
+    again = run(argv)  # finished: nothing left to do, nothing changes
+    assert again["summary"]["steps_this_run"] == 0 and curve(again) == curve(full)
+
+
 def test_failed_checkpoint_write_leaves_the_last_good_one(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = tiny(corpus, out, "--ckpt-every", "2", "--steps", "4")
