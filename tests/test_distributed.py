@@ -8,7 +8,6 @@ MODE CORPUS OUT`` (the test below launches it).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,14 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_lm_under_test", REPO / "examples" / "train_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import REPO, load_example
 
 
 def tiny(corpus: str, out: str, *extra: str) -> list[str]:
@@ -71,7 +63,7 @@ def worker(mode: str, corpus: str, out: str) -> int:
 
 
 def _worker(mode: str, corpus: str, out: str) -> int:
-    train_lm = load_script()
+    train_lm = load_example("train_lm")
     loss, grads = one_step_gradients(train_lm, train_lm.parse_args(tiny(corpus, out, "--dist", mode)))
     if int(os.environ["RANK"]) == 0:
         torch.save({"loss": loss, "grads": grads}, Path(out) / "grads.pt")
@@ -111,7 +103,7 @@ def test_two_processes_match_one_on_the_same_global_batch(mode, corpus, tmp_path
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    train_lm = load_script()
+    train_lm = load_example("train_lm")
     # Gradients of one step: two ranks with half the batch each == one process with all of it.
     dist_result = torch.load(out / "grads.pt", weights_only=True)
     loss, grads = one_step_gradients(train_lm, train_lm.parse_args(tiny(str(corpus), str(out))))

@@ -3,7 +3,6 @@ arguments give a one-line error with exit status 2, and the outputs (log, plot, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,17 +14,10 @@ import torch
 
 from nsa_flex.modules import TransformerLM
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, load_example
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_lm_under_test", REPO / "examples" / "train_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_lm = load_script()
+train_lm = load_example("train_lm")
 
 
 @pytest.fixture(scope="module")
@@ -236,14 +228,7 @@ def test_cli_train_runs_the_script(tmp_path, corpus, capsys):
 
 
 # --- examples/needle.py ------------------------------------------------------------------------------------
-def load_needle():
-    spec = importlib.util.spec_from_file_location("needle_under_test", REPO / "examples" / "needle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-needle = load_needle()
+needle = load_example("needle")
 
 
 def test_needle_sequences_hold_the_pair_at_the_depth_and_the_question_at_the_end():

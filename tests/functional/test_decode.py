@@ -14,13 +14,8 @@ from nsa_flex.modules.rotary import apply_rotary
 TOL = dict(rtol=0, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sorted(idx):

@@ -13,13 +13,8 @@ NSA = dict(sliding_window_size=6, compress_block_size=8, compress_block_sliding_
            num_selected_blocks=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(seed=0, **kwargs):

@@ -7,13 +7,8 @@ import torch
 
 from nsa_flex.modules import TransformerLM
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Decoding is many tiny ops; on a shared 2-core runner extra intra-op threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(dim=32, depth=2, heads=4, kv_heads=2, sliding_window_size=8, compress_block_size=8,
