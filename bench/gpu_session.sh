@@ -1,22 +1,85 @@
 #!/usr/bin/env bash
-# Everything a GPU session should measure, in one device call, logs under ${OUT:-bench/results}.
-# Usage on the device machine from the repo root:  bash bench/gpu_session.sh [quick]
+# The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
+# Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE
+#   tests   the gpu-marked tests (three processes side by side; compilation is CPU-bound)
+#   train   examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
+#           all side by side on the one GPU: their losses and accuracies are the results, not their speed
+#   bench   the timed benchmarks, one at a time and alone on the GPU: block_mask, nsa, decode, train_lm
+#   smoke   every benchmark and example once, tiny, on the GPU (a quick check that nothing is broken)
+# Everything (logs, JSON, plots, training logs) is written under /tmp/gpu_session and packed into one
+# ${OUT:-bench/results}/PHASE.tar.gz (the device tool brings back few files); tails of the logs go to stdout.
+# Phases can run side by side in one call: bash bench/gpu_session.sh tests & bash bench/gpu_session.sh train; wait
 # Wheels the GPU image lacks travel in the git-ignored .whl/ (name it in the device tool's `carry`); make them
 # here with: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #   --platform manylinux2014_x86_64 -d .whl fla-core jaxtyping wadler_lindig hypothesis sortedcontainers attrs
 set -uo pipefail
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-out=${OUT:-bench/results}
-mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+phase=${1:-}
+dest=${OUT:-bench/results}
+out=/tmp/gpu_session/$phase
+mkdir -p /tmp/gpu_session
+[ "$phase" = bench ] && out=$dest  # its files land there one by one: a call cut short still returns them
+mkdir -p "$out" "$dest"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    # phases started side by side install once (flock), the later ones only wait for it
+    flock /tmp/site.lock bash -c '[ -e /tmp/site/.done ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done; }'
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/env.log"
 python3 -c "import hypothesis, jaxtyping" 2>/dev/null || echo "WARNING: hypothesis/jaxtyping missing: carry .whl (see top of this file)"
-timeout 420 python3 -m pytest -m gpu tests -q --maxfail=10 -p no:cacheprovider 2>&1 | grep -v DEBUG | tee "$out/gpu_tests.log" | tail -30
-timeout 120 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense 2>&1 | grep -v DEBUG | tee "$out/block_mask.log" | tail -6
-timeout 300 python3 -m bench.train_toy --seq-len 8192 --steps 40 --compile 2>&1 | grep -v DEBUG | tee "$out/train_toy.log" | tail -8
-if [ "${1:-}" != quick ]; then
-    timeout 900 python3 -m bench.nsa --out "$out" 2>&1 | grep -v DEBUG | tee "$out/nsa.log" | tail -40
-fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee /tmp/gpu_session/env.log
+quiet() { grep -v -e DEBUG -e '^W[0-9]' ; }
+
+phase_tests() {  # optional arguments: test ids to run instead of the whole gpu suite
+    local pytest="python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 -rfE"
+    if [ $# -gt 0 ]; then
+        timeout 500 $pytest "$@" 2>&1 | quiet > "$out/tests_selected.log"
+    else
+        timeout 500 $pytest tests/masks 2>&1 | quiet > "$out/tests_masks.log" &
+        timeout 500 $pytest tests/functional 2>&1 | quiet > "$out/tests_functional.log" &
+        timeout 500 $pytest tests/modules tests/test_*.py 2>&1 | quiet > "$out/tests_modules.log" &
+        wait
+    fi
+    tail -n 25 "$out"/tests_*.log
+}
+
+phase_train() {
+    # Same model for every attention type; NSA's compressor is "linear" so that its parameter count stays
+    # within a few percent of dense (the paper's MLP compressor would triple this model).
+    local runs=/tmp/runs nsa="--window 128 --compress-mlp linear"
+    local lm="python3 examples/train_lm.py --context 4096 --batch 8 --steps 640 --warmup 50 --dim 512 --depth 6
+        --heads 8 --kv-heads 2 $nsa --eval-every 80 --eval-batches 16 --ckpt-every 0 --compile --time-limit 420
+        --no-progress"
+    for attn in nsa dense window; do
+        timeout 500 $lm --attn $attn --out $runs/lm_$attn 2>&1 | quiet > "$out/train_$attn.log" &
+    done
+    local needle="python3 examples/needle.py --context 1024 --steps 3000 --batch 32 $nsa --no-progress"
+    timeout 500 $needle --attn nsa --out $runs/needle_nsa 2>&1 | quiet > "$out/needle_nsa.log" &
+    timeout 500 $needle --attn dense window --out $runs/needle_dense_window 2>&1 | quiet > "$out/needle_dw.log" &
+    wait
+    python3 examples/train_lm.py --compare $runs/lm_nsa $runs/lm_dense $runs/lm_window --out $runs/compare \
+        2>&1 | tee "$out/compare.log"
+    tail -n 6 "$out"/train_*.log "$out"/needle_*.log
+    cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
+}
+
+phase_bench() {  # at most 8 files: the device tool brings back no more
+    timeout 45 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense 2>&1 | quiet | tee "$out/block_mask.log"
+    timeout 90 python3 -m bench.decode --contexts 65536 --batches 1 16 --configs paper --repeats 20 --out "$out" \
+        2>&1 | quiet | tee "$out/decode.log"
+    timeout 150 python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
+    timeout 200 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random --out "$out" \
+        2>&1 | quiet | tee "$out/nsa.log"
+}
+
+phase_smoke() {
+    timeout 200 python3 -m bench.train_toy --seq-len 8192 --steps 20 --compile 2>&1 | quiet | tail -n 8
+    timeout 200 python3 -m bench.train_lm --contexts 4096 --repeats 3 --out "$out" 2>&1 | quiet | tail -n 8
+}
+
+case "$phase" in
+    tests|train|bench|smoke) shift; "phase_$phase" "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh {tests|train|bench|smoke}" >&2; exit 2 ;;
+esac
+[ "$phase" = bench ] || tar czf "$dest/$phase.tar.gz" -C /tmp/gpu_session "$phase"

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True)")
+    p.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True, dynamic=False)")
     args = p.parse_args(argv)
     env = environment()
     print(env, vars(args), flush=True)
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     model = ToyLM(args.vocab, args.dim, dim_head=64, heads=8, kv_heads=2, sliding_window_size=512,
                   compress_block_size=32, compress_block_sliding_stride=16, selection_block_size=64,
                   num_selected_blocks=8, compress_mlp="mean").cuda()
-    step_fn = torch.compile(model, fullgraph=True) if args.compile else model
+    step_fn = torch.compile(model, fullgraph=True, dynamic=False) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     torch.cuda.reset_peak_memory_stats()

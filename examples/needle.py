@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from nsa_flex.modules import TransformerLM
+from nsa_flex.modules.compression import COMPRESSORS
 
 PROG = "needle.py"
 FILLER = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz "), dtype=torch.long)
@@ -80,6 +81,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     a("--compress-stride", type=int, help=f"NSA compress stride (default {DEFAULTS['compress_stride']})")
     a("--selection-block", type=int, help=f"NSA selection_block_size (default {DEFAULTS['selection_block']})")
     a("--num-selected", type=int, help=f"NSA num_selected_blocks (default {DEFAULTS['num_selected']})")
+    a("--compress-mlp", default="mlp", help=f"NSA compressor, one of {sorted(COMPRESSORS)} (default mlp; "
+      "'linear' or 'mean' keep NSA's parameter count close to dense)")
     a("--depths", type=int, help=f"evaluated depths, evenly spaced in [0, 1] (default {DEFAULTS['depths']})")
     a("--eval-samples", type=int, help=f"sequences per depth (default {DEFAULTS['eval_samples']})")
     a("--seed", type=int, default=0, help="seed of models, training and evaluation sequences (default 0)")
@@ -112,6 +115,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argpar
     _check(args.context >= needle_len(args) + tail_len(args) + 1,
            f"--context {args.context} is too short for a needle of {needle_len(args)} and a question of "
            f"{tail_len(args)} bytes")
+    _check(args.compress_mlp in COMPRESSORS,
+           f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
     if "nsa" in args.attn:
         _check(args.context > args.compress_block,
                f"--context {args.context} must be > --compress-block {args.compress_block} for nsa")
@@ -225,7 +230,8 @@ def build_models(args, device) -> list[tuple[str, TransformerLM, dict[str, Any]]
         config = dict(vocab_size=256, dim=args.dim, depth=args.depth, heads=args.heads, attn=attn,
                       max_seq_len=args.context, sliding_window_size=args.window,
                       compress_block_size=args.compress_block, compress_block_sliding_stride=args.compress_stride,
-                      selection_block_size=args.selection_block, num_selected_blocks=args.num_selected)
+                      selection_block_size=args.selection_block, num_selected_blocks=args.num_selected,
+                      compress_mlp=args.compress_mlp)
         try:
             models.append((attn, TransformerLM(**config).to(device), config))
         except (ValueError, TypeError) as err:

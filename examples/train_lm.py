@@ -483,7 +483,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     model.to(dist.device)
     if args.compile:  # per block and in place, so parameter names (and checkpoints) stay those of the model
         for layer in model.layers:
-            layer.compile()
+            layer.compile(dynamic=False)
     model = wrap_model(model, dist)
     # Weight decay on matrices only (not on norm gains; the embedding is the tied output head, a matrix).
     params = list(model.parameters())

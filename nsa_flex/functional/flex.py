@@ -32,7 +32,10 @@ class SlowPathError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex() -> Callable:
-    return torch.compile(_fa.flex_attention, fullgraph=True)
+    # Static shapes: on torch 2.11 the dynamic-shape kernels fail to lower for our masks (NoValidChoicesError
+    # for strided q, broken bounds checks in mask_mods that index captured tensors). Each new shape compiles
+    # once; callers with many lengths bucket them (TransformerLM.generate pads its prefill).
+    return torch.compile(_fa.flex_attention, fullgraph=True, dynamic=False)
 
 
 # Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and

@@ -18,6 +18,22 @@ from .._checks import positive_int, tensor
 from .mask import Extent, Mask
 
 
+@torch.library.custom_op("nsa_flex::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy of ``x`` that inductor must store as a real buffer (an opaque op has a fixed memory layout).
+
+    Inside ``torch.compile``, a tensor computed in the graph (top-k block indices) and captured by a mask_mod is
+    otherwise a fusible buffer of undecided layout, and torch 2.11's FlexAttention lowering then fails with
+    "convert FlexibleLayout to FixedLayout first" (pytorch/pytorch#163300). The copy is ``T*n`` integers.
+    """
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _check_indices(block_indices: Tensor) -> Tensor:
     idx = tensor("block_indices", block_indices, ndim=4, integer=True)
     if idx.numel() and int(idx.min()) < -1:
@@ -105,6 +121,7 @@ def block_mask_from_indices(
     r = rows_per_token
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile: no data-dependent checks (they would break the graph), bare mask_mod.
+        block_indices = materialize(block_indices)
         mask_mod = fine_selection_mod(block_indices, block_size, group_size, r)
     else:
         positive_int("q_block_size", q_block_size)

@@ -29,6 +29,8 @@ __all__ = ["CausalAttention", "TransformerLM"]
 
 ATTENTION_KINDS = ("nsa", "dense", "window")
 MLP_KINDS = ("swiglu", "gelu")
+# generate() pads its prefill to a power of two, at least this long (see there).
+PREFILL_BUCKET = 128
 
 # SparseAttention's own keyword arguments (lucidrains-style names) that TransformerLM passes through.
 _NSA_KWARGS = tuple(p for p in inspect.signature(SparseAttention.__init__).parameters
@@ -318,8 +320,12 @@ class TransformerLM(nn.Module):
         if hi + max_new_tokens > self.max_seq_len:
             raise ValueError(f"the longest prompt ({hi} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                              f"max_seq_len={self.max_seq_len}")
-        cache = self.init_cache(B, hi + max_new_tokens)
-        logits = self(ids[:, :hi], cache=cache, lengths=prompt_lengths)
+        # Compiled FlexAttention specializes on the prefill length (functional/flex.py): pad it to a power of two
+        # so prompts of any length share a few kernels; prompt_lengths masks the padding out.
+        padded = max(hi, min(max(PREFILL_BUCKET, 1 << (hi - 1).bit_length()), self.max_seq_len))
+        cache = self.init_cache(B, max(padded, hi + max_new_tokens))
+        ids = torch.nn.functional.pad(ids[:, :hi], (0, padded - hi))
+        logits = self(ids, cache=cache, lengths=prompt_lengths)
         last = logits[torch.arange(B, device=device), prompt_lengths - 1]
         out = []
         for step in range(max_new_tokens):

@@ -138,13 +138,15 @@ def test_block_mask_from_indices_on_cuda(case):
     idx, bs, qbs, group, q_len, kv_len = case
     fresh_compile()
     got = masks.block_mask_from_indices(idx, q_len, kv_len, block_size=bs, q_block_size=qbs, group_size=group)
-    want = masks.fine_selection(idx, bs, group).to_block_mask(q_len, kv_len, block_size=(qbs, bs))
+    # The definition is eager create_block_mask (on CPU). Torch's compiled create_block_mask can call a tile
+    # "full" whose padding rows/keys lie past q_len/kv_len; either way the same scores are computed.
+    want = masks.fine_selection(idx.cpu(), bs, group).to_block_mask(q_len, kv_len, device="cpu", block_size=(qbs, bs))
     for num_name, idx_name in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
                                ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:
-        n_got, n_want = getattr(got, num_name).long(), getattr(want, num_name).long()
+        n_got, n_want = getattr(got, num_name).long().cpu(), getattr(want, num_name).long()
         assert torch.equal(n_got, n_want), num_name
-        i_got, i_want = getattr(got, idx_name).long(), getattr(want, idx_name).long()
-        used = torch.arange(i_want.shape[-1], device=CUDA) < n_want.unsqueeze(-1)
+        i_got, i_want = getattr(got, idx_name).long().cpu(), getattr(want, idx_name).long()
+        used = torch.arange(i_want.shape[-1]) < n_want.unsqueeze(-1)
         assert torch.equal(i_got[..., : i_want.shape[-1]][used], i_want[used]), idx_name
     B, Hkv = idx.shape[:2]
     q = torch.randn(B, Hkv * group, q_len, 64, device=CUDA, dtype=BF16)
