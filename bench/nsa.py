@@ -67,7 +67,8 @@ def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
     def ours(q, k, v, g):
         return F.nsa_attention(q, k, v, g, **PAPER_NSA)
 
-    out = {"sdpa_causal": sdpa, "flex_causal": flex_causal, "nsa_flex": ours}
+    # Most informative first: a run cut short by its time slot still has ours against the references.
+    out = {"sdpa_causal": sdpa, "nsa_flex": ours}
     if fla_nsa is not None:
 
         def fla(q, k, v, g):
@@ -80,6 +81,7 @@ def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
             return o.transpose(1, 2)
 
         out["fla_nsa"] = fla
+    out["flex_causal"] = flex_causal
     return out
 
 
@@ -163,6 +165,8 @@ def main(argv=None) -> dict:
     env = environment()
     print(env, flush=True)
     rows = []
+    payload = {"env": env, "nsa_config": PAPER_NSA, "rows": rows, "smoke": args.smoke}
+    path = save("nsa_smoke" if args.smoke else "nsa", payload, args.out)
     for config, shape in configs.items():
         for inputs in args.inputs:
             for T in seq_lens:
@@ -190,8 +194,7 @@ def main(argv=None) -> dict:
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)
                     rows.append(row)
-    payload = {"env": env, "nsa_config": PAPER_NSA, "rows": rows, "smoke": args.smoke}
-    path = save("nsa_smoke" if args.smoke else "nsa", payload, args.out)
+                    save(path.stem, payload, args.out)  # after every row: a run cut short keeps what it measured
     if not args.smoke:
         plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")

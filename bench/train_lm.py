@@ -76,6 +76,8 @@ def main(argv=None) -> dict:
     print(env, {k: v for k, v in vars(args).items() if k != "out"}, flush=True)
     print(f"{'attn':<8}{'context':>9}{'batch':>7}{'ms/step':>10}{'tokens/s':>12}{'peak GiB':>10}", flush=True)
     rows = []
+    payload = dict(environment=env, args={k: v for k, v in vars(args).items() if k != "out"}, model=config, rows=rows)
+    name = "train_lm_smoke" if args.smoke else "train_lm"
     for context in args.contexts:
         batch = max(1, args.tokens // context)
         for attn in args.attn:
@@ -94,15 +96,13 @@ def main(argv=None) -> dict:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 print(f"{attn:<8}{context:>9}{batch:>7}  ERROR {row['error']}", flush=True)
             rows.append(row)
+            save(name, payload, args.out)  # after every row: a run cut short keeps what it measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         by_attn = {r["attn"]: r for r in rows if r["context"] == context and "tokens_per_s" in r}
         if "nsa" in by_attn and "dense" in by_attn:
             print(f"  context {context}: nsa / dense throughput = "
                   f"{by_attn['nsa']['tokens_per_s'] / by_attn['dense']['tokens_per_s']:.2f}x", flush=True)
-    payload = dict(environment=env, args={k: v for k, v in vars(args).items() if k != "out"}, model=config,
-                   rows=rows)
-    save("train_lm_smoke" if args.smoke else "train_lm", payload, args.out)
     return payload
 
 

@@ -14,3 +14,13 @@ def test_nsa_benchmark_smoke(tmp_path):
     assert set(ours[0]["stages_ms"]) == {"compress", "compressed_attn", "scoring_topk", "mask_build",
                                          "selected_attn", "window_attn", "gating"}
     assert all("error" not in r for r in rows if r["method"] == "sdpa_causal")
+
+
+def test_train_lm_benchmark_smoke(tmp_path):
+    from bench import train_lm
+
+    payload = train_lm.main(["--smoke", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert json.loads((tmp_path / "train_lm_smoke.json").read_text())["rows"] == rows
+    assert {r["attn"] for r in rows} == {"nsa", "dense", "window"}
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
