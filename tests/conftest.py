@@ -31,6 +31,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo_for_gpu_tests(request):
+    """Each GPU test starts with dynamo's caches empty, so compiled kernels of earlier tests (one per mask and
+    shape) never add up to nsa_flex's recompile limit; CPU tests don't compile and skip the reset."""
+    if "gpu" in request.keywords and torch.cuda.is_available():
+        torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture
 def one_thread():
     """Run the test with one intra-op thread, restoring the previous setting afterwards."""

@@ -41,9 +41,10 @@ def _compiled_flex() -> Callable:
 # Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and
 # 16..128-row Q blocks. Constraints: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0.
 SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4))
-# Distinct masks (window, compressed, selection, users') each compile once, then once more with dynamic
-# shapes; we allow that many deliberately, and fail loudly past it instead of falling back to T x T.
-RECOMPILE_LIMIT = 32
+# Kernels are specialized per mask (window, compressed, selection, users'), shape and grad mode: an NSA model
+# needs 3 per training shape, 3 per evaluation shape and 3 per prefill bucket (up to 10 buckets to 64k).
+# We allow that many deliberately, and fail loudly past it instead of falling back to T x T.
+RECOMPILE_LIMIT = 64
 
 
 @functools.lru_cache(maxsize=None)
