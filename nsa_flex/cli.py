@@ -6,6 +6,7 @@ Subcommands::
     nsa-flex check "causal() & sliding_window(64)" [--examples 8]
     nsa-flex demo
     nsa-flex train [--attn nsa|dense|window] [--context 1024] [--steps 2000] ... (examples/train_lm.py)
+    nsa-flex bench {nsa,decode,train_lm,block_mask,train_toy} [--smoke] ...   (python -m bench.NAME)
 
 A mask expression is parsed *safely*, never ``eval``-ed: :func:`parse_mask` walks its syntax tree and accepts
 only calls of the mask generators of :mod:`nsa_flex.masks` that take plain values (``causal``,
@@ -748,14 +749,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a few-second tour on CPU: compose, draw, check, NSA")
     demo.set_defaults(func=cmd_demo)
 
-    # Listed for --help only: `main` forwards `train ...` to examples/train_lm.py before parsing.
+    # Listed for --help only: `main` forwards `train ...` and `bench ...` before parsing.
     sub.add_parser("train", add_help=False,
                    help="train a byte-level LM with NSA/dense/window attention (examples/train_lm.py; "
                         "nsa-flex train --help)")
+    sub.add_parser("bench", add_help=False,
+                   help=f"run a benchmark of the checkout's bench/ ({', '.join(BENCHMARKS)}; "
+                        "nsa-flex bench NAME --help; --smoke is a CPU check)")
     return parser
 
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
+CHECKOUT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = CHECKOUT / "examples" / "train_lm.py"
+BENCHMARKS = ("nsa", "decode", "train_lm", "block_mask", "train_toy")
+
+
+def _run_main(run, argv: Sequence[str], prog: str) -> int:
+    """Call a script's ``main``; its ``SystemExit`` (``--help``, argparse errors, "needs CUDA") becomes a status."""
+    try:
+        status = run(list(argv), prog)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        raise CLIError(str(exit_.code)) from None  # a message: one line, status 2
+    return status if isinstance(status, int) else 0
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -767,18 +784,41 @@ def cmd_train(argv: Sequence[str]) -> int:
     spec = importlib.util.spec_from_file_location("nsa_flex_examples_train_lm", TRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return _run_main(lambda args, prog: module.main(args, prog=prog), argv, f"{PROG} train")
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """``nsa-flex bench NAME ARGS``: ``python -m bench.NAME ARGS`` of the source checkout (not installed)."""
+    import importlib
+
+    if not argv:
+        raise CLIError(f"bench needs a benchmark name, one of {', '.join(BENCHMARKS)}")
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} bench {{{','.join(BENCHMARKS)}}} [ARGS]  ({PROG} bench NAME --help lists ARGS)")
+        return 0
+    name = argv[0]
+    if name not in BENCHMARKS:
+        raise CLIError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    if not (CHECKOUT / "bench" / f"{name}.py").is_file():
+        raise CLIError(f"bench needs the bench/ folder of a source checkout (not found in {CHECKOUT})")
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    module = importlib.import_module(f"bench.{name}")
+    sys_argv = sys.argv
+    sys.argv = [f"{PROG} bench {name}", *argv[1:]]  # argparse's usage line names the command
     try:
-        return module.main(list(argv), prog=f"{PROG} train")
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else 2
+        return _run_main(lambda args, prog: module.main(args), argv[1:], f"{PROG} bench {name}")
+    finally:
+        sys.argv = sys_argv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 mismatch found, 2 bad command line or expression)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
+    forwarded = {"train": cmd_train, "bench": cmd_bench}
+    if argv[:1] and argv[0] in forwarded:
         try:
-            return cmd_train(argv[1:])
+            return forwarded[argv[0]](argv[1:])
         except CLIError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 2

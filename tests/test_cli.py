@@ -131,7 +131,24 @@ def test_usage_errors_exit_2(capsys, argv):
 
 def test_help_exits_0(capsys):
     code, out, _ = run_cli(capsys, "--help")
-    assert code == 0 and "show" in out and "causal" in out
+    assert code == 0 and "show" in out and "causal" in out and "bench" in out
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "nonesuch"], ["bench", "train_lm", "--contexts", "x"]])
+def test_bench_usage_errors_exit_2_with_one_line(capsys, argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and re.match(r"nsa-flex( bench( \w+)?)?: error: ", err.splitlines()[-1]), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_bench_without_cuda_says_so_in_one_line(capsys):
+    code, _, err = run_cli(capsys, "bench", "nsa")
+    assert code == 2 and err.strip() == "nsa-flex: error: bench.nsa needs CUDA (use --smoke for the CPU check)"
+
+
+def test_bench_runs_the_checkout_benchmark(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "bench", "train_lm", "--smoke", "--out", str(tmp_path))
+    assert code == 0 and "tokens/s" in out and (tmp_path / "train_lm_smoke.json").is_file()
 
 
 # --- show -----------------------------------------------------------------------------------------------
