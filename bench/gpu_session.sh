@@ -32,13 +32,15 @@ python3 -c "import hypothesis, jaxtyping" 2>/dev/null || echo "WARNING: hypothes
 quiet() { grep -v -e DEBUG -e '^W[0-9]' ; }
 
 phase_tests() {  # optional arguments: test ids to run instead of the whole gpu suite
+    # SIGINT at the time limit: pytest then still prints the failures so far (a plain kill loses them).
     local pytest="python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 -rfE"
+    local timeout="timeout -s INT -k 20"
     if [ $# -gt 0 ]; then
-        timeout 500 $pytest "$@" 2>&1 | quiet > "$out/tests_selected.log"
+        $timeout 480 $pytest "$@" 2>&1 | quiet > "$out/tests_selected.log"
     else
-        timeout 500 $pytest tests/masks 2>&1 | quiet > "$out/tests_masks.log" &
-        timeout 500 $pytest tests/functional 2>&1 | quiet > "$out/tests_functional.log" &
-        timeout 500 $pytest tests/modules tests/test_*.py 2>&1 | quiet > "$out/tests_modules.log" &
+        $timeout 480 $pytest tests/masks 2>&1 | quiet > "$out/tests_masks.log" &
+        $timeout 480 $pytest tests/functional 2>&1 | quiet > "$out/tests_functional.log" &
+        $timeout 480 $pytest tests/modules tests/test_*.py 2>&1 | quiet > "$out/tests_modules.log" &
         wait
     fi
     tail -n 25 "$out"/tests_*.log

@@ -285,6 +285,19 @@ def test_input_wrong_rank():
         model(torch.randn(5, SMALL["dim"]))
 
 
+def test_inference_traces_into_one_graph():
+    """torch.compile(fullgraph=True) traces the whole layer: in-graph BlockMasks, the selection mask_mod over
+    in-graph top-k indices (through masks.selection.materialize), no data-dependent checks. aot_eager runs the
+    traced graph on CPU; the GPU tests below compile it with inductor."""
+    torch.manual_seed(0)
+    model = SparseAttention(dim=64, dim_head=16, heads=4, kv_heads=2, sliding_window_size=32, compress_block_size=16,
+                            compress_block_sliding_stride=8, selection_block_size=16, num_selected_blocks=3)
+    x = torch.randn(2, 100, 64)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")(x)
+        torch.testing.assert_close(compiled, model(x), atol=1e-5, rtol=1e-5)
+
+
 # ---- GPU: eager training step and torch.compile(fullgraph=True) in bf16 ----
 
 GPU_CFG = dict(dim=256, dim_head=64, heads=4, kv_heads=2, sliding_window_size=64, compress_block_size=32,
