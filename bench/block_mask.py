@@ -11,7 +11,7 @@ import torch
 
 from nsa_flex import masks
 
-from .common import cuda_time, environment, peak_memory, save
+from .common import RESULTS, cuda_time, environment, peak_memory, save
 
 
 def main(argv=None) -> None:
@@ -20,11 +20,14 @@ def main(argv=None) -> None:
     p.add_argument("--num-selected", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--with-dense", action="store_true", help="also time create_block_mask(fine_selection)")
+    p.add_argument("--with-dense", action="store_true",
+                   help="also time create_block_mask(fine_selection) at T <= 16384 (compiles for a while)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for block_mask.json (default bench/results)")
     args = p.parse_args(argv)
     env = environment()
-    print(env)
+    print(env, flush=True)
     rows = []
+    payload = {"env": env, "rows": rows}
     for T in args.seq_lens:
         t = torch.arange(T, device="cuda").view(1, 1, T, 1)
         own = t // args.block_size
@@ -38,14 +41,17 @@ def main(argv=None) -> None:
             mem = peak_memory(fn)
             row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, q_blocks=grad, ms=ms, peak_bytes=mem,
                        T_times_n_bytes_int64=T * args.num_selected * args.kv_heads * 8)
-            if args.with_dense and T <= 16384 and not grad:
-                mask = masks.fine_selection(idx, args.block_size)
-                row["create_block_mask_ms"] = cuda_time(
-                    lambda: mask.to_block_mask(T, T, device="cuda", block_size=(128, args.block_size)), 1, 3)
-            print(row)
+            print(row, flush=True)
             rows.append(row)
+            save("block_mask", payload, args.out)  # after every row: a run cut short keeps what it measured
+        if args.with_dense and T <= 16384:  # after ours: its compilation takes a while
+            mask = masks.fine_selection(idx, args.block_size)
+            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, method="create_block_mask", ms=cuda_time(
+                lambda: mask.to_block_mask(T, T, device="cuda", block_size=(128, args.block_size)), 1, 3))
+            print(row, flush=True)
+            rows.append(row)
+            save("block_mask", payload, args.out)
         del idx, t, own
-    save("block_mask", {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

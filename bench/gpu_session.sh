@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
-# Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE
-#   tests   the gpu-marked tests (three processes side by side; compilation is CPU-bound)
-#   train   examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
-#           all side by side on the one GPU: their losses and accuracies are the results, not their speed
-#   bench   the timed benchmarks, one at a time and alone on the GPU: block_mask, nsa, decode, train_lm
-#   smoke   every benchmark and example once, tiny, on the GPU (a quick check that nothing is broken)
+# Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
+#   tests    the gpu-marked tests (three processes side by side; compilation is CPU-bound), ~8 min;
+#            ARGS: test ids to run instead of the whole suite
+#   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
+#            all side by side on the one GPU: their losses and accuracies are the results, not their speed; ~8 min
+#   kernels  bench.nsa (16k, 64k; ours vs SDPA, fla, flex; memory, stages) and bench.block_mask, alone on the GPU
+#   lm       bench.train_lm (LM training tokens/s at 4k/16k/32k) and bench.train_toy (compiled module, T=8192)
+#   decode   bench.decode (per-token latency at 16k and 64k, batch 1 and 16)
+# Timed phases run alone on the GPU; their JSON is written after every row, so a phase cut short keeps what it
+# measured. Compilation dominates: every new shape compiles its own kernels (about a minute for NSA fwd+bwd).
 # Everything (logs, JSON, plots, training logs) is written under /tmp/gpu_session and packed into one
 # ${OUT:-bench/results}/PHASE.tar.gz (the device tool brings back few files); tails of the logs go to stdout.
 # Phases can run side by side in one call: bash bench/gpu_session.sh tests & bash bench/gpu_session.sh train; wait
@@ -18,7 +22,7 @@ phase=${1:-}
 dest=${OUT:-bench/results}
 out=/tmp/gpu_session/$phase
 mkdir -p /tmp/gpu_session
-[ "$phase" = bench ] && out=$dest  # its files land there one by one: a call cut short still returns them
+case "$phase" in kernels|lm|decode) out=$dest ;; esac  # files land there one by one: a cut call returns them
 mkdir -p "$out" "$dest"
 if ls .whl/*.whl >/dev/null 2>&1; then
     # phases started side by side install once (flock), the later ones only wait for it
@@ -66,22 +70,26 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_bench() {  # at most 8 files: the device tool brings back no more
-    timeout 45 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense 2>&1 | quiet | tee "$out/block_mask.log"
-    timeout 90 python3 -m bench.decode --contexts 65536 --batches 1 16 --configs paper --repeats 20 --out "$out" \
-        2>&1 | quiet | tee "$out/decode.log"
-    timeout 150 python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
-    timeout 200 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random --out "$out" \
-        2>&1 | quiet | tee "$out/nsa.log"
+phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log
+    timeout 420 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random structured \
+        --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
+    timeout 100 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" 2>&1 | quiet \
+        | tee "$out/block_mask.log"
 }
 
-phase_smoke() {
-    timeout 200 python3 -m bench.train_toy --seq-len 8192 --steps 20 --compile 2>&1 | quiet | tail -n 8
-    timeout 200 python3 -m bench.train_lm --contexts 4096 --repeats 3 --out "$out" 2>&1 | quiet | tail -n 8
+phase_lm() {
+    timeout 150 python3 -m bench.train_toy --seq-len 8192 --steps 40 --compile 2>&1 | quiet | tee "$out/train_toy.log"
+    timeout 390 python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet \
+        | tee "$out/train_lm.log"
+}
+
+phase_decode() {
+    timeout 540 python3 -m bench.decode --contexts 16384 65536 --batches 1 16 --configs paper --repeats 20 \
+        --out "$out" 2>&1 | quiet | tee "$out/decode.log"
 }
 
 case "$phase" in
-    tests|train|bench|smoke) shift; "phase_$phase" "$@" ;;
-    *) echo "usage: bash bench/gpu_session.sh {tests|train|bench|smoke}" >&2; exit 2 ;;
+    tests|train|kernels|lm|decode) shift; "phase_$phase" "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh {tests|train|kernels|lm|decode} [ARGS]" >&2; exit 2 ;;
 esac
-[ "$phase" = bench ] || tar czf "$dest/$phase.tar.gz" -C /tmp/gpu_session "$phase"
+[ "$out" = "$dest" ] || tar czf "$dest/$phase.tar.gz" -C /tmp/gpu_session "$phase"
