@@ -132,7 +132,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     r.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     r.add_argument("--compile", action="store_true",
-                   help="torch.compile every block (meant for CUDA; not yet measured)")
+                   help="torch.compile every block (dynamic=False); on CUDA, or with --attn dense on CPU "
+                        "(compiled FlexAttention has no CPU backward)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument("--no-plot", action="store_true", help="do not draw loss.png")
     r.add_argument("--smoke", action="store_true", help="tiny model, a few steps: a CPU check in seconds")
@@ -193,6 +194,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         _check(args.device in ("cpu", "cuda") or args.device.startswith("cuda:"),
                f"--device must be cpu or cuda, got {args.device!r}")
         _check(args.device == "cpu" or torch.cuda.is_available(), f"--device {args.device}: CUDA is not available")
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    _check(not (args.compile and on_cpu and args.attn != "dense"),
+           f"--compile with --attn {args.attn} needs CUDA: compiled FlexAttention has no backward on CPU")
     return args
 
 

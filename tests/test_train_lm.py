@@ -179,6 +179,7 @@ def test_lr_schedule_warms_up_then_decays():
         (["--dist", "mpi"], "--dist must be none, ddp or fsdp"),
         (["--batch", "6", "--grad-accum", "4"], "--batch 6 must be divisible by --grad-accum 4"),
         (["--smoke", "--attn", "nsa", "--selection-block", "6"], "model configuration: selection_block_size"),
+        (["--smoke", "--device", "cpu", "--attn", "window", "--compile"], "--compile with --attn window needs CUDA"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment, monkeypatch):
