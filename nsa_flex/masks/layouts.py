@@ -40,6 +40,7 @@ for unidirectional attention) without wrapping it, for inspection and plotting.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -198,11 +199,22 @@ def _global_ranges(starts: list[int], ends: Optional[list[int]]) -> list[tuple[i
     return list(zip(starts, ends))
 
 
-def _call_repr(fn: str, positional: list, keywords: list[tuple[str, object, object]]) -> str:
-    """``fn(a, k=v, ...)`` listing only keywords that differ from their default."""
-    parts = [repr(p) for p in positional]
-    parts += [f"{k}={v!r}" for k, v, default in keywords if v != default]
-    return f"{fn}({', '.join(parts)})"
+def _layout_mask(layout_fn, name: str, call: dict) -> Mask:
+    """The Mask of a DeepSpeed-style pattern: ``layout_fn``'s layout for the generator's arguments ``call``
+    (its ``locals()``: the layout's parameters plus ``device``), named ``name(seq_len, k=v, ...)`` with only the
+    keywords that differ from their defaults (the defaults are ``layout_fn``'s, so they are written once)."""
+    params = inspect.signature(layout_fn).parameters
+    args = {k: call[k] for k in params}
+    layout = layout_fn(**args)
+
+    def plain(value):  # sequences print as lists, whatever the caller passed
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    shown = [f"{k}={plain(v)!r}" for k, v in args.items()
+             if k != "seq_len" and plain(v) != plain(params[k].default)]
+    per_head = args.get("different_layout_per_head") is True
+    return _pattern_mask(layout, args["block_size"], args["attention"],
+                         f"{name}({', '.join([repr(args['seq_len']), *shown])})", call["device"], per_head)
 
 
 # -- layout pieces -----------------------------------------------------------------------------------------
@@ -338,19 +350,7 @@ def fixed(
     ``different_layout_per_head`` head ``h`` uses the ``(h % num_different_global_patterns + 1)``-th group of
     ``num_global_blocks`` from the end of each window as its global blocks.
     """
-    args = (seq_len, block_size, num_local_blocks, num_global_blocks, attention, num_heads,
-            different_layout_per_head)
-    kw = dict(horizontal_global_attention=horizontal_global_attention,
-              num_different_global_patterns=num_different_global_patterns)
-    lay = fixed_layout(*args, **kw)
-    name = _call_repr("fixed", [seq_len], [
-        ("block_size", block_size, 16), ("num_local_blocks", num_local_blocks, 4),
-        ("num_global_blocks", num_global_blocks, 1), ("attention", attention, "bidirectional"),
-        ("num_heads", num_heads, 1), ("different_layout_per_head", different_layout_per_head, False),
-        ("horizontal_global_attention", horizontal_global_attention, False),
-        ("num_different_global_patterns", num_different_global_patterns, 1),
-    ])
-    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
+    return _layout_mask(fixed_layout, "fixed", locals())
 
 
 # -- variable ------------------------------------------------------------------------------------------------
@@ -423,22 +423,7 @@ def variable(
       see every block;
     * random: each block row sees ``num_random_blocks`` distinct random blocks (seeded by ``seed``).
     """
-    lay = variable_layout(
-        seq_len, block_size, num_random_blocks, local_window_blocks, global_block_indices, attention, seed,
-        global_block_end_indices=global_block_end_indices, horizontal_global_attention=horizontal_global_attention,
-        num_heads=num_heads, different_layout_per_head=different_layout_per_head,
-    )
-    name = _call_repr("variable", [seq_len], [
-        ("block_size", block_size, 16), ("num_random_blocks", num_random_blocks, 0),
-        ("local_window_blocks", list(local_window_blocks), [4]),
-        ("global_block_indices", list(global_block_indices), [0]),
-        ("attention", attention, "bidirectional"), ("seed", seed, 0),
-        ("global_block_end_indices",
-         None if global_block_end_indices is None else list(global_block_end_indices), None),
-        ("horizontal_global_attention", horizontal_global_attention, False),
-        ("num_heads", num_heads, 1), ("different_layout_per_head", different_layout_per_head, False),
-    ])
-    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
+    return _layout_mask(variable_layout, "variable", locals())
 
 
 # -- bigbird -------------------------------------------------------------------------------------------------
@@ -491,15 +476,7 @@ def bigbird(
     first ``num_global_blocks`` blocks, or ``c`` is one of ``r``'s ``num_random_blocks`` random blocks
     (seeded by ``seed``; per head with ``different_layout_per_head``). Unidirectional: only ``c <= r``.
     """
-    lay = bigbird_layout(seq_len, block_size, num_random_blocks, num_sliding_window_blocks, num_global_blocks,
-                         attention, num_heads, different_layout_per_head, seed)
-    name = _call_repr("bigbird", [seq_len], [
-        ("block_size", block_size, 16), ("num_random_blocks", num_random_blocks, 1),
-        ("num_sliding_window_blocks", num_sliding_window_blocks, 3), ("num_global_blocks", num_global_blocks, 1),
-        ("attention", attention, "bidirectional"), ("num_heads", num_heads, 1),
-        ("different_layout_per_head", different_layout_per_head, False), ("seed", seed, 0),
-    ])
-    return _pattern_mask(lay, block_size, attention, name, device, different_layout_per_head is True)
+    return _layout_mask(bigbird_layout, "bigbird", locals())
 
 
 # -- longformer ----------------------------------------------------------------------------------------------
@@ -546,12 +523,4 @@ def longformer(
     (``global_block_indices``, or the ranges ``[start_i, end_i)`` with ``global_block_end_indices``; indices past
     the sequence are ignored). Unidirectional: only ``c <= r``.
     """
-    lay = longformer_layout(seq_len, block_size, num_sliding_window_blocks, global_block_indices, attention,
-                            global_block_end_indices=global_block_end_indices)
-    name = _call_repr("longformer", [seq_len], [
-        ("block_size", block_size, 16), ("num_sliding_window_blocks", num_sliding_window_blocks, 3),
-        ("global_block_indices", list(global_block_indices), [0]), ("attention", attention, "bidirectional"),
-        ("global_block_end_indices",
-         None if global_block_end_indices is None else list(global_block_end_indices), None),
-    ])
-    return _pattern_mask(lay, block_size, attention, name, device)
+    return _layout_mask(longformer_layout, "longformer", locals())
