@@ -29,7 +29,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 
-from .common import RESULTS, cpu_time, cuda_time, environment, save
+from .common import RESULTS, cpu_time, cuda_time, environment, profile, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_dense nsa_decode nsa_decode_graph")
     p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph (reduce-overhead) variant")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each method: its top kernels and kernel launches per step (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON (default bench/results)")
     args = p.parse_args(argv)
@@ -150,6 +152,11 @@ def _run(args) -> dict:
                         state = make_state(B, T, **shape, cfg=cfg, device=device, dtype=dtype)
                         with torch.no_grad():
                             row["ms_per_token"] = timer(lambda: fn(state))
+                            if args.profile:
+                                prof = profile(lambda: fn(state))
+                                row["ops_per_step"], row["profile_top"] = prof["ops_per_step"], prof["top"]
+                                print(f"{name}, B={B}, T={T}: {prof['ops_per_step']:.0f} ops per step\n"
+                                      f"{prof['table']}", flush=True)
                     except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)

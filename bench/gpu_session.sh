@@ -71,7 +71,7 @@ phase_train() {
 }
 
 phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log
-    timeout 420 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random structured \
+    timeout 420 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random structured --profile \
         --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
     timeout 100 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" 2>&1 | quiet \
         | tee "$out/block_mask.log"
@@ -84,7 +84,7 @@ phase_lm() {
 }
 
 phase_decode() {
-    timeout 540 python3 -m bench.decode --contexts 16384 65536 --batches 1 16 --configs paper --repeats 20 \
+    timeout 540 python3 -m bench.decode --contexts 16384 65536 --batches 1 16 --configs paper --repeats 20 --profile \
         --out "$out" 2>&1 | quiet | tee "$out/decode.log"
 }
 

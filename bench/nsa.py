@@ -31,7 +31,7 @@ import torch.nn.functional as torch_F
 from nsa_flex import functional as F
 from nsa_flex import masks
 
-from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -146,6 +146,8 @@ def main(argv=None) -> dict:
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_causal flex_causal fla_nsa nsa_flex")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile ours (forward+backward): top kernels and launches per step (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG (default bench/results)")
     args = p.parse_args(argv)
@@ -190,6 +192,11 @@ def main(argv=None) -> dict:
                             row["fwd_bwd_peak_bytes"] = peak_memory(step)
                         if name == "nsa_flex":
                             row["stages_ms"] = stage_breakdown(q, k, v, g, timer)
+                            if args.profile:
+                                prof = profile(step)
+                                row["ops_per_step"], row["profile_top"] = prof["ops_per_step"], prof["top"]
+                                print(f"nsa_flex fwd+bwd, T={T}: {prof['ops_per_step']:.0f} ops per step\n"
+                                      f"{prof['table']}", flush=True)
                     except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)
