@@ -24,3 +24,12 @@ def test_train_lm_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "train_lm_smoke.json").read_text())["rows"] == rows
     assert {r["attn"] for r in rows} == {"nsa", "dense", "window"}
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_profile_reports_where_the_time_goes(tmp_path):
+    from bench import decode
+
+    rows = decode.main(["--smoke", "--profile", "--methods", "nsa_decode", "--out", str(tmp_path)])["rows"]
+    assert rows and all(r["ops_per_step"] > 0 and r["profile_top"][0]["self_us_per_step"] > 0 for r in rows)
+    ours = [r for r in nsa.main(["--smoke", "--profile", "--out", str(tmp_path)])["rows"] if r["method"] == "nsa_flex"]
+    assert ours and all(r["ops_per_step"] > 0 and r["profile_top"] for r in ours)
