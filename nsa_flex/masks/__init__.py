@@ -13,7 +13,7 @@ from .layouts import (
     variable_layout,
 )
 from .mask import Extent, Mask, as_mask
-from .selection import block_mask_from_indices, fine_selection
+from .selection import block_mask_from_indices, fine_selection, materialize
 from .static import causal, chunked, dilated, document, full, global_tokens, prefix_lm, sliding_window
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "global_tokens",
     "longformer",
     "longformer_layout",
+    "materialize",
     "num_compressed_blocks",
     "prefix_lm",
     "sliding_window",

@@ -163,3 +163,13 @@ IDX = torch.zeros(1, 2, 8, 4, dtype=torch.long)
 def test_bad_arguments_name_the_argument(make, exc, names):
     with pytest.raises(exc, match=names):
         make()
+
+
+def test_materialize_is_an_exact_copy_that_traces():
+    """masks.materialize: same values, dtype and strides, not the same storage; torch.compile traces it."""
+    x = torch.arange(12, dtype=torch.int16).view(3, 4).t()
+    y = masks.materialize(x)
+    assert torch.equal(y, x) and y.dtype == x.dtype and y.stride() == x.stride()
+    assert y.data_ptr() != x.data_ptr()
+    compiled = torch.compile(lambda a: masks.materialize(a * 2) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), x * 2 + 1)
