@@ -764,14 +764,15 @@ TRAIN_SCRIPT = CHECKOUT / "examples" / "train_lm.py"
 BENCHMARKS = ("nsa", "decode", "train_lm", "block_mask", "train_toy")
 
 
-def _run_main(run, argv: Sequence[str], prog: str) -> int:
-    """Call a script's ``main``; its ``SystemExit`` (``--help``, argparse errors, "needs CUDA") becomes a status."""
+def _run_main(call) -> int:
+    """Run a script's ``main`` (``call()``); its ``SystemExit`` (``--help``, argparse errors, "needs CUDA")
+    becomes the status, a message one line on stderr with status 2."""
     try:
-        status = run(list(argv), prog)
+        status = call()
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0
-        raise CLIError(str(exit_.code)) from None  # a message: one line, status 2
+        raise CLIError(str(exit_.code)) from None
     return status if isinstance(status, int) else 0
 
 
@@ -784,7 +785,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     spec = importlib.util.spec_from_file_location("nsa_flex_examples_train_lm", TRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return _run_main(lambda args, prog: module.main(args, prog=prog), argv, f"{PROG} train")
+    return _run_main(lambda: module.main(list(argv), prog=f"{PROG} train"))
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
@@ -807,7 +808,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
     sys_argv = sys.argv
     sys.argv = [f"{PROG} bench {name}", *argv[1:]]  # argparse's usage line names the command
     try:
-        return _run_main(lambda args, prog: module.main(args), argv[1:], f"{PROG} bench {name}")
+        return _run_main(lambda: module.main(argv[1:]))
     finally:
         sys.argv = sys_argv
 

@@ -18,18 +18,23 @@ from .._checks import positive_int, tensor
 from .mask import Extent, Mask
 
 
-@torch.library.custom_op("nsa_flex::materialize", mutates_args=())
 def materialize(x: Tensor) -> Tensor:
     """A copy of ``x`` that inductor must store as a real buffer (an opaque op has a fixed memory layout).
 
     Inside ``torch.compile``, a tensor computed in the graph (top-k block indices) and captured by a mask_mod is
     otherwise a fusible buffer of undecided layout, and torch 2.11's FlexAttention lowering then fails with
     "convert FlexibleLayout to FixedLayout first" (pytorch/pytorch#163300). The copy is ``T*n`` integers.
+    Outside ``torch.compile`` it is a plain copy (same values, dtype and strides).
     """
+    return _materialize(tensor("x", x))
+
+
+@torch.library.custom_op("nsa_flex::materialize", mutates_args=())
+def _materialize(x: Tensor) -> Tensor:
     return x.clone()
 
 
-@materialize.register_fake
+@_materialize.register_fake
 def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 

@@ -173,3 +173,5 @@ def test_materialize_is_an_exact_copy_that_traces():
     assert y.data_ptr() != x.data_ptr()
     compiled = torch.compile(lambda a: masks.materialize(a * 2) + 1, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), x * 2 + 1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        masks.materialize([1, 2])
