@@ -10,9 +10,10 @@
 #   decode   bench.decode (per-token latency at 16k and 64k, batch 1 and 16)
 # Timed phases run alone on the GPU; their JSON is written after every row, so a phase cut short keeps what it
 # measured. Compilation dominates: every new shape compiles its own kernels (about a minute for NSA fwd+bwd).
-# Everything (logs, JSON, plots, training logs) is written under /tmp/gpu_session and packed into one
-# ${OUT:-bench/results}/PHASE.tar.gz (the device tool brings back few files); tails of the logs go to stdout.
-# Phases can run side by side in one call: bash bench/gpu_session.sh tests & bash bench/gpu_session.sh train; wait
+# tests and train write under /tmp/gpu_session and pack it into one ${OUT:-bench/results}/PHASE.tar.gz (the
+# device tool brings back at most 8 files); the timed phases write their few files straight to OUT. Tails of
+# the logs go to stdout. tests and train (not timed) can share a call:
+#   bash bench/gpu_session.sh tests > /tmp/tests.out 2>&1 & bash bench/gpu_session.sh train; wait
 # Wheels the GPU image lacks travel in the git-ignored .whl/ (name it in the device tool's `carry`); make them
 # here with: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #   --platform manylinux2014_x86_64 -d .whl fla-core jaxtyping wadler_lindig hypothesis sortedcontainers attrs
