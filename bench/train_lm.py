@@ -29,7 +29,7 @@ from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
 MODEL = dict(vocab_size=256, dim=512, depth=6, heads=8, kv_heads=2, mlp_mult=4, sliding_window_size=128,
              compress_block_size=32, compress_block_sliding_stride=16, selection_block_size=64,
-             num_selected_blocks=8, compress_mlp="mlp")
+             num_selected_blocks=8, compress_mlp="linear")
 SMOKE_MODEL = dict(MODEL, dim=32, depth=1, heads=2, kv_heads=1, sliding_window_size=16, compress_block_size=8,
                    compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=2)
 
@@ -73,10 +73,11 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     config = SMOKE_MODEL if args.smoke else MODEL
     env = environment()
-    print(env, {k: v for k, v in vars(args).items() if k != "out"}, flush=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    print(env, settings, flush=True)
     print(f"{'attn':<8}{'context':>9}{'batch':>7}{'ms/step':>10}{'tokens/s':>12}{'peak GiB':>10}", flush=True)
     rows = []
-    payload = dict(environment=env, args={k: v for k, v in vars(args).items() if k != "out"}, model=config, rows=rows)
+    payload = dict(environment=env, args=settings, model=config, rows=rows)
     name = "train_lm_smoke" if args.smoke else "train_lm"
     for context in args.contexts:
         batch = max(1, args.tokens // context)
