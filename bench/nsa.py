@@ -30,28 +30,13 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 from nsa_flex import masks
+from nsa_flex.testing import nsa_inputs
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
 CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128)}
-
-
-def make_inputs(T: int, heads: int, kv_heads: int, head_dim: int, kind: str, device, dtype, seed: int = 0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def tensor(h: int) -> torch.Tensor:
-        x = torch.randn(1, h, T, head_dim, generator=gen)
-        if kind == "structured":
-            # A random walk along T (local correlation) plus noise.
-            drift = torch.randn(1, h, T, head_dim, generator=gen).cumsum(dim=2) / (T**0.5) * 4
-            x = 0.5 * x + drift
-        return x.to(device=device, dtype=dtype)
-
-    q, k, v = tensor(heads), tensor(kv_heads), tensor(kv_heads)
-    gates = torch.rand(1, heads, T, 3, generator=gen).to(device=device, dtype=dtype)
-    return q, k, v, gates
 
 
 def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
@@ -172,7 +157,7 @@ def main(argv=None) -> dict:
     for config, shape in configs.items():
         for inputs in args.inputs:
             for T in seq_lens:
-                q, k, v, g = make_inputs(T, **shape, kind=inputs, device=device, dtype=dtype)
+                q, k, v, g = nsa_inputs(T, **shape, kind=inputs, device=device, dtype=dtype)
                 for name, fn in methods(fla if shape["heads"] // shape["kv_heads"] >= 16 else None).items():
                     if args.methods and name not in args.methods:
                         continue

@@ -1,7 +1,9 @@
 """Checking tools for users as much as for us: float64 dense references, ``assert_matches_dense`` and
-Hypothesis strategies (``nsa_flex.testing.strategies``, needs the ``test`` extra)."""
+Hypothesis strategies (``nsa_flex.testing.strategies``, needs the ``test`` extra), ``nsa_inputs`` (random or
+structured NSA inputs)."""
 
 from .assertions import TOLERANCE, assert_matches_dense
+from .inputs import nsa_inputs
 from .nsa_reference import reference_mean_pool, reference_nsa, reference_select_blocks
 from .reference import dense_attention
 
@@ -9,6 +11,7 @@ __all__ = [
     "TOLERANCE",
     "assert_matches_dense",
     "dense_attention",
+    "nsa_inputs",
     "reference_mean_pool",
     "reference_nsa",
     "reference_select_blocks",
