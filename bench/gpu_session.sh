@@ -4,7 +4,8 @@
 #   tests    the gpu-marked tests (three processes side by side; compilation is CPU-bound), ~8 min;
 #            ARGS: test ids to run instead of the whole suite
 #   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
-#            all side by side on the one GPU: their losses and accuracies are the results, not their speed; ~8 min
+#            all side by side on the one GPU: their losses and accuracies are the results, not their speed;
+#            then examples/generate.py with the trained NSA checkpoint; ~9 min
 #   kernels  bench.nsa (16k, 64k; ours vs SDPA, fla, flex; memory, stages) and bench.block_mask, alone on the GPU
 #   lm       bench.train_lm (LM training tokens/s at 4k/16k/32k) and bench.train_toy (compiled module, T=8192)
 #   decode   bench.decode (per-token latency at 16k and 64k, batch 1 and 16)
@@ -67,6 +68,10 @@ phase_train() {
     wait
     python3 examples/train_lm.py --compare $runs/lm_nsa $runs/lm_dense $runs/lm_window --out $runs/compare \
         2>&1 | tee "$out/compare.log"
+    # the trained NSA model through the KV cache (prefill + token-by-token decoding)
+    timeout 60 python3 examples/generate.py --checkpoint $runs/lm_nsa/checkpoint.pt --device cuda \
+        --prompt "import " --prompt "def main(argv=None):" --max-new-tokens 200 --temperature 0.8 --top-k 40 \
+        2>&1 | quiet | tee "$out/generate.log"
     tail -n 6 "$out"/train_*.log "$out"/needle_*.log
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
