@@ -131,6 +131,20 @@ def test_greedy_generate_equals_argmax_of_full_forward_and_batches(attn):
     assert same.tolist() == batch.tolist()
 
 
+@pytest.mark.parametrize("attn", ["nsa", "dense"])
+@torch.no_grad()
+def test_generate_up_to_max_seq_len_with_padded_prefill(attn):
+    """generate pads its prefill to a power of two (compiled kernels per length bucket), capped by max_seq_len:
+    a prompt plus new tokens that exactly fill max_seq_len still decode like the full forward."""
+    torch.manual_seed(8)
+    model = _mixing(TransformerLM(attn=attn, **{**TINY, "max_seq_len": 40}))
+    prompt = torch.randint(0, 256, (21,))
+    new = model.generate([prompt], 19, temperature=0)[0]
+    seq = torch.cat([prompt, new])
+    assert seq.shape == (40,)
+    assert model(seq[None])[0, 20:-1].argmax(-1).tolist() == new.tolist()  # logits at t predict token t + 1
+
+
 @torch.no_grad()
 def test_sampling_top_k_and_generator():
     model = TransformerLM(attn="window", **TINY)
