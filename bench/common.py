@@ -79,12 +79,13 @@ def save(name: str, payload: dict, directory: Path = RESULTS) -> Path:
     return path
 
 
-def profile(fn: Callable[[], object], steps: int = 5, rows: int = 12) -> dict:
+def profile_into(row: dict, label: str, fn: Callable[[], object], steps: int = 5, rows: int = 12) -> None:
     """Where ``fn()``'s time goes: a torch.profiler run of ``steps`` calls after one warm-up call.
 
-    Returns ``{"table": str, "ops_per_step": float, "top": [{"name", "self_us_per_step", "calls_per_step"}]}``.
-    On CUDA the rows are device kernels (self device time; ``ops_per_step`` counts kernel launches), on CPU
-    they are operators (self CPU time). Slow ops and too many small ones are both visible.
+    Stores ``row["ops_per_step"]`` and ``row["profile_top"]`` (``[{"name", "self_us_per_step",
+    "calls_per_step"}]``) and prints the profiler's table under ``label``. On CUDA the rows are device kernels
+    (self device time; ``ops_per_step`` counts kernel launches), on CPU they are operators (self CPU time).
+    Slow ops and too many small ones are both visible.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
@@ -106,7 +107,8 @@ def profile(fn: Callable[[], object], steps: int = 5, rows: int = 12) -> dict:
         chosen = [e for e in events if e.device_type == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
         key, time_of = "self_cpu_time_total", (lambda e: e.self_cpu_time_total)
     chosen.sort(key=time_of, reverse=True)
-    top = [{"name": e.key[:120], "self_us_per_step": time_of(e) / steps, "calls_per_step": e.count / steps}
-           for e in chosen[:rows]]
-    return {"table": events.table(sort_by=key, row_limit=rows, max_name_column_width=60),
-            "ops_per_step": sum(e.count for e in chosen) / steps, "top": top}
+    row["ops_per_step"] = sum(e.count for e in chosen) / steps
+    row["profile_top"] = [{"name": e.key[:120], "self_us_per_step": time_of(e) / steps,
+                           "calls_per_step": e.count / steps} for e in chosen[:rows]]
+    table = events.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    print(f"{label}: {row['ops_per_step']:.0f} ops per step\n{table}", flush=True)

@@ -29,7 +29,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 
-from .common import RESULTS, cpu_time, cuda_time, environment, profile, save
+from .common import RESULTS, cpu_time, cuda_time, environment, profile_into, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -153,10 +153,7 @@ def _run(args) -> dict:
                         with torch.no_grad():
                             row["ms_per_token"] = timer(lambda: fn(state))
                             if args.profile:
-                                prof = profile(lambda: fn(state))
-                                row["ops_per_step"], row["profile_top"] = prof["ops_per_step"], prof["top"]
-                                print(f"{name}, B={B}, T={T}: {prof['ops_per_step']:.0f} ops per step\n"
-                                      f"{prof['table']}", flush=True)
+                                profile_into(row, f"{name}, B={B}, T={T}", lambda: fn(state))
                     except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)

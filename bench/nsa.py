@@ -32,7 +32,7 @@ from nsa_flex import functional as F
 from nsa_flex import masks
 from nsa_flex.testing import nsa_inputs
 
-from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile_into, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -178,10 +178,7 @@ def main(argv=None) -> dict:
                         if name == "nsa_flex":
                             row["stages_ms"] = stage_breakdown(q, k, v, g, timer)
                             if args.profile:
-                                prof = profile(step)
-                                row["ops_per_step"], row["profile_top"] = prof["ops_per_step"], prof["top"]
-                                print(f"nsa_flex fwd+bwd, T={T}: {prof['ops_per_step']:.0f} ops per step\n"
-                                      f"{prof['table']}", flush=True)
+                                profile_into(row, f"nsa_flex fwd+bwd, T={T}", step)
                     except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)
