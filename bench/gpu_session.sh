@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
 # Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
-#   tests    the gpu-marked tests (three processes side by side; compilation is CPU-bound), ~8 min;
-#            ARGS: test ids to run instead of the whole suite
+#   tests    the gpu-marked tests (four processes side by side; compilation is CPU-bound), ~8 min;
+#            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
+#            TEST_TIMEOUT (seconds, default 480) bounds each
 #   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
 #            all side by side on the one GPU: their losses and accuracies are the results, not their speed;
 #            then examples/generate.py with the trained NSA checkpoint; ~9 min
@@ -37,18 +38,18 @@ python3 -c "import hypothesis, jaxtyping" 2>/dev/null || echo "WARNING: hypothes
 } 2>&1 | tee /tmp/gpu_session/env.log
 quiet() { grep -v -e DEBUG -e '^W[0-9]' ; }
 
-phase_tests() {  # optional arguments: test ids to run instead of the whole gpu suite
+phase_tests() {  # optional arguments: pytest selections, each run as its own process, instead of the whole suite
     # SIGINT at the time limit: pytest then still prints the failures so far (a plain kill loses them).
     local pytest="python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 -rfE"
-    local timeout="timeout -s INT -k 20"
-    if [ $# -gt 0 ]; then
-        $timeout 480 $pytest "$@" 2>&1 | quiet > "$out/tests_selected.log"
-    else
-        $timeout 480 $pytest tests/masks 2>&1 | quiet > "$out/tests_masks.log" &
-        $timeout 480 $pytest tests/functional 2>&1 | quiet > "$out/tests_functional.log" &
-        $timeout 480 $pytest tests/modules tests/test_*.py 2>&1 | quiet > "$out/tests_modules.log" &
-        wait
-    fi
+    local timeout="timeout -s INT -k 20 ${TEST_TIMEOUT:-480}"
+    local shards=("$@") i=0
+    [ $# -gt 0 ] || shards=("tests/masks -k generators" "tests/masks -k 'not generators'" "tests/functional"
+                            "tests/modules tests/test_*.py")
+    for shard in "${shards[@]}"; do
+        i=$((i + 1))
+        eval "$timeout $pytest $shard" 2>&1 | quiet > "$out/tests_$i.log" &
+    done
+    wait
     tail -n 25 "$out"/tests_*.log
 }
 
@@ -76,11 +77,12 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log
-    timeout 420 python3 -m bench.nsa --seq-lens 16384 65536 --configs paper --inputs random structured --profile \
-        --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
-    timeout 100 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" 2>&1 | quiet \
-        | tee "$out/block_mask.log"
+phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log; SEQ_LENS overrides the lengths
+    timeout ${NSA_TIMEOUT:-420} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-16384 65536} --configs paper \
+        --inputs random structured --methods sdpa_causal nsa_flex fla_nsa --profile --out "$out" 2>&1 | quiet \
+        | tee "$out/nsa.log"
+    timeout ${MASK_TIMEOUT:-150} python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" \
+        2>&1 | quiet | tee "$out/block_mask.log"
 }
 
 phase_lm() {

@@ -113,6 +113,20 @@ def forward_tiles(block_mask) -> dict:
     return {"fwd_BLOCK_M": min(64, q_block & -q_block), "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
 
 
+def decode_kernel_options(q: Tensor, k: Tensor, block_mask) -> dict:
+    """``kernel_options`` that keep torch off its flex-decoding kernel where that kernel has no valid tile.
+
+    For fewer than 128 query rows torch picks a decoding kernel that tiles the ``G * Lq`` rows of a kv head with
+    ``BLOCK_M = next_pow2(G * Lq)``, which must divide the BlockMask's Q block; a 120-token GQA prefill with
+    ``G = 2`` (256 rows, 128-row blocks) otherwise fails to lower (NoValidChoicesError, torch 2.11). The main
+    kernel handles those shapes.
+    """
+    q_len, group = q.shape[-2], q.shape[1] // k.shape[1]
+    q_block = 128 if block_mask is None else block_mask.BLOCK_SIZE[0]
+    rows = max(16, 1 << max(0, q_len * group - 1).bit_length())
+    return {"FORCE_USE_FLEX_ATTENTION": True} if q_len < 128 and q_block % rows else {}
+
+
 def flex(
     q: Tensor,
     k: Tensor,
@@ -135,7 +149,8 @@ def flex(
         return_lse=return_lse,
     )
     if q.device.type == "cuda":
-        kernel_options = {**forward_tiles(block_mask), **(kernel_options or {})}
+        kernel_options = {**forward_tiles(block_mask), **decode_kernel_options(q, k, block_mask),
+                          **(kernel_options or {})}
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
     if q.device.type == "cuda" and not torch.compiler.is_compiling():

@@ -12,8 +12,11 @@ For token ``t`` and kv head ``h``:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -22,9 +25,14 @@ from torch import Tensor
 from .._checks import positive_int
 from ..masks.compressed import check_compression
 from .branches import check_qkv
+from .flex import RECOMPILE_LIMIT
 
-# Bound on the [B, Hq, chunk, Tc] probability tile scored at once.
+# Bound on the [B, Hq, chunk, Tc] logits tile scored at once (128 MiB in float32).
 _TILE_ELEMENTS = 1 << 25
+# float32 scores are ranked as int64 keys (score bits << _INDEX_BITS | reversed block index): one exact top-k
+# with ties toward the lower block, instead of a stable sort of every block.
+_INDEX_BITS = 24
+_FORCED_KEY = 1 << 62
 
 
 def check_selection(block_size: int, stride: int, selection_block_size: int, num_selected: int,
@@ -49,6 +57,19 @@ def overlap_weights(num_cmp: int, num_sel: int, block_size: int, stride: int, se
     s = torch.arange(num_sel, device=device).view(1, -1)
     lo = torch.maximum(c * stride, s * selection_block_size)
     hi = torch.minimum(c * stride + block_size, (s + 1) * selection_block_size)
+    return (hi - lo).clamp(min=0).to(dtype)
+
+
+def overlap_pattern(block_size: int, stride: int, selection_block_size: int, device=None,
+                    dtype=torch.float32) -> Float[Tensor, "m"]:
+    """``W`` of :func:`overlap_weights` is banded and shift-invariant: ``W[s*r + j - L, s] = w[j]``.
+
+    ``r = selection_block_size // stride`` compressed blocks start in each selection block and the ``L =
+    ceil(block_size / stride) - 1`` before them reach into it, so ``m = r + L`` weights describe all of ``W``.
+    """
+    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    start = (torch.arange(r + L, device=device) - L) * stride  # first token of each compressed block, from s*l'
+    lo, hi = start.clamp(min=0), (start + block_size).clamp(max=selection_block_size)
     return (hi - lo).clamp(min=0).to(dtype)
 
 
@@ -86,47 +107,92 @@ def select_blocks(
     """
     B, Hq, Hkv, T = check_qkv(q, k_cmp, k_cmp, same_length=False)
     check_selection(block_size, stride, selection_block_size, num_selected, num_initial, num_local)
-    G = Hq // Hkv
-    Tc = k_cmp.shape[2]
     S = math.ceil(T / selection_block_size)
-    n = num_selected
+    if S >= 1 << _INDEX_BITS:
+        raise ValueError(f"at most {(1 << _INDEX_BITS) - 1} selection blocks are supported, got {S}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    W = overlap_weights(Tc, S, block_size, stride, selection_block_size, q.device, work)
-    big = float(G * block_size + 1)  # above any score (probabilities sum to <= 1 per head, overlap <= l)
-    K = num_initial + num_local
-    out = torch.full((B, Hkv, T, n), -1, dtype=torch.long, device=q.device)
+    w = overlap_pattern(block_size, stride, selection_block_size, q.device, work)
+    config = (block_size, stride, selection_block_size, num_selected, num_initial, num_local, S)
+    Tc = k_cmp.shape[2]
+    compiled = q.is_cuda and Tc > 0 and not torch.compiler.is_compiling()
+    choose = _compiled_choose() if compiled else _choose
+    out = torch.full((B, Hkv, T, num_selected), -1, dtype=torch.long, device=q.device)
     chunk = max(1, min(T, _TILE_ELEMENTS // max(1, B * Hq * max(Tc, S))))
     for start in range(0, T, chunk):
         stop = min(T, start + chunk)
+        logits = _logits(q[:, :, start:stop], k_cmp, work)
+        chunk_lse = None if lse is None else lse[:, :, start:stop].view(B, Hkv, -1, stop - start).to(work)
         pos = torch.arange(start, stop, device=q.device)
-        scores = _block_scores(q[:, :, start:stop], k_cmp, pos, W, block_size, stride, scale, G,
-                               None if lse is None else lse[:, :, start:stop], work)
-        rank = forced_rank(pos, S, selection_block_size, num_initial, num_local)
-        own = (pos // selection_block_size).view(-1, 1)
-        s = torch.arange(S, device=q.device).view(1, -1)
-        key = torch.where(rank < K, big + (K - rank).to(work), torch.where(s <= own, scores, -1.0))
-        order = key.sort(dim=-1, descending=True, stable=True)
-        top = order.indices[..., :n]
-        top = torch.where(order.values[..., :n] >= 0, top, -1)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compiled else contextlib.nullcontext():
+            top = choose(logits, chunk_lse, pos, w, scale, *config)
         out[:, :, start:stop, : top.shape[-1]] = top
     return out
 
 
-def _block_scores(q, k_cmp, pos, W, block_size, stride, scale, G, lse, work) -> Tensor:
-    """Overlap-weighted importance ``[B, Hkv, chunk, S]`` of each selection block for the chunk's queries."""
+def _logits(q: Tensor, k_cmp: Tensor, work: torch.dtype) -> Float[Tensor, "B Hkv G C Tc"]:
+    """Unscaled ``q . k_cmp`` in ``work`` precision, for each of the ``G`` query heads of a kv head.
+
+    Half-precision CUDA inputs multiply on tensor cores with float32 accumulation and output (exact products,
+    like a fused kernel's ``dot``); upcasting first would run a float32 GEMM without tensor cores, 10x slower.
+    """
     B, Hq, C, D = q.shape
     Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
-    S = W.shape[1]
-    if Tc == 0:
-        return q.new_zeros(B, Hkv, C, S, dtype=work)
-    logits = torch.einsum("bhgcd,bhtd->bhgct", q.view(B, Hkv, G, C, D).to(work), k_cmp.to(work)) * scale
-    visible = torch.arange(Tc, device=q.device).view(1, -1) * stride + (block_size - 1) <= pos.view(-1, 1)
+    G = Hq // Hkv
+    qg = q.reshape(B * Hkv, G * C, D)
+    kt = k_cmp.reshape(B * Hkv, Tc, D).transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_bmm_out_dtype():
+        logits = torch.bmm(qg, kt, out_dtype=work)
+    else:
+        logits = torch.bmm(qg.to(work), kt.to(work))
+    return logits.view(B, Hkv, G, C, Tc)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_bmm_out_dtype() -> bool:
+    try:  # torch >= 2.8 on CUDA
+        torch.bmm(*(torch.ones(1, 1, 1, device="cuda", dtype=torch.bfloat16),) * 2, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        warnings.warn("nsa_flex: this torch has no bmm(out_dtype=); block scoring runs a float32 GEMM (slow)")
+        return False
+
+
+def _choose(logits: Tensor, lse: Optional[Tensor], pos: Tensor, w: Tensor, scale: float, block_size: int,
+            stride: int, selection_block_size: int, n: int, num_initial: int, num_local: int, S: int) -> Tensor:
+    """Top-``n`` blocks ``[B, Hkv, C, <=n]`` (-1 padded) of a chunk of queries at positions ``pos``, from logits."""
+    Tc = logits.shape[-1]
+    logits = logits * scale
+    visible = torch.arange(Tc, device=pos.device) * stride + (block_size - 1) <= pos.view(-1, 1)
     logits = logits.masked_fill(~visible, float("-inf"))
     if lse is None:
         lse = logits.logsumexp(dim=-1)
-    else:
-        lse = lse.view(B, Hkv, G, C).to(work)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows seeing nothing: all p = 0
     p = torch.exp(logits - lse.unsqueeze(-1)).sum(dim=2)  # [B, Hkv, C, Tc], summed over the group
-    return p @ W
+    # scores[s] = sum_c p[c] W[c, s] = sum_j w[j] p[s*r + j - L]: windows of m blocks, r apart.
+    r, m = selection_block_size // stride, w.numel()
+    p = torch.nn.functional.pad(p, (m - r, S * r - Tc))
+    scores = (p.unfold(-1, m, r) * w).sum(-1)  # [B, Hkv, C, S]
+    K = num_initial + num_local
+    rank = forced_rank(pos, S, selection_block_size, num_initial, num_local)
+    s = torch.arange(S, device=pos.device)
+    own = (pos // selection_block_size).view(-1, 1)
+    n = min(n, S)
+    if scores.dtype == torch.float32:
+        key = (scores.view(torch.int32).long() << _INDEX_BITS) | (S - 1 - s)  # scores >= 0: bits keep order
+        key = torch.where(rank < K, _FORCED_KEY + (K - rank), torch.where(s <= own, key, -1))
+        values, top = key.topk(n, dim=-1)
+    else:  # float64 scores have no spare bits: a stable sort keeps ties toward the lower block
+        big = float(logits.shape[2] * block_size + 1)  # above any score (sum of p <= G, overlap <= l)
+        key = torch.where(rank < K, big + (K - rank).to(scores.dtype), torch.where(s <= own, scores, -1.0))
+        values, top = key.sort(dim=-1, descending=True, stable=True)
+        values, top = values[..., :n], top[..., :n]
+    return torch.where(values >= 0, top, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_choose() -> Callable:
+    # One fused kernel for the elementwise chain over the [B, Hkv, G, C, Tc] logits (eagerly, each step reads
+    # and writes the whole tile). Two static shapes per sequence length (full chunks and the last one), under
+    # the package's recompile limit; past it dynamo runs this eagerly: slower, same memory, never T x T.
+    return torch.compile(_choose, dynamic=False)

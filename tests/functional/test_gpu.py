@@ -10,6 +10,13 @@ pytestmark = pytest.mark.gpu
 BF16_TOL = 4e-2
 
 
+def assert_bf16_close(got, want, name):
+    """Norm-wise relative error within bf16's (2**-8), max error within BF16_TOL of the output's scale."""
+    err = got.float().cpu() - want
+    assert err.norm() <= 1e-2 * want.norm(), f"{name}: relative error {err.norm() / want.norm():.2e}"
+    assert err.abs().max() <= BF16_TOL * max(1.0, want.abs().max().item()), name
+
+
 def _case(T, Hq=8, Hkv=2, D=64, seed=0, requires_grad=False):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(1, Hq, T, D, generator=gen), torch.randn(1, Hkv, T, D, generator=gen),
@@ -74,12 +81,13 @@ def test_fast_path_equals_cpu_path_at_length(T, kind):
     cpu = [x.detach().float().cpu().requires_grad_() for x in (q, k, v, g)]
     ref, ref_br = F.nsa_attention(*cpu, return_branches=True, **cfg)
     ref.pow(2).mean().backward()
-    # Selection-independent branches exactly (to bf16), the selected branch under the indices the GPU chose.
+    # Selection-independent branches to bf16 precision, the selected branch under the indices the GPU chose.
+    # Relative to the output's scale: structured inputs reach |o| ~ 4, and the GPU compresses keys in bf16.
     for name in ("compressed", "window"):
-        assert (br[name].float().cpu() - ref_br[name]).abs().max() < BF16_TOL, name
+        assert_bf16_close(br[name], ref_br[name], name)
     with torch.no_grad():
-        sel = F.selected_attention(*cpu[:3], br["block_indices"].cpu(), cfg["selection_block_size"])
-    assert (br["selected"].float().cpu() - sel).abs().max() < BF16_TOL
+        sel = F.selected_attention(*(x.detach() for x in cpu[:3]), br["block_indices"].cpu(), cfg["selection_block_size"])
+    assert_bf16_close(br["selected"], sel, "selected")
     agree = (br["block_indices"].sort(-1).values.cpu() == ref_br["block_indices"].sort(-1).values).all(-1)
     assert agree.float().mean() > 0.95, f"only {agree.float().mean():.2%} of tokens chose the CPU path's blocks"
     for gpu_x, cpu_x in zip((q, k, v, g), cpu):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 from nsa_flex import testing
+from nsa_flex.functional import selection
 
 FP32_TOL = 1e-5
 
@@ -65,13 +66,14 @@ def test_block_selection_matches_reference_exactly(case):
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
-def test_selection_ties_break_toward_lower_block_and_forced_blocks_come_first():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # int64-key top-k and stable sort
+def test_selection_ties_break_toward_lower_block_and_forced_blocks_come_first(dtype):
     # All compressed keys equal -> every visible compressed key gets the same probability -> many tied blocks.
     B, Hkv, G, T, D = 1, 1, 2, 200, 4
-    q = torch.randn(B, Hkv * G, T, D, dtype=torch.float64)
-    k_cmp = torch.zeros(B, Hkv, (T - 8) // 8 + 1, D, dtype=torch.float64)
+    q = torch.randn(B, Hkv * G, T, D, dtype=dtype)
+    k_cmp = torch.zeros(B, Hkv, (T - 8) // 8 + 1, D, dtype=dtype)
     got = F.select_blocks(q, k_cmp, 8, 8, 16, num_selected=4, num_initial=1, num_local=2)
-    want = testing.reference_select_blocks(q, k_cmp, 8, 8, 16, 4, 1, 2)
+    want = testing.reference_select_blocks(q.double(), k_cmp.double(), 8, 8, 16, 4, 1, 2)
     assert torch.equal(got, want)
     t = 199  # own block 12: forced 0, 12, 11; equal scores for blocks 1..10 -> lowest index, 1
     assert got[0, 0, t].tolist() == [0, 12, 11, 1]
@@ -79,6 +81,22 @@ def test_selection_ties_break_toward_lower_block_and_forced_blocks_come_first():
     # n smaller than the forced list: initial blocks first, then own block.
     short = F.select_blocks(q, k_cmp, 8, 8, 16, num_selected=2, num_initial=1, num_local=2)
     assert short[0, 0, t].tolist() == [0, 12]
+
+
+@given(stride=st.integers(1, 8), blocks=st.integers(1, 4), ratio=st.integers(1, 5), T=st.integers(1, 300))
+def test_overlap_pattern_is_the_band_of_overlap_weights(stride, blocks, ratio, T):
+    """select_blocks scores with the shift-invariant band ``w``; it must describe ``W`` entirely."""
+    block, sel = stride * blocks, stride * ratio
+    Tc, S = max(0, (T - block) // stride + 1), -(-T // sel)
+    W = F.overlap_weights(Tc, S, block, stride, sel, dtype=torch.float64)
+    w = selection.overlap_pattern(block, stride, sel, dtype=torch.float64)
+    r, L = sel // stride, w.numel() - sel // stride
+    banded = torch.zeros_like(W)
+    for s in range(S):
+        for j, wj in enumerate(w.tolist()):
+            if 0 <= s * r + j - L < Tc:
+                banded[s * r + j - L, s] = wj
+    assert torch.equal(banded, W)
 
 
 @given(nsa_cases())

@@ -1,6 +1,7 @@
 """SparseAttention: shapes, gradients, equality with a hand-written composition over functional.nsa_attention,
 GQA, short sequences, config validation, gradcheck, and (on CUDA) torch.compile."""
 
+import copy
 import math
 
 import pytest
@@ -331,19 +332,26 @@ def test_compile_fullgraph_bf16_cuda():
 @pytest.mark.gpu
 def test_compile_fullgraph_backward_bf16_cuda():
     """Training under the user's torch.compile(fullgraph=True): the in-graph selection mask and the three
-    FlexAttention branches trace into one graph and give the eager gradients."""
+    FlexAttention branches trace into one graph, and its bf16 gradients are as close to float32 ones as eager's.
+
+    (Compared with a float32 run, not with eager bf16: some gradients are exactly zero in exact arithmetic,
+    e.g. the key compressor's output bias, which shifts every logit of a query equally, so both bf16 runs give
+    rounding noise there, and noise against noise is no test.)"""
     torch.manual_seed(0)
     model = SparseAttention(**GPU_CFG).cuda().to(torch.bfloat16)
     x = torch.randn(2, 512, GPU_CFG["dim"], device="cuda", dtype=torch.bfloat16)
 
-    def grads(fn):
-        model.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
+    def grads(module, fn, dtype):
+        module.zero_grad(set_to_none=True)
+        xi = x.to(dtype).requires_grad_()
         fn(xi).float().square().sum().backward()
-        return [xi.grad] + [p.grad for p in model.parameters()]
+        return [xi.grad.float()] + [p.grad.float() for p in module.parameters()]
 
-    eager = grads(model)
-    compiled = grads(torch.compile(model, fullgraph=True, dynamic=False))
-    for e, c in zip(eager, compiled):
-        assert c is not None and torch.isfinite(c).all()
-        assert (c.float() - e.float()).norm() <= 3e-2 * e.float().norm() + 1e-6
+    eager = grads(model, model, torch.bfloat16)
+    compiled = grads(model, torch.compile(model, fullgraph=True, dynamic=False), torch.bfloat16)
+    model32 = copy.deepcopy(model).float()
+    ref = grads(model32, model32, torch.float32)
+    for (name, _), e, c, r in zip([("x", None)] + list(model.named_parameters()), eager, compiled, ref):
+        assert torch.isfinite(c).all(), name
+        scale = r.norm() + 1e-3 * ref[0].norm()  # near-zero gradients: measured against the input's gradient
+        assert (c - r).norm() <= 2 * (e - r).norm() + 2e-2 * scale, name

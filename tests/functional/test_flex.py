@@ -1,0 +1,39 @@
+"""Kernel options nsa_flex passes to compiled FlexAttention on CUDA (pure logic, checked on CPU)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nsa_flex import masks
+from nsa_flex.functional.flex import decode_kernel_options, forward_tiles
+
+
+def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
+    return masks.causal().to_block_mask(q_len, kv_len, device="cpu", block_size=(q_block, kv_block))
+
+
+@pytest.mark.parametrize("q_block, kv_block, want", [
+    (128, 128, {}), (128, 64, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}), (16, 64, {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 64}),
+    (48, 32, {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 32}),
+])
+def test_forward_tiles_divide_the_block_sizes(q_block, kv_block, want):
+    assert forward_tiles(_block_mask(q_block, kv_block)) == want
+
+
+@given(q_len=st.integers(1, 300), group=st.sampled_from([1, 2, 4, 8, 16]), q_block=st.sampled_from([16, 64, 128]))
+def test_decode_kernel_forced_off_exactly_where_its_tile_cannot_divide_the_q_block(q_len, group, q_block):
+    q, k = torch.empty(1, 2 * group, q_len, 8), torch.empty(1, 2, q_len, 8)
+    rows = 16
+    while rows < q_len * group:
+        rows *= 2
+    decoding_has_a_tile = q_block % rows == 0
+    forced = decode_kernel_options(q, k, _block_mask(q_block, 64, q_len, q_len)) == {"FORCE_USE_FLEX_ATTENTION": True}
+    assert forced == (q_len < 128 and not decoding_has_a_tile)
+
+
+def test_decode_kernel_options_for_the_case_found_on_torch_2_11():
+    # a 120-token GQA prefill with 2 query heads per kv head and 128-row blocks: 256 decoding rows
+    q, k = torch.empty(1, 4, 120, 8), torch.empty(1, 2, 120, 8)
+    assert decode_kernel_options(q, k, None) == {"FORCE_USE_FLEX_ATTENTION": True}
+    assert decode_kernel_options(q[:, :, :1], k, None) == {}  # one-token decoding keeps torch's decoding kernel
