@@ -77,17 +77,19 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log; SEQ_LENS overrides the lengths
+phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log
+    # environment overrides: SEQ_LENS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT, MASK_TIMEOUT (0: skip)
     timeout ${NSA_TIMEOUT:-420} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-16384 65536} --configs paper \
-        --inputs random structured --methods sdpa_causal nsa_flex fla_nsa --profile --out "$out" 2>&1 | quiet \
-        | tee "$out/nsa.log"
-    timeout ${MASK_TIMEOUT:-150} python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" \
+        --inputs random structured --methods ${METHODS:-sdpa_causal nsa_flex fla_nsa} ${PROFILE---profile} \
+        --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
+    [ "${MASK_TIMEOUT:-150}" = 0 ] || timeout ${MASK_TIMEOUT:-150} python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" \
         2>&1 | quiet | tee "$out/block_mask.log"
 }
 
-phase_lm() {
-    timeout 150 python3 -m bench.train_toy --seq-len 8192 --steps 40 --compile 2>&1 | quiet | tee "$out/train_toy.log"
-    timeout 390 python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet \
+phase_lm() {  # environment overrides: TOY_TIMEOUT, LM_TIMEOUT
+    timeout ${TOY_TIMEOUT:-150} python3 -m bench.train_toy --seq-len 8192 --steps 40 --compile 2>&1 | quiet \
+        | tee "$out/train_toy.log"
+    timeout ${LM_TIMEOUT:-390} python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet \
         | tee "$out/train_lm.log"
 }
 

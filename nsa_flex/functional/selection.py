@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -27,8 +26,9 @@ from ..masks.compressed import check_compression
 from .branches import check_qkv
 from .flex import RECOMPILE_LIMIT
 
-# Bound on the [B, Hq, chunk, Tc] logits tile scored at once (128 MiB in float32).
-_TILE_ELEMENTS = 1 << 25
+# Bound on the [B, Hq, chunk, Tc] logits tile scored at once (256 MiB in float32). Smaller tiles mean more
+# chunks, and at 16k tokens 32 chunks were bound by per-chunk launch overhead (26 ms for 10 ms of kernels).
+_TILE_ELEMENTS = 1 << 26
 # float32 scores are ranked as int64 keys (score bits << _INDEX_BITS | reversed block index): one exact top-k
 # with ties toward the lower block, instead of a stable sort of every block.
 _INDEX_BITS = 24
@@ -141,21 +141,11 @@ def _logits(q: Tensor, k_cmp: Tensor, work: torch.dtype) -> Float[Tensor, "B Hkv
     G = Hq // Hkv
     qg = q.reshape(B * Hkv, G * C, D)
     kt = k_cmp.reshape(B * Hkv, Tc, D).transpose(1, 2)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_bmm_out_dtype():
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # bmm(out_dtype=) is CUDA-only
         logits = torch.bmm(qg, kt, out_dtype=work)
     else:
         logits = torch.bmm(qg.to(work), kt.to(work))
     return logits.view(B, Hkv, G, C, Tc)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_bmm_out_dtype() -> bool:
-    try:  # torch >= 2.8 on CUDA
-        torch.bmm(*(torch.ones(1, 1, 1, device="cuda", dtype=torch.bfloat16),) * 2, out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError, NotImplementedError):
-        warnings.warn("nsa_flex: this torch has no bmm(out_dtype=); block scoring runs a float32 GEMM (slow)")
-        return False
 
 
 def _choose(logits: Tensor, lse: Optional[Tensor], pos: Tensor, w: Tensor, scale: float, block_size: int,
