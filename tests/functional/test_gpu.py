@@ -82,7 +82,8 @@ def test_fast_path_equals_cpu_path_at_length(T, kind):
     ref, ref_br = F.nsa_attention(*cpu, return_branches=True, **cfg)
     ref.pow(2).mean().backward()
     # Selection-independent branches to bf16 precision, the selected branch under the indices the GPU chose.
-    # Relative to the output's scale: structured inputs reach |o| ~ 4, and the GPU compresses keys in bf16.
+    # Relative to the output's scale: structured inputs are random walks of a few units, and the GPU
+    # compresses keys in bf16 (max errors 0.06-0.10 were measured against a fixed 0.04).
     for name in ("compressed", "window"):
         assert_bf16_close(br[name], ref_br[name], name)
     with torch.no_grad():
