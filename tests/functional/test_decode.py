@@ -102,6 +102,23 @@ def test_decode_every_position_crossing_block_boundaries():
                                    rtol=0, atol=0)
 
 
+def test_decode_traces_into_one_graph_with_the_eager_result():
+    """compiled_nsa_decode CUDA-graphs nsa_decode: block scoring (int64-key top-k over float bits) included,
+    it must trace with fullgraph=True and give the eager result (checked here with the aot_eager backend)."""
+    torch.manual_seed(1)
+    B, Hq, Hkv, L, D = 2, 4, 2, 70, 8
+    cfg = dict(compress_block_size=8, compress_stride=4, selection_block_size=16, num_selected=3, window_size=5)
+    q, gates = torch.randn(B, Hq, 1, D), torch.rand(B, Hq, 1, 3)
+    k, v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    k_cmp, v_cmp = F.mean_pool(k, 8, 4), F.mean_pool(v, 8, 4)
+    pos = torch.tensor([[69], [40]])
+    eager = F.nsa_decode(q, k, v, k_cmp, v_cmp, pos, gates, **cfg, return_branches=True)
+    traced = torch.compile(F.nsa_decode, fullgraph=True, dynamic=False, backend="aot_eager")(
+        q, k, v, k_cmp, v_cmp, pos, gates, **cfg, return_branches=True)
+    torch.testing.assert_close(traced[0], eager[0], **TOL)
+    assert torch.equal(traced[1]["block_indices"], eager[1]["block_indices"])
+
+
 @pytest.mark.parametrize("l, d", [(8, 4), (5, 2), (4, 4), (3, 1)])
 def test_update_compressed_builds_the_full_sequence_compression(l, d):
     """Token by token, a compressed key appears exactly when its block completes and equals mean_pool's."""

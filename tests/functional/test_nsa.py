@@ -83,10 +83,11 @@ def test_selection_ties_break_toward_lower_block_and_forced_blocks_come_first(dt
     assert short[0, 0, t].tolist() == [0, 12]
 
 
-@given(stride=st.integers(1, 8), blocks=st.integers(1, 4), ratio=st.integers(1, 5), T=st.integers(1, 300))
-def test_overlap_pattern_is_the_band_of_overlap_weights(stride, blocks, ratio, T):
-    """select_blocks scores with the shift-invariant band ``w``; it must describe ``W`` entirely."""
-    block, sel = stride * blocks, stride * ratio
+@given(stride=st.integers(1, 8), blocks=st.integers(1, 4), extra=st.integers(0, 7), ratio=st.integers(1, 5),
+       T=st.integers(1, 300))
+def test_overlap_pattern_is_the_band_of_overlap_weights(stride, blocks, extra, ratio, T):
+    """select_blocks scores with the shift-invariant band ``w``; it must describe ``W`` entirely (also l % d)."""
+    block, sel = stride * blocks + extra % stride, stride * ratio
     Tc, S = max(0, (T - block) // stride + 1), -(-T // sel)
     W = F.overlap_weights(Tc, S, block, stride, sel, dtype=torch.float64)
     w = selection.overlap_pattern(block, stride, sel, dtype=torch.float64)
