@@ -6,6 +6,7 @@ Profiles: ``ci`` (default, fast) and ``thorough`` (many more examples); pick one
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +48,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A tiny corpus of 24 Python files for the training-script tests (single process and distributed)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        (root / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
+    return root

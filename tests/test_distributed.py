@@ -73,14 +73,6 @@ def _worker(mode: str, corpus: str, out: str) -> int:
     return code or train_lm.main(tiny(corpus, run, "--dist", mode, "--resume", "--grad-accum", "2"))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(24):
-        (root / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
-    return root
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(mode, corpus, tmp_path, monkeypatch):
     out = tmp_path / mode

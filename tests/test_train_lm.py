@@ -20,14 +20,6 @@ from helpers import REPO, load_example
 train_lm = load_example("train_lm")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(24):
-        (root / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
-    return root
-
-
 def tiny(corpus: Path, out: Path, *extra: str, attn: str = "dense") -> list[str]:
     return ["--attn", attn, "--corpus", str(corpus), "--val-percent", "30", "--out", str(out), "--context", "32",
             "--batch", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--window", "8", "--compress-block", "8",
