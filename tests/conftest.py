@@ -4,6 +4,7 @@ Profiles: ``ci`` (default, fast) and ``thorough`` (many more examples); pick one
 ``NSA_FLEX_HYPOTHESIS=thorough pytest``.
 """
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,11 @@ settings.register_profile(
     "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.load_profile(os.environ.get("NSA_FLEX_HYPOTHESIS", "ci"))
+
+# Without CUDA, Triton kernels (where triton is installed) run under its interpreter; the switch is read when
+# triton is first imported, so it is set before any test can import it.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 

@@ -23,16 +23,16 @@ from torch import Tensor
 
 from .._checks import positive_int
 from ..masks.compressed import check_compression
+from . import block_topk
 from .branches import check_qkv
 from .flex import RECOMPILE_LIMIT
 
 # Bound on the [B, Hq, chunk, Tc] logits tile scored at once (256 MiB in float32). Smaller tiles mean more
 # chunks, and at 16k tokens 32 chunks were bound by per-chunk launch overhead (26 ms for 10 ms of kernels).
 _TILE_ELEMENTS = 1 << 26
-# float32 scores are ranked as int64 keys (score bits << _INDEX_BITS | reversed block index): one exact top-k
+# float32 scores are ranked as int64 keys (score bits << INDEX_BITS | reversed block index): one exact top-k
 # with ties toward the lower block, instead of a stable sort of every block.
-_INDEX_BITS = 24
-_FORCED_KEY = 1 << 62
+_INDEX_BITS, _FORCED_KEY = block_topk.INDEX_BITS, block_topk.FORCED_KEY
 
 
 def check_selection(block_size: int, stride: int, selection_block_size: int, num_selected: int,
@@ -102,8 +102,10 @@ def select_blocks(
 ) -> Int[Tensor, "B Hkv T n"]:
     """Top-``num_selected`` selection blocks per token and kv head (see module docstring); int64, ``-1`` padded.
 
-    ``lse``, the compressed branch's log-sum-exp, saves recomputing the softmax normalizer when given.
-    Works a chunk of queries at a time: memory ``O(chunk * Tc)`` per head, never ``[B, Hq, T, Tc]``.
+    ``lse``, the compressed branch's log-sum-exp, saves recomputing the softmax normalizer when given. On CUDA
+    with ``lse`` given (and ``l'/d`` a power of two, as in the paper) one fused Triton kernel scores and ranks
+    (:mod:`.block_topk`): memory is the output alone. Otherwise it works a chunk of queries at a time: memory
+    ``O(chunk * Tc)`` per head, never ``[B, Hq, T, Tc]``.
     """
     B, Hq, Hkv, T = check_qkv(q, k_cmp, k_cmp, same_length=False)
     check_selection(block_size, stride, selection_block_size, num_selected, num_initial, num_local)
@@ -113,6 +115,9 @@ def select_blocks(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     w = overlap_pattern(block_size, stride, selection_block_size, q.device, work)
+    if lse is not None and block_topk.supported(q, block_size, stride, selection_block_size, num_selected):
+        return block_topk.block_topk(q, k_cmp, lse.to(torch.float32), w, scale, block_size, stride,
+                                     selection_block_size, num_selected, num_initial, num_local)
     config = (block_size, stride, selection_block_size, num_selected, num_initial, num_local, S)
     Tc = k_cmp.shape[2]
     compiled = q.is_cuda and Tc > 0 and not torch.compiler.is_compiling()

@@ -1,0 +1,186 @@
+"""Fused block scoring + top-n (Triton): :func:`select_blocks`' choices without materializing any scores.
+
+One program takes ``BT`` tokens of one kv head, the ``G`` query heads of the group folded into ``BT * G`` rows,
+and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compressed keys, ``r = l' / d``):
+
+1. ``p = exp(scale * q . k_cmp - lse)`` for the chunk's compressed keys (``lse`` from the compressed branch, so
+   the probabilities are recomputed, never stored), zero where a compressed block is not yet complete;
+2. summed over the group's ``G`` rows, then folded into selection-block scores with the banded overlap weights
+   ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L`` before it,
+   which belong to the previous block (within the chunk a shift, across chunks a carried column);
+3. ranked as int64 keys (forced blocks above every score, then score bits, then the reversed block index, so ties
+   go to the lower block as in :func:`select_blocks`) and merged into a running top-``n``.
+
+Memory is the ``[B, Hkv, T, n]`` output; HBM traffic is reading ``q``, ``k_cmp`` and ``lse`` (the unfused path
+wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). Triton is imported on first use; the kernel is registered as
+the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` traces it instead of breaking the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+# Keys shared with select_blocks' unfused path (the same ranking, the same ties): float32 score bits above
+# INDEX_BITS bits of reversed block index; forced blocks above every score.
+INDEX_BITS = 24
+FORCED_KEY = 1 << 62
+_ROWS = 128  # query rows (tokens x padded group) per program: one tensor-core tile
+_MIN_CHUNK = 16  # selection blocks per step (tl.dot wants >= 16 columns of compressed keys)
+
+
+def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int, num_selected: int) -> bool:
+    """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, ``D <= 256``."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+        return False
+    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    if r & (r - 1) or L > r or num_selected > 256:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_topk(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
+               selection_block_size: int, num_selected: int, num_initial: int, num_local: int) -> Tensor:
+    """``[B, Hkv, T, n]`` int64 block indices, -1 padded: :func:`select_blocks` for ``r = l'/d`` a power of two."""
+    return _op()(q, k_cmp, lse, w.to(torch.float32), float(scale), block_size, stride, selection_block_size,
+                 num_selected, num_initial, num_local)
+
+
+def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
+           selection_block_size: int, num_selected: int, num_initial: int, num_local: int, wrap=None) -> Tensor:
+    """Run the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the custom op, identity otherwise)."""
+    B, Hq, T, D = q.shape
+    Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    S = math.ceil(T / selection_block_size)
+    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    out = torch.empty((B, Hkv, T, num_selected), dtype=torch.long, device=q.device)
+    if T == 0:
+        return out
+    GP = triton_next_pow2(G)
+    BT = max(1, _ROWS // GP)
+    NP = triton_next_pow2(num_selected)
+    CH = max(_MIN_CHUNK, NP)
+    kernel = _kernel() if wrap is None else wrap(_kernel())
+    grid = (math.ceil(T / BT), B * Hkv)
+    kernel[grid](
+        q, k_cmp, lse, w, out,
+        *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
+        T, Tc, S, Hkv, scale,
+        G=G, GP=GP, BT=BT, D=D, DP=triton_next_pow2(D), STRIDE=stride, BLOCK=block_size,
+        SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
+        NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
+        IEEE=q.dtype == torch.float32,
+        num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,
+    )
+    return out
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _op():
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("nsa_flex::block_topk", mutates_args={})
+    def block_topk_op(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int,
+                      stride: int, selection_block_size: int, num_selected: int, num_initial: int,
+                      num_local: int) -> Tensor:
+        return launch(q, k_cmp, lse, w, scale, block_size, stride, selection_block_size, num_selected,
+                      num_initial, num_local, wrap=wrap_triton)
+
+    return block_topk_op
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_topk_kernel(
+        Q, K, LSE, W, OUT,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, sob, soh, sot, son,
+        T, Tc, S, Hkv, scale,
+        G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        STRIDE: tl.constexpr, BLOCK: tl.constexpr, SEL: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
+        CH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
+        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        BC: tl.constexpr = CH * R  # compressed keys per step
+        KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
+        pid_t = tl.program_id(0)
+        b = tl.program_id(1) // Hkv
+        h = tl.program_id(1) % Hkv
+
+        # rows: token-major, group-minor (padded to GP); per-row and per-token views of the positions
+        rows = tl.arange(0, BT * GP)
+        row_pos = pid_t * BT + rows // GP
+        row_g = rows % GP
+        row_ok = (row_pos < T) & (row_g < G)
+        d = tl.arange(0, DP)
+        q = tl.load(Q + b * sqb + (h * G + row_g)[:, None] * sqh + row_pos[:, None] * sqt + d[None, :] * sqd,
+                    mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        lse = tl.load(LSE + b * slb + (h * G + row_g) * slh + row_pos * slt, mask=row_ok, other=0.0)
+        lse = tl.where((lse == float("inf")) | (lse == float("-inf")), 0.0, lse)  # rows seeing nothing: p = 0
+        pos = pid_t * BT + tl.arange(0, BT)
+        own = pos // SEL
+
+        # overlap weights: own[i] = w[L + i] (compressed block i of the selection block), halo[i] = w[i - (R - L)]
+        # (the last L compressed blocks of a selection block reach into the next one)
+        i = tl.arange(0, R)
+        w_own = tl.load(W + L + i)
+        w_halo = tl.load(W + i - (R - L), mask=i >= R - L, other=0.0)
+        shift = (tl.arange(0, CH)[:, None] + 1) == tl.arange(0, CH)[None, :]  # [from, to]: to = from + 1
+
+        top = tl.full((BT, NP), -1, tl.int64)
+        carry = tl.zeros((BT,), tl.float32)
+        last = pid_t * BT + BT - 1
+        last = tl.where(last < T, last, T - 1)
+        num_chunks = (last // SEL) // CH + 1
+        for chunk in range(0, num_chunks):
+            c = chunk * BC + tl.arange(0, BC)
+            k = tl.load(K + b * skb + h * skh + c[:, None] * skt + d[None, :] * skd,
+                        mask=(c < Tc)[:, None] & (d < D)[None, :], other=0.0)
+            if IEEE:
+                logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                logits = tl.dot(q, tl.trans(k))
+            visible = (c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None]) & row_ok[:, None]
+            p = tl.where(visible, tl.exp(logits * scale - lse[:, None]), 0.0)
+            p = tl.sum(tl.reshape(p, (BT, GP, BC)), axis=1)  # [BT, BC], summed over the group
+            p = tl.reshape(p, (BT, CH, R))
+            own_part = tl.sum(p * w_own[None, None, :], axis=2)  # [BT, CH]
+            halo = tl.sum(p * w_halo[None, None, :], axis=2)  # goes to the next selection block
+            moved = tl.sum(halo[:, :, None] * shift[None, :, :].to(tl.float32), axis=1)
+            s_local = tl.arange(0, CH)
+            scores = own_part + moved + tl.where(s_local[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(s_local[None, :] == CH - 1, halo, 0.0), axis=1)
+
+            s = chunk * CH + s_local
+            rev = (S - 1 - s).to(tl.int64)[None, :]
+            key = (scores.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
+            back = own[:, None] - s[None, :]  # 0: own block, 1: the one before, ...
+            rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
+            rank = tl.minimum(rank, tl.where(s[None, :] < NUM_INITIAL, s[None, :], KF))
+            forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
+            key = tl.where(back >= 0, tl.where(rank < KF, forced, key), -1)
+            if CH > NP:
+                key = tl.topk(key, NP)
+            top = tl.topk(tl.reshape(tl.join(top, key), (BT, 2 * NP)), NP)
+
+        n = tl.arange(0, NP)
+        index = tl.where(top >= 0, S - 1 - (top & ((1 << INDEX_BITS) - 1)), -1)
+        tl.store(OUT + b * sob + h * soh + pos[:, None] * sot + n[None, :] * son, index,
+                 mask=(pos < T)[:, None] & (n < N)[None, :])
+
+    return block_topk_kernel

@@ -1,0 +1,142 @@
+"""The fused scoring + top-n kernel (nsa_flex.functional.block_topk) against select_blocks' unfused path.
+
+On CUDA the kernel runs compiled; on a CPU machine with triton installed it runs under Triton's interpreter
+(slow: small shapes only). Without triton these tests skip: nothing else calls the kernel there, since
+select_blocks takes it only for CUDA tensors.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nsa_flex import functional as F
+from nsa_flex.functional import block_topk, selection
+
+
+@pytest.fixture(scope="module")
+def device():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py runs triton interpreted without CUDA"
+    _index_scalars_in_interpreter()
+    return "cpu"
+
+
+def _index_scalars_in_interpreter():
+    """Triton 3.6's interpreter turns a loop bound into ``int(array of shape (1,))``, an error since NumPy 2.4."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "nsa_flex_fixed", False):
+        return
+
+    def fixed(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    fixed.nsa_flex_fixed = True
+    interpreter._patch_lang_tensor = fixed
+
+
+@st.composite
+def selection_cases(draw):
+    """Configurations the kernel takes (``r = l'/d`` a power of two, ``L <= r``): odd T, GQA 1..16 (also 3),
+    n beyond the blocks and beyond one step's 16 blocks, l % d != 0, D not a power of two."""
+    G = draw(st.sampled_from([1, 2, 3, 4, 16]))
+    stride = draw(st.sampled_from([4, 8]))
+    r = draw(st.sampled_from([1, 2, 4]))
+    block = draw(st.integers(stride, stride * (r + 1)))  # L = ceil(l/d) - 1 <= r
+    return dict(B=draw(st.integers(1, 2)), G=G, Hkv=draw(st.integers(1, 2)) if G < 16 else 1,
+                T=draw(st.integers(1, 160)), D=draw(st.sampled_from([8, 24])), block=block, stride=stride,
+                sel=stride * r, n=draw(st.integers(1, 20)), num_initial=draw(st.integers(0, 2)),
+                num_local=draw(st.integers(0, 3)), seed=draw(st.integers(0, 2**16)))
+
+
+def _problem(case, device, dtype=torch.float32):
+    """q, compressed keys and the compressed branch's lse, as nsa_attention hands them to select_blocks."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    B, G, Hkv, T, D = (case[k] for k in ("B", "G", "Hkv", "T", "D"))
+    q = torch.randn(B, G * Hkv, T, D, generator=gen)
+    k, v = torch.randn(2, B, Hkv, T, D, generator=gen)
+    k_cmp, v_cmp = (F.mean_pool(x, case["block"], case["stride"]) for x in (k, v))
+    _, lse = F.compressed_attention(q, k_cmp, v_cmp, case["block"], case["stride"], return_lse=True)
+    return [x.to(device=device, dtype=dtype if x is not lse else torch.float32) for x in (q, k_cmp, lse)]
+
+
+def _config(case):
+    return (case["block"], case["stride"], case["sel"], case["n"], case["num_initial"], case["num_local"])
+
+
+def _fused(q, k_cmp, lse, block, stride, sel, n, num_initial, num_local):
+    w = selection.overlap_pattern(block, stride, sel, q.device)
+    return block_topk.launch(q, k_cmp, lse, w, q.shape[-1] ** -0.5, block, stride, sel, n, num_initial, num_local)
+
+
+def _unfused(q, k_cmp, lse, *config):
+    return F.select_blocks(q.double().cpu(), k_cmp.double().cpu(), *config, lse=lse.double().cpu())
+
+
+def _assert_same_choices(got, want, q, k_cmp, lse, block, stride, sel, n, num_initial, num_local, tol=1e-5):
+    """Equal index lists, except that blocks whose float64 scores tie within ``tol`` may swap."""
+    got, want = got.cpu(), want.cpu()
+    differ = (got != want).any(-1)
+    if not differ.any():
+        return
+    B, Hq, T, D = q.shape
+    Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
+    S = -(-T // sel)
+    logits = torch.einsum("bhtd,bhcd->bhtc", q.double().cpu(), k_cmp.double().cpu().repeat_interleave(Hq // Hkv, 1))
+    visible = torch.arange(Tc) * stride + block - 1 <= torch.arange(T).view(-1, 1)
+    p = torch.where(visible, (logits * D**-0.5 - lse.double().cpu().unsqueeze(-1)).exp(), 0.0)
+    p = p.view(B, Hkv, Hq // Hkv, T, Tc).sum(2)
+    scores = p @ F.overlap_weights(Tc, S, block, stride, sel, dtype=torch.float64)
+    forced = selection.forced_rank(torch.arange(T), S, sel, num_initial, num_local) < num_initial + num_local
+    scores = torch.where(forced, float(T * Hq), scores)  # above any score: forced blocks must match exactly
+    scores = torch.cat([scores, torch.full_like(scores[..., :1], -1.0)], -1)  # index -1: padding
+    pick = lambda idx: scores.gather(-1, idx.clamp(min=-1) % (S + 1)).sort(-1).values  # noqa: E731
+    assert (pick(got) - pick(want))[differ].abs().max() <= tol, "a block was chosen over a clearly better one"
+
+
+@given(case=selection_cases())
+def test_kernel_equals_unfused_selection(device, case):
+    q, k_cmp, lse = _problem(case, device)
+    got = _fused(q, k_cmp, lse, *_config(case))
+    assert got.shape == (case["B"], case["Hkv"], case["T"], case["n"]) and got.dtype == torch.long
+    _assert_same_choices(got, _unfused(q, k_cmp, lse, *_config(case)), q, k_cmp, lse, *_config(case))
+
+
+def test_kernel_breaks_ties_toward_lower_block_like_select_blocks(device):
+    # All compressed keys equal: every visible compressed key has the same probability, many blocks tie.
+    T = 200
+    q = torch.randn(1, 2, T, 8, device=device)
+    k_cmp = torch.zeros(1, 1, (T - 8) // 8 + 1, 8, device=device)
+    _, lse = F.compressed_attention(q, k_cmp, k_cmp, 8, 8, return_lse=True)
+    got = _fused(q, k_cmp, lse, 8, 8, 16, 4, 1, 2).cpu()
+    assert torch.equal(got, F.select_blocks(q.cpu(), k_cmp.cpu(), 8, 8, 16, 4, 1, 2))
+    assert got[0, 0, 199].tolist() == [0, 12, 11, 1] and got[0, 0, 5].tolist() == [0, -1, -1, -1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_gpu_select_blocks_takes_the_kernel_in_bf16_and_under_compile(kind, monkeypatch):
+    """Paper configuration, 4096 tokens, bf16: the kernel (eager and inside a fullgraph compile) chooses what
+    the unfused tiles choose from the same bf16 inputs, up to float32 near-ties."""
+    from nsa_flex import testing
+
+    T, cfg = 4096, (32, 16, 64, 16, 1, 2)
+    q, k, v, _ = testing.nsa_inputs(T, 16, 1, 128, kind, "cuda", torch.bfloat16)
+    k_cmp, v_cmp = F.mean_pool(k, 32, 16), F.mean_pool(v, 32, 16)
+    _, lse = F.compressed_attention(q, k_cmp, v_cmp, 32, 16, return_lse=True)
+    assert block_topk.supported(q, 32, 16, 64, 16)
+    fused = F.select_blocks(q, k_cmp, *cfg, lse=lse)
+    compiled = torch.compile(lambda q, k, lse: F.select_blocks(q, k, *cfg, lse=lse), fullgraph=True)
+    assert torch.equal(compiled(q, k_cmp, lse), fused)
+    monkeypatch.setattr(block_topk, "supported", lambda *args: False)
+    tiles = F.select_blocks(q, k_cmp, *cfg, lse=lse)
+    same = (fused == tiles).all(-1).float().mean().item()
+    assert same > 0.99, f"only {same:.2%} of tokens chose the same blocks"
+    _assert_same_choices(fused, tiles, q.float(), k_cmp.float(), lse, *cfg, tol=1e-3)
