@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import positive_int, tensor
-from .selection import check_selection, forced_rank
+from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
 __all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed"]
 
@@ -117,25 +117,6 @@ def cached_attention(
     return out.reshape(B, Hq, T, -1).to(q.dtype)
 
 
-def _overlap_table(num_cmp: int, block_size: int, stride: int, selection_block_size: int, device: str):
-    """For each compressed block ``c``: the selection blocks it overlaps and the overlap sizes, ``[Tc, K]``."""
-    if torch.compiler.is_compiling():  # computed in-graph (Python-side caches can't be traced)
-        return _overlap_table_impl(num_cmp, block_size, stride, selection_block_size, device)
-    return _overlap_table_cached(num_cmp, block_size, stride, selection_block_size, device)
-
-
-def _overlap_table_impl(num_cmp: int, block_size: int, stride: int, selection_block_size: int, device: str):
-    span = math.ceil((block_size - 1) / selection_block_size) + 1  # selection blocks one compressed block can touch
-    c = torch.arange(num_cmp, device=device).view(-1, 1)
-    s = (c * stride) // selection_block_size + torch.arange(span, device=device).view(1, -1)
-    lo = torch.maximum(c * stride, s * selection_block_size)
-    hi = torch.minimum(c * stride + block_size, (s + 1) * selection_block_size)
-    return s, (hi - lo).clamp(min=0)
-
-
-_overlap_table_cached = functools.lru_cache(maxsize=32)(_overlap_table_impl)
-
-
 def nsa_decode(
     q: Float[Tensor, "B Hq T D"],
     k_cache: Float[Tensor, "B Hkv L D"],
@@ -201,31 +182,13 @@ def nsa_decode(
     p_cmp, _ = _masked_softmax(logits, cmp_valid)
     o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
 
-    # Block scores: overlap-weighted sums of the group's probabilities (select_blocks' W, as a sparse table).
+    # Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then top-n.
     S_all = max(S, 1)
-    if C > 0:
-        sel, weight = _overlap_table(C, l, d, ls, str(dev))
-        contrib = p_cmp.sum(dim=2).unsqueeze(-1) * weight.to(work)  # [B, Hkv, T, C, span]
-        keep = sel < S_all
-        contrib = torch.where(keep, contrib, torch.zeros_like(contrib))
-        index = sel.clamp(max=S_all - 1).view(1, 1, 1, -1).expand(B, Hkv, T, -1)
-        scores = torch.zeros(B, Hkv, T, S_all, device=dev, dtype=work)
-        scores = scores.scatter_add(-1, index, contrib.reshape(B, Hkv, T, -1))
-    else:
-        scores = torch.zeros(B, Hkv, T, S_all, device=dev, dtype=work)
-
-    # Top-n exactly as select_blocks: forced blocks first, then highest scores, ties to the lower index.
-    K = num_initial + num_local
-    big = float(G * l + 1)
-    rank = forced_rank(pos.reshape(-1), S_all, ls, num_initial, num_local).view(B, 1, T, S_all)
-    own = (pos // ls).view(B, 1, T, 1)
-    s = torch.arange(S_all, device=dev).view(1, 1, 1, -1)
-    key = torch.where(rank < K, big + (K - rank).to(work), torch.where(s <= own, scores, torch.full_like(scores, -1.0)))
-    order = key.sort(dim=-1, descending=True, stable=True)
-    m = min(n, S_all)
-    block_indices = torch.where(order.values[..., :m] >= 0, order.indices[..., :m], -1)
-    if m < n:
-        block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - m), -1)], dim=-1)
+    w = overlap_pattern(l, d, ls, dev, work)
+    scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
+    block_indices = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
+    if block_indices.shape[-1] < n:
+        block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
 
     q_fine = qg if rotary_base is None else rotary_at(q, pos, rotary_base).view(B, Hkv, G, T, D)
 

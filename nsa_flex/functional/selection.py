@@ -164,22 +164,40 @@ def _choose(logits: Tensor, lse: Optional[Tensor], pos: Tensor, w: Tensor, scale
         lse = logits.logsumexp(dim=-1)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows seeing nothing: all p = 0
     p = torch.exp(logits - lse.unsqueeze(-1)).sum(dim=2)  # [B, Hkv, C, Tc], summed over the group
-    # scores[s] = sum_c p[c] W[c, s] = sum_j w[j] p[s*r + j - L]: windows of m blocks, r apart.
-    r, m = selection_block_size // stride, w.numel()
-    p = torch.nn.functional.pad(p, (m - r, S * r - Tc))
-    scores = (p.unfold(-1, m, r) * w).sum(-1)  # [B, Hkv, C, S]
+    scores = block_scores(p, w, selection_block_size // stride, S)
+    return top_blocks(scores, pos, n, selection_block_size, num_initial, num_local, logits.shape[2] * block_size)
+
+
+def block_scores(p: Float[Tensor, "... Tc"], w: Float[Tensor, "m"], r: int, S: int) -> Float[Tensor, "... S"]:
+    """``scores[s] = sum_c p[c] W[c, s] = sum_j w[j] p[s*r + j - L]`` (``w`` from :func:`overlap_pattern`).
+
+    ``p`` holds the compressed-attention probabilities of each query, summed over its kv head's group; ``r``
+    is ``selection_block_size // stride``. Windows of ``m = w.numel()`` blocks, ``r`` apart.
+    """
+    m = w.numel()
+    p = torch.nn.functional.pad(p, (m - r, S * r - p.shape[-1]))  # a negative pad drops slots past the last block
+    return (p.unfold(-1, m, r) * w).sum(-1)
+
+
+def top_blocks(scores: Float[Tensor, "... T S"], pos: Tensor, n: int, selection_block_size: int, num_initial: int,
+               num_local: int, score_bound: float) -> Int[Tensor, "... T k"]:
+    """The ``k = min(n, S)`` chosen blocks of each query (module docstring), ``-1`` where fewer are available.
+
+    ``pos`` (query positions) broadcasts against ``scores.shape[:-1]``; ``score_bound`` exceeds every score.
+    """
+    S = scores.shape[-1]
     K = num_initial + num_local
-    rank = forced_rank(pos, S, selection_block_size, num_initial, num_local)
-    s = torch.arange(S, device=pos.device)
-    own = (pos // selection_block_size).view(-1, 1)
+    rank = forced_rank(pos.reshape(-1), S, selection_block_size, num_initial, num_local).view(*pos.shape, S)
+    s = torch.arange(S, device=scores.device)
+    later = s > (pos // selection_block_size).unsqueeze(-1)  # causal: blocks after the query's own
     n = min(n, S)
     if scores.dtype == torch.float32:
         key = (scores.view(torch.int32).long() << _INDEX_BITS) | (S - 1 - s)  # scores >= 0: bits keep order
-        key = torch.where(rank < K, _FORCED_KEY + (K - rank), torch.where(s <= own, key, -1))
+        key = torch.where(rank < K, _FORCED_KEY + (K - rank), torch.where(later, -1, key))
         values, top = key.topk(n, dim=-1)
     else:  # float64 scores have no spare bits: a stable sort keeps ties toward the lower block
-        big = float(logits.shape[2] * block_size + 1)  # above any score (sum of p <= G, overlap <= l)
-        key = torch.where(rank < K, big + (K - rank).to(scores.dtype), torch.where(s <= own, scores, -1.0))
+        big = float(score_bound + 1)
+        key = torch.where(rank < K, big + (K - rank).to(scores.dtype), torch.where(later, -1.0, scores))
         values, top = key.sort(dim=-1, descending=True, stable=True)
         values, top = values[..., :n], top[..., :n]
     return torch.where(values >= 0, top, -1)
