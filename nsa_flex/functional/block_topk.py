@@ -9,20 +9,26 @@ and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compr
    ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L`` before it,
    which belong to the previous block (within the chunk a shift, across chunks a carried column);
 3. ranked as int64 keys (forced blocks above every score, then score bits, then the reversed block index, so ties
-   go to the lower block as in :func:`select_blocks`) and merged into a running top-``n``.
+   go to the lower block as in :func:`select_blocks`) and merged into a running top-``n`` (a bitonic top-k of
+   the running list and the step's keys, side by side in a small per-program scratch row).
 
-Memory is the ``[B, Hkv, T, n]`` output; HBM traffic is reading ``q``, ``k_cmp`` and ``lse`` (the unfused path
+Memory is the ``[B, Hkv, T, n]`` output and the scratch rows (both linear in ``T``); HBM traffic is reading ``q``, ``k_cmp`` and ``lse`` (the unfused path
 wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). Triton is imported on first use; the kernel is registered as
 the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` traces it instead of breaking the graph.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: select_blocks never asks for the kernel there
+    triton = None
 
 # Keys shared with select_blocks' unfused path (the same ranking, the same ties): float32 score bits above
 # INDEX_BITS bits of reversed block index; forced blocks above every score.
@@ -37,25 +43,20 @@ def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
         return False
     r, L = selection_block_size // stride, -(-block_size // stride) - 1
-    if r & (r - 1) or L > r or num_selected > 256:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None and not r & (r - 1) and L <= r and num_selected <= 256
 
 
 def block_topk(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
                selection_block_size: int, num_selected: int, num_initial: int, num_local: int) -> Tensor:
     """``[B, Hkv, T, n]`` int64 block indices, -1 padded: :func:`select_blocks` for ``r = l'/d`` a power of two."""
-    return _op()(q, k_cmp, lse, w.to(torch.float32), float(scale), block_size, stride, selection_block_size,
+    return block_topk_op(q, k_cmp, lse, w.to(torch.float32), float(scale), block_size, stride, selection_block_size,
                  num_selected, num_initial, num_local)
 
 
 def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
-           selection_block_size: int, num_selected: int, num_initial: int, num_local: int, wrap=None) -> Tensor:
-    """Run the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the custom op, identity otherwise)."""
+           selection_block_size: int, num_selected: int, num_initial: int, num_local: int,
+           wrap=lambda kernel: kernel) -> Tensor:
+    """Run the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the custom op)."""
     B, Hq, T, D = q.shape
     Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = Hq // Hkv
@@ -68,16 +69,18 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     BT = max(1, _ROWS // GP)
     NP = triton_next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
-    kernel = _kernel() if wrap is None else wrap(_kernel())
     grid = (math.ceil(T / BT), B * Hkv)
-    kernel[grid](
-        q, k_cmp, lse, w, out,
+    W2 = triton_next_pow2(NP + CH)
+    # per program, BT rows of [running top-n | this step's keys | -1 padding]: linear in T (64 MiB at 64k)
+    scratch = torch.empty(grid[0] * grid[1] * BT * W2, dtype=torch.long, device=q.device)
+    wrap(block_topk_kernel)[grid](
+        q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
         T, Tc, S, Hkv, scale,
         G=G, GP=GP, BT=BT, D=D, DP=triton_next_pow2(D), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, W2=W2,
         num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,
     )
     return out
@@ -87,34 +90,23 @@ def triton_next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
-def _op():
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("nsa_flex::block_topk", mutates_args={})
+if triton is not None:
+    @torch.library.triton_op("nsa_flex::block_topk", mutates_args={})
     def block_topk_op(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int,
                       stride: int, selection_block_size: int, num_selected: int, num_initial: int,
                       num_local: int) -> Tensor:
         return launch(q, k_cmp, lse, w, scale, block_size, stride, selection_block_size, num_selected,
-                      num_initial, num_local, wrap=wrap_triton)
-
-    return block_topk_op
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
+                      num_initial, num_local, wrap=torch.library.wrap_triton)
 
     @triton.jit
     def block_topk_kernel(
-        Q, K, LSE, W, OUT,
+        Q, K, LSE, W, OUT, SCRATCH,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, sob, soh, sot, son,
         T, Tc, S, Hkv, scale,
         G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         STRIDE: tl.constexpr, BLOCK: tl.constexpr, SEL: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
         CH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
-        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr,
+        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, W2: tl.constexpr,
     ):
         BC: tl.constexpr = CH * R  # compressed keys per step
         KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
@@ -142,7 +134,10 @@ def _kernel():
         w_halo = tl.load(W + i - (R - L), mask=i >= R - L, other=0.0)
         shift = (tl.arange(0, CH)[:, None] + 1) == tl.arange(0, CH)[None, :]  # [from, to]: to = from + 1
 
-        top = tl.full((BT, NP), -1, tl.int64)
+        n = tl.arange(0, NP)
+        tok = tl.arange(0, BT)
+        scr = SCRATCH + ((tl.program_id(1) * tl.num_programs(0) + pid_t) * BT + tok[:, None]) * W2
+        tl.store(scr + tl.arange(0, W2)[None, :], tl.full((BT, W2), -1, tl.int64))
         carry = tl.zeros((BT,), tl.float32)
         last = pid_t * BT + BT - 1
         last = tl.where(last < T, last, T - 1)
@@ -156,7 +151,8 @@ def _kernel():
             else:
                 logits = tl.dot(q, tl.trans(k))
             visible = (c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None]) & row_ok[:, None]
-            p = tl.where(visible, tl.exp(logits * scale - lse[:, None]), 0.0)
+            # float32 throughout (inductor may pass `scale` as a double)
+            p = tl.where(visible, tl.exp((logits * scale).to(tl.float32) - lse[:, None]), 0.0)
             p = tl.sum(tl.reshape(p, (BT, GP, BC)), axis=1)  # [BT, BC], summed over the group
             p = tl.reshape(p, (BT, CH, R))
             own_part = tl.sum(p * w_own[None, None, :], axis=2)  # [BT, CH]
@@ -168,19 +164,23 @@ def _kernel():
 
             s = chunk * CH + s_local
             rev = (S - 1 - s).to(tl.int64)[None, :]
-            key = (scores.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
+            key = (scores.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
             back = own[:, None] - s[None, :]  # 0: own block, 1: the one before, ...
             rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
             rank = tl.minimum(rank, tl.where(s[None, :] < NUM_INITIAL, s[None, :], KF))
             forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
             key = tl.where(back >= 0, tl.where(rank < KF, forced, key), -1)
-            if CH > NP:
-                key = tl.topk(key, NP)
-            top = tl.topk(tl.reshape(tl.join(top, key), (BT, 2 * NP)), NP)
+            # The running top-n and this step's keys side by side in the program's scratch rows, one bitonic
+            # top-k of both. (Kept in registers, the loop-carried top-n made Triton 3.6's layout pass fail to
+            # compile the sort; picking n maxima one at a time compiled but was 5x slower at 64k.)
+            tl.store(scr + NP + s_local[None, :], key)
+            tl.debug_barrier()
+            both = tl.load(scr + tl.arange(0, W2)[None, :])
+            tl.debug_barrier()
+            tl.store(scr + n[None, :], tl.topk(both, NP))
+        tl.debug_barrier()
+        top = tl.load(scr + n[None, :])
 
-        n = tl.arange(0, NP)
         index = tl.where(top >= 0, S - 1 - (top & ((1 << INDEX_BITS) - 1)), -1)
         tl.store(OUT + b * sob + h * soh + pos[:, None] * sot + n[None, :] * son, index,
                  mask=(pos < T)[:, None] & (n < N)[None, :])
-
-    return block_topk_kernel
