@@ -35,7 +35,7 @@ except ImportError:  # CPU-only installs: select_blocks never asks for the kerne
 INDEX_BITS = 24
 FORCED_KEY = 1 << 62
 _ROWS = 128  # query rows (tokens x padded group) per program: one tensor-core tile
-_MIN_CHUNK = 16  # selection blocks per step (tl.dot wants >= 16 columns of compressed keys)
+_MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
 
 def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int, num_selected: int) -> bool:
@@ -77,7 +77,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
         T, Tc, S, Hkv, scale,
-        G=G, GP=GP, BT=BT, D=D, DP=triton_next_pow2(D), STRIDE=stride, BLOCK=block_size,
+        G=G, GP=GP, BT=BT, D=D, DP=max(16, triton_next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
         IEEE=q.dtype == torch.float32, W2=W2,
