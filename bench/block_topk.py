@@ -1,7 +1,10 @@
 """Block scoring + top-n: the fused Triton kernel (``block_topk``) against ``select_blocks``' unfused tiles.
 
-Same inputs (paper configuration by default), same process: CUDA-event medians, peak memory, and how many
-tokens chose the same blocks. Usage: ``python -m bench.block_topk [--seq-lens 16384 65536]``
+Same inputs (paper configuration by default), same process: CUDA-event medians, peak memory, and the share
+of tokens that chose the same blocks as the fused kernel. ``--smoke`` times the unfused path on a tiny CPU
+problem (CI runs it so the script cannot rot; the kernel itself needs CUDA).
+
+Usage: ``python -m bench.block_topk [--seq-lens 16384 65536]``
 """
 
 from __future__ import annotations
@@ -14,44 +17,66 @@ from nsa_flex import functional as F
 from nsa_flex import testing
 from nsa_flex.functional import block_topk
 
-from .common import RESULTS, cuda_time, environment, peak_memory, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
+
+CONFIG = (32, 16, 64, 16, 1, 2)  # l, d, l', n, initial, local: the paper's
 
 
-def main(argv=None) -> None:
+def unfused(fn):
+    """Run ``fn`` with the kernel switched off, so select_blocks takes its chunked torch path."""
+    supported, block_topk.supported = block_topk.supported, lambda *args: False
+    try:
+        return fn()
+    finally:
+        block_topk.supported = supported
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
-    p.add_argument("--no-unfused", action="store_true", help="skip the unfused tiles (slow at 64k)")
+    p.add_argument("--no-unfused", action="store_true", help="skip the unfused tiles (190 ms a call at 64k)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the unfused path (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for block_topk.json (default bench/results)")
     args = p.parse_args(argv)
+    if args.smoke:
+        device, dtype, timer = "cpu", torch.float32, cpu_time
+        args.seq_lens, args.heads, args.kv_heads, args.head_dim = [256], 4, 1, 16
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.block_topk needs CUDA (use --smoke for the CPU check)")
+    else:
+        device, dtype, timer = "cuda", torch.bfloat16, cuda_time
     env = environment()
     print(env, flush=True)
     rows = []
-    payload = {"env": env, "rows": rows}
-    cfg = (32, 16, 64, 16, 1, 2)
+    payload = {"env": env, "config": dict(zip(("l", "d", "l_sel", "n", "initial", "local"), CONFIG)), "rows": rows}
+    name = "block_topk_smoke" if args.smoke else "block_topk"
     for T in args.seq_lens:
         for kind in args.inputs:
-            q, k, v, _ = testing.nsa_inputs(T, args.heads, args.kv_heads, args.head_dim, kind, "cuda", torch.bfloat16)
+            q, k, v, _ = testing.nsa_inputs(T, args.heads, args.kv_heads, args.head_dim, kind, device, dtype)
             k_cmp, v_cmp = F.mean_pool(k, 32, 16), F.mean_pool(v, 32, 16)
             _, lse = F.compressed_attention(q, k_cmp, v_cmp, 32, 16, return_lse=True)
-            results = {}
-            fn = lambda: F.select_blocks(q, k_cmp, *cfg, lse=lse)  # noqa: E731
-            results["fused"] = (fn(), cuda_time(fn), peak_memory(fn))
-            if not args.no_unfused:
-                supported, block_topk.supported = block_topk.supported, lambda *a: False
-                fn = lambda: F.select_blocks(q, k_cmp, *cfg, lse=lse)  # noqa: E731
-                results["unfused"] = (fn(), cuda_time(fn), peak_memory(fn))
-                block_topk.supported = supported
-            first = next(iter(results.values()))[0]
-            for name, (idx, ms, mem) in results.items():
-                row = {"T": T, "inputs": kind, "method": name, "ms": ms, "peak_MiB": mem / 2**20,
-                       "same_as_first": (idx == first).all(-1).float().mean().item()}
+            select = lambda: F.select_blocks(q, k_cmp, *CONFIG, lse=lse)  # noqa: E731
+            methods = {}
+            if not args.smoke:
+                methods["fused"] = select
+            if args.smoke or not args.no_unfused:
+                methods["unfused"] = lambda: unfused(select)  # noqa: E731
+            first = None
+            for method, fn in methods.items():
+                idx = fn()
+                first = idx if first is None else first
+                row = {"T": T, "inputs": kind, "method": method, "ms": timer(fn),
+                       "same_as_fused": (idx == first).all(-1).float().mean().item()}
+                if device == "cuda":
+                    row["peak_MiB"] = peak_memory(fn) / 2**20
                 rows.append(row)
                 print(row, flush=True)
-            save("block_topk", payload, args.out)
+            save(name, payload, args.out)
+    return payload
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ def test_train_lm_benchmark_smoke(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_block_topk_benchmark_smoke(tmp_path):
+    from bench import block_topk
+
+    rows = block_topk.main(["--smoke", "--out", str(tmp_path)])["rows"]
+    assert json.loads((tmp_path / "block_topk_smoke.json").read_text())["rows"] == rows
+    assert {r["inputs"] for r in rows} == {"random", "structured"} and all(r["ms"] > 0 for r in rows)
+
+
 def test_profile_reports_where_the_time_goes(tmp_path):
     from bench import decode
 
