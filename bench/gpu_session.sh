@@ -7,8 +7,10 @@
 #   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
 #            all side by side on the one GPU: their losses and accuracies are the results, not their speed;
 #            then examples/generate.py with the trained NSA checkpoint; ~9 min
-#   kernels  bench.nsa (16k, 64k; ours vs SDPA, fla, flex; memory, stages) and bench.block_mask, alone on the GPU
-#   lm       bench.train_lm (LM training tokens/s at 4k/16k/32k) and bench.train_toy (compiled module, T=8192)
+#   kernels  bench.nsa (64k then 16k; ours vs SDPA, fla; memory, stages, profile; ~8 min on an H100)
+#   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
+#   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
+#            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
 #   decode   bench.decode (per-token latency at 16k and 64k, batch 1 and 16)
 # Timed phases run alone on the GPU; their JSON is written after every row, so a phase cut short keeps what it
 # measured. Compilation dominates: every new shape compiles its own kernels (about a minute for NSA fwd+bwd).
@@ -25,7 +27,7 @@ phase=${1:-}
 dest=${OUT:-bench/results}
 out=/tmp/gpu_session/$phase
 mkdir -p /tmp/gpu_session
-case "$phase" in kernels|lm|decode) out=$dest ;; esac  # files land there one by one: a cut call returns them
+case "$phase" in kernels|scoring|lm|decode) out=$dest ;; esac  # files land there one by one: a cut call returns them
 mkdir -p "$out" "$dest"
 if ls .whl/*.whl >/dev/null 2>&1; then
     # phases started side by side install once (flock), the later ones only wait for it
@@ -79,20 +81,24 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_kernels() {  # at most 8 files come back: nsa.json/png/log, block_mask.json/log
-    # environment overrides: SEQ_LENS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT, MASK_TIMEOUT (0: skip)
-    timeout ${NSA_TIMEOUT:-420} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-16384 65536} --configs paper \
+phase_kernels() {  # environment overrides: SEQ_LENS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT
+    timeout ${NSA_TIMEOUT:-480} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-65536 16384} --configs paper \
         --inputs random structured --methods ${METHODS:-sdpa_causal nsa_flex fla_nsa} ${PROFILE---profile} \
         --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
-    [ "${MASK_TIMEOUT:-150}" = 0 ] || timeout ${MASK_TIMEOUT:-150} python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" \
-        2>&1 | quiet | tee "$out/block_mask.log"
 }
 
-phase_lm() {  # environment overrides: TOY_TIMEOUT, LM_TIMEOUT
-    timeout ${TOY_TIMEOUT:-150} python3 -m bench.train_toy --seq-len 8192 --steps 40 --compile 2>&1 | quiet \
-        | tee "$out/train_toy.log"
-    timeout ${LM_TIMEOUT:-390} python3 -m bench.train_lm --attn nsa dense --repeats 5 --out "$out" 2>&1 | quiet \
-        | tee "$out/train_lm.log"
+phase_scoring() {
+    timeout 150 python3 -m bench.block_topk --seq-lens 4096 16384 65536 --out "$out" 2>&1 | quiet \
+        | tee "$out/block_topk.log"
+    timeout 240 python3 -m bench.block_mask --seq-lens 16384 65536 --with-dense --out "$out" 2>&1 | quiet \
+        | tee "$out/block_mask.log"
+}
+
+phase_lm() {  # environment overrides: TOY_TIMEOUT (0: skip), LM_TIMEOUT, LM_CONTEXTS
+    [ "${TOY_TIMEOUT:-150}" = 0 ] || timeout ${TOY_TIMEOUT:-150} python3 -m bench.train_toy --seq-len 8192 \
+        --steps 40 --compile 2>&1 | quiet | tee "$out/train_toy.log"
+    timeout ${LM_TIMEOUT:-390} python3 -m bench.train_lm --attn nsa dense --contexts ${LM_CONTEXTS:-4096 16384} \
+        --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
 }
 
 phase_decode() {
@@ -101,7 +107,7 @@ phase_decode() {
 }
 
 case "$phase" in
-    tests|train|kernels|lm|decode) shift; "phase_$phase" "$@" ;;
-    *) echo "usage: bash bench/gpu_session.sh {tests|train|kernels|lm|decode} [ARGS]" >&2; exit 2 ;;
+    tests|train|kernels|scoring|lm|decode) shift; "phase_$phase" "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh {tests|train|kernels|scoring|lm|decode} [ARGS]" >&2; exit 2 ;;
 esac
 [ "$out" = "$dest" ] || tar czf "$dest/$phase.tar.gz" -C /tmp/gpu_session "$phase"
