@@ -12,9 +12,10 @@ and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compr
    go to the lower block as in :func:`select_blocks`) and merged into a running top-``n`` (a bitonic top-k of
    the running list and the step's keys, side by side in a small per-program scratch row).
 
-Memory is the ``[B, Hkv, T, n]`` output and the scratch rows (both linear in ``T``); HBM traffic is reading ``q``, ``k_cmp`` and ``lse`` (the unfused path
-wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). Triton is imported on first use; the kernel is registered as
-the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` traces it instead of breaking the graph.
+Memory is the ``[B, Hkv, T, n]`` output and the scratch rows (both linear in ``T``); HBM traffic is reading
+``q``, ``k_cmp`` and ``lse`` (the unfused path wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). The kernel
+is registered as the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` traces it instead of breaking
+the graph; without triton (CPU installs) this module defines only :func:`supported`, which then says no.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 try:
@@ -39,24 +41,33 @@ _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimensi
 
 
 def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int, num_selected: int) -> bool:
-    """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, ``D <= 256``."""
+    """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, ``D <= 256``,
+    and ``q`` under ``2**31`` elements (the kernel's offsets are int32)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+        return False
+    if q.numel() >= 1 << 31:
         return False
     r, L = selection_block_size // stride, -(-block_size // stride) - 1
     return triton is not None and not r & (r - 1) and L <= r and num_selected <= 256
 
 
-def block_topk(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
-               selection_block_size: int, num_selected: int, num_initial: int, num_local: int) -> Tensor:
-    """``[B, Hkv, T, n]`` int64 block indices, -1 padded: :func:`select_blocks` for ``r = l'/d`` a power of two."""
-    return block_topk_op(q, k_cmp, lse, w.to(torch.float32), float(scale), block_size, stride, selection_block_size,
-                 num_selected, num_initial, num_local)
+def block_topk(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hkv Tc D"], lse: Float[Tensor, "B Hq T"],
+               w: Float[Tensor, "m"], scale: float, block_size: int, stride: int, selection_block_size: int,
+               num_selected: int, num_initial: int, num_local: int) -> Int[Tensor, "B Hkv T n"]:
+    """:func:`select_blocks`' indices (int64, ``-1`` padded) through the custom op; check :func:`supported` first.
+
+    ``lse`` is the compressed branch's natural-log log-sum-exp (float32), ``w`` the band of
+    :func:`overlap_pattern`.
+    """
+    return block_topk_op(q, k_cmp, lse, w.to(torch.float32), float(scale), block_size, stride,
+                         selection_block_size, num_selected, num_initial, num_local)
 
 
 def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
            selection_block_size: int, num_selected: int, num_initial: int, num_local: int,
            wrap=lambda kernel: kernel) -> Tensor:
-    """Run the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the custom op)."""
+    """Run the kernel directly (tests on Triton's interpreter use this; the custom op passes
+    ``wrap=torch.library.wrap_triton``). Arguments as in :func:`block_topk`."""
     B, Hq, T, D = q.shape
     Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = Hq // Hkv
@@ -65,28 +76,29 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     out = torch.empty((B, Hkv, T, num_selected), dtype=torch.long, device=q.device)
     if T == 0:
         return out
-    GP = triton_next_pow2(G)
+    GP = _next_pow2(G)
     BT = max(1, _ROWS // GP)
-    NP = triton_next_pow2(num_selected)
+    NP = _next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
     grid = (math.ceil(T / BT), B * Hkv)
-    W2 = triton_next_pow2(NP + CH)
+    W2 = _next_pow2(NP + CH)
     # per program, BT rows of [running top-n | this step's keys | -1 padding]: linear in T (64 MiB at 64k)
     scratch = torch.empty(grid[0] * grid[1] * BT * W2, dtype=torch.long, device=q.device)
     wrap(block_topk_kernel)[grid](
         q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
         T, Tc, S, Hkv, scale,
-        G=G, GP=GP, BT=BT, D=D, DP=max(16, triton_next_pow2(D)), STRIDE=stride, BLOCK=block_size,
+        G=G, GP=GP, BT=BT, D=D, DP=max(16, _next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
         IEEE=q.dtype == torch.float32, W2=W2,
-        num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,
+        num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,  # 8 once the logits tile reaches 128 x 128
     )
     return out
 
 
-def triton_next_pow2(x: int) -> int:
+def _next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (Triton block shapes must be powers of two)."""
     return 1 << max(0, (x - 1).bit_length())
 
 

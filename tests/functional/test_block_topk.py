@@ -101,6 +101,17 @@ def _assert_same_choices(got, want, q, k_cmp, lse, block, stride, sel, n, num_in
     assert (pick(got) - pick(want))[differ].abs().max() <= tol, "a block was chosen over a clearly better one"
 
 
+def test_kernel_is_taken_only_on_cuda_for_configs_it_handles():
+    q = torch.randn(1, 4, 64, 16)
+    assert not block_topk.supported(q, 32, 16, 64, 16)  # CPU: always the chunked torch path
+    if torch.cuda.is_available() and block_topk.triton is not None:
+        q = q.cuda()
+        assert block_topk.supported(q, 32, 16, 64, 16)
+        assert not block_topk.supported(q, 32, 16, 48, 16)  # r = 3: not a power of two
+        assert not block_topk.supported(q, 64, 8, 16, 16)  # L = 7 compressed blocks reach back past r = 2
+        assert not block_topk.supported(q.double(), 32, 16, 64, 16)
+
+
 @given(case=selection_cases())
 def test_kernel_equals_unfused_selection(device, case):
     q, k_cmp, lse = _problem(case, device)
