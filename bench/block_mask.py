@@ -1,57 +1,79 @@
 """Time and memory of ``masks.block_mask_from_indices`` (O(T*n)) against ``create_block_mask`` (T x T mask_mod).
 
-Usage: ``python -m bench.block_mask [--seq-lens 8192 65536] [--num-selected 16]``
+By default the mask is built as NSA's selection branch builds it: the ``G`` query heads of a kv head folded
+into query rows (``rows_per_token=G``, ``T*G`` rows) in tiles of ``functional.branches.SELECTION_TILE_ROWS``
+rows rounded up to a multiple of ``G``; ``--group 1 --q-block-size 128`` gives the plain (unfolded) layout.
+With ``q_blocks`` the transposed lists that backward reads are built too. ``--smoke`` runs a tiny CPU version.
+
+Usage: ``python -m bench.block_mask [--seq-lens 8192 65536] [--num-selected 16] [--group 16]``
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from nsa_flex import masks
+from nsa_flex.functional.branches import SELECTION_TILE_ROWS
 
-from .common import RESULTS, cuda_time, environment, peak_memory, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--num-selected", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--group", type=int, default=16, help="query heads per kv head, folded into rows (paper: 16)")
+    p.add_argument("--q-block-size", type=int, default=None,
+                   help="query rows per tile (default: the selection branch's, SELECTION_TILE_ROWS rounded to G)")
     p.add_argument("--with-dense", action="store_true",
                    help="also time create_block_mask(fine_selection) at T <= 16384 (compiles for a while)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for block_mask.json (default bench/results)")
     args = p.parse_args(argv)
+    if args.smoke:
+        device, timer, args.seq_lens, args.with_dense = "cpu", cpu_time, [256], False
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.block_mask needs CUDA (use --smoke for the CPU check)")
+    else:
+        device, timer = "cuda", cuda_time
+    G = args.group
+    tile = args.q_block_size or G * math.ceil(SELECTION_TILE_ROWS / G)
     env = environment()
     print(env, flush=True)
     rows = []
-    payload = {"env": env, "rows": rows}
+    payload = {"env": env, "group": G, "q_block_size": tile, "rows": rows}
+    name = "block_mask_smoke" if args.smoke else "block_mask"
     for T in args.seq_lens:
-        t = torch.arange(T, device="cuda").view(1, 1, T, 1)
+        t = torch.arange(T, device=device).view(1, 1, T, 1)
         own = t // args.block_size
         # Random selections among each token's causal blocks (independent per token: the worst case).
-        idx = (torch.rand(1, args.kv_heads, T, args.num_selected, device="cuda") * (own + 1)).long()
+        idx = (torch.rand(1, args.kv_heads, T, args.num_selected, device=device) * (own + 1)).long()
         for grad in (False, True):
             fn = lambda: masks.block_mask_from_indices(  # noqa: E731
-                idx, T, T, args.block_size, compute_q_blocks=grad
+                idx, T * G, T, args.block_size, tile, compute_q_blocks=grad, rows_per_token=G
             )
-            ms = cuda_time(fn)
-            mem = peak_memory(fn)
-            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, q_blocks=grad, ms=ms, peak_bytes=mem,
-                       T_times_n_bytes_int64=T * args.num_selected * args.kv_heads * 8)
+            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, group=G, q_block_size=tile, q_blocks=grad,
+                       ms=timer(fn), T_times_n_bytes_int64=T * args.num_selected * args.kv_heads * 8)
+            if device == "cuda":
+                row["peak_bytes"] = peak_memory(fn)
             print(row, flush=True)
             rows.append(row)
-            save("block_mask", payload, args.out)  # after every row: a run cut short keeps what it measured
+            save(name, payload, args.out)  # after every row: a run cut short keeps what it measured
         if args.with_dense and T <= 16384:  # after ours: its compilation takes a while
-            mask = masks.fine_selection(idx, args.block_size)
-            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, method="create_block_mask", ms=cuda_time(
-                lambda: mask.to_block_mask(T, T, device="cuda", block_size=(128, args.block_size)), 1, 3))
+            mask = masks.fine_selection(idx, args.block_size, G)
+            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, method="create_block_mask (unfolded)",
+                       ms=cuda_time(lambda: mask.to_block_mask(T, T, device="cuda", block_size=(128, args.block_size)),
+                                    1, 3))
             print(row, flush=True)
             rows.append(row)
-            save("block_mask", payload, args.out)
+            save(name, payload, args.out)
         del idx, t, own
+    return payload
 
 
 if __name__ == "__main__":

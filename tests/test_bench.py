@@ -34,6 +34,15 @@ def test_block_topk_benchmark_smoke(tmp_path):
     assert {r["inputs"] for r in rows} == {"random", "structured"} and all(r["ms"] > 0 for r in rows)
 
 
+def test_block_mask_benchmark_smoke(tmp_path):
+    from bench import block_mask
+
+    rows = block_mask.main(["--smoke", "--out", str(tmp_path)])["rows"]
+    assert json.loads((tmp_path / "block_mask_smoke.json").read_text())["rows"] == rows
+    assert [r["q_blocks"] for r in rows] == [False, True] and all(r["ms"] > 0 for r in rows)
+    assert rows[0]["group"] == 16 and rows[0]["q_block_size"] == 16  # the selection branch's folded tiles
+
+
 def test_profile_reports_where_the_time_goes(tmp_path):
     from bench import decode
 
