@@ -103,9 +103,9 @@ def select_blocks(
     """Top-``num_selected`` selection blocks per token and kv head (see module docstring); int64, ``-1`` padded.
 
     ``lse``, the compressed branch's log-sum-exp, saves recomputing the softmax normalizer when given. On CUDA
-    with ``lse`` given (and ``l'/d`` a power of two, as in the paper) one fused Triton kernel scores and ranks
-    (:mod:`.block_topk`): memory is the output alone. Otherwise it works a chunk of queries at a time: memory
-    ``O(chunk * Tc)`` per head, never ``[B, Hq, T, Tc]``.
+    with ``lse`` given (``l'/d`` a power of two as in the paper, ``Tc > 0``) one fused Triton kernel scores
+    and ranks (:mod:`.block_topk`): memory is the output alone. Otherwise it works a chunk of queries at a
+    time: memory ``O(chunk * Tc)`` per head, never ``[B, Hq, T, Tc]``.
     """
     B, Hq, Hkv, T = check_qkv(q, k_cmp, k_cmp, same_length=False)
     check_selection(block_size, stride, selection_block_size, num_selected, num_initial, num_local)
@@ -115,11 +115,11 @@ def select_blocks(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     w = overlap_pattern(block_size, stride, selection_block_size, q.device, work)
-    if lse is not None and block_topk.supported(q, block_size, stride, selection_block_size, num_selected):
+    Tc = k_cmp.shape[2]
+    if lse is not None and Tc and block_topk.supported(q, block_size, stride, selection_block_size, num_selected):
         return block_topk.block_topk(q, k_cmp, lse.to(torch.float32), w, scale, block_size, stride,
                                      selection_block_size, num_selected, num_initial, num_local)
     config = (block_size, stride, selection_block_size, num_selected, num_initial, num_local, S)
-    Tc = k_cmp.shape[2]
     compiled = q.is_cuda and Tc > 0 and not torch.compiler.is_compiling()
     choose = _compiled_choose() if compiled else _choose
     out = torch.full((B, Hkv, T, num_selected), -1, dtype=torch.long, device=q.device)
