@@ -41,9 +41,12 @@ _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimensi
 
 
 def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int, num_selected: int) -> bool:
-    """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, ``D <= 256``,
-    and ``q`` under ``2**31`` elements (the kernel's offsets are int32)."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+    """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, a query row
+    of at most 256 bytes (bf16/fp16 ``D <= 128``, fp32 ``D <= 64``: the q tile and the pipelined key tiles
+    must fit in shared memory), and ``q`` under ``2**31`` elements (the kernel's offsets are int32)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if q.shape[-1] * q.element_size() > 256:
         return False
     if q.numel() >= 1 << 31:
         return False

@@ -112,6 +112,8 @@ def test_kernel_is_taken_only_on_cuda_for_configs_it_handles():
         assert not block_topk.supported(q, 32, 16, 48, 16)  # r = 3: not a power of two
         assert not block_topk.supported(q, 64, 8, 16, 16)  # L = 7 compressed blocks reach back past r = 2
         assert not block_topk.supported(q.double(), 32, 16, 64, 16)
+        assert block_topk.supported(torch.randn(1, 4, 64, 128, device="cuda", dtype=torch.bfloat16), 32, 16, 64, 16)
+        assert not block_topk.supported(torch.randn(1, 4, 64, 128, device="cuda"), 32, 16, 64, 16)  # fp32 row: 512 B
 
 
 @given(case=selection_cases())
