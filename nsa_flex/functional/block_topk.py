@@ -40,6 +40,12 @@ _ROWS = 128  # query rows (tokens x padded group) per program: one tensor-core t
 _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
 
+def band(block_size: int, stride: int, selection_block_size: int) -> tuple[int, int]:
+    """``(r, L)`` of the overlap band: ``r = l'/d`` compressed blocks start in each selection block and the
+    ``L = ceil(l/d) - 1`` before them reach into it (see :func:`overlap_pattern`)."""
+    return selection_block_size // stride, -(-block_size // stride) - 1
+
+
 def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int, num_selected: int) -> bool:
     """Whether the kernel handles this configuration: CUDA, triton, power-of-two ``r``, ``L <= r``, a query row
     of at most 256 bytes (bf16/fp16 ``D <= 128``, fp32 ``D <= 64``: the q tile and the pipelined key tiles
@@ -50,7 +56,7 @@ def supported(q: Tensor, block_size: int, stride: int, selection_block_size: int
         return False
     if q.numel() >= 1 << 31:
         return False
-    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    r, L = band(block_size, stride, selection_block_size)
     return triton is not None and not r & (r - 1) and L <= r and num_selected <= 256
 
 
@@ -75,7 +81,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = Hq // Hkv
     S = math.ceil(T / selection_block_size)
-    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    r, L = band(block_size, stride, selection_block_size)
     out = torch.empty((B, Hkv, T, num_selected), dtype=torch.long, device=q.device)
     if T == 0:
         return out

@@ -67,7 +67,7 @@ def overlap_pattern(block_size: int, stride: int, selection_block_size: int, dev
     ``r = selection_block_size // stride`` compressed blocks start in each selection block and the ``L =
     ceil(block_size / stride) - 1`` before them reach into it, so ``m = r + L`` weights describe all of ``W``.
     """
-    r, L = selection_block_size // stride, -(-block_size // stride) - 1
+    r, L = block_topk.band(block_size, stride, selection_block_size)
     start = (torch.arange(r + L, device=device) - L) * stride  # first token of each compressed block, from s*l'
     lo, hi = start.clamp(min=0), (start + block_size).clamp(max=selection_block_size)
     return (hi - lo).clamp(min=0).to(dtype)
