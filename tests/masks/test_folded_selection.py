@@ -41,3 +41,18 @@ def test_folded_layout_rejects_inconsistent_sizes():
         masks.block_mask_from_indices(idx, 40, 10, 16, 30, rows_per_token=4)
     with pytest.raises(ValueError, match="rows_per_token"):
         masks.block_mask_from_indices(idx, 40, 10, 16, 32, group_size=2, rows_per_token=4)
+
+
+def test_transposed_block_lists_trace_into_one_graph():
+    """The query-side lists are built with static shapes, so a user's fullgraph compile traces them."""
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 7, (1, 2, 100, 4), generator=gen)
+    idx[..., 0] = 0
+
+    def lists(idx):
+        bm = masks.block_mask_from_indices(idx, 400, 100, 16, 16, rows_per_token=4)
+        return bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices
+
+    compiled = torch.compile(lists, fullgraph=True, backend="aot_eager")(idx)
+    for got, want in zip(compiled, lists(idx)):
+        assert torch.equal(got, want)
