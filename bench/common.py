@@ -48,6 +48,22 @@ def cuda_time(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> f
     return statistics.median(times)
 
 
+def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured in one CUDA graph: returns a callable that replays it (the step's GPU work without its
+    Python and launch costs). ``fn`` is run ``warmup`` times on a side stream first (compilations, allocator
+    pools), so it must tolerate repeats; the graph reads and writes the very tensors ``fn`` used."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def cpu_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
     """Median wall milliseconds of ``fn()`` (the CPU smoke modes' stand-in for CUDA events)."""
     for _ in range(warmup):

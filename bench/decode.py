@@ -7,12 +7,16 @@ One attention layer's decode step for one new token per sequence, the cache alre
 * ``nsa_decode``   write the new k/v, compress the block it completes (mean pooling; branch-free, so one block
                    is compressed every step, the worst case), then :func:`nsa_flex.functional.nsa_decode`:
                    compressed attention over the cached compressed keys, scoring + top-n, attention over the
-                   gathered selected blocks and window, gating. Eager.
-* ``nsa_decode_graph``  the same ``nsa_decode`` under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs);
-                   ``--no-compile`` skips it.
+                   selected blocks and the window, gating; the attention in the fused Triton kernels
+                   (:mod:`nsa_flex.functional.fused_decode`).
+* ``nsa_decode_gather``  the same step with ``use_kernel=False``: keys gathered into new tensors by torch ops.
 
-Inputs are random (bf16, NSA paper config l=32, d=16, l'=64, n=16, w=512, rotary on). Median of CUDA-event
-timings after warm-up, for ``T`` in 8k/16k/32k/64k and batch 1 and 16. Writes ``bench/results/decode.json``.
+Each runs eagerly and, as ``<method>_graph``, captured whole (cache writes included) in one CUDA graph and
+replayed, which is how a server runs a decode step: launch and Python costs gone, the GPU work left. The NSA
+graphs capture the step compiled by ``torch.compile`` (fusing its small elementwise ops); ``--no-compile``
+skips the graph variants. Inputs are random (bf16, NSA paper config l=32, d=16, l'=64, n=16, w=512, rotary
+on). Median of CUDA-event timings after warm-up, for ``T`` in 8k/16k/32k/64k and batch 1 and 16. Writes
+``bench/results/decode.json``.
 
 ``--smoke`` runs a tiny CPU version of the same code in seconds (the tests run it so the script cannot rot).
 
@@ -29,7 +33,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 
-from .common import RESULTS, cpu_time, cuda_time, environment, profile_into, save
+from .common import RESULTS, cpu_time, cuda_graphed, cuda_time, environment, profile_into, save
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
@@ -70,7 +74,8 @@ def _write(s: dict) -> None:
     s["v_cache"].scatter_(2, idx, s["v_new"])
 
 
-def methods(cfg: dict, compile_graphs: bool) -> dict[str, Callable[[dict], object]]:
+def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], object]]]:
+    """Each method makes, from a state, the step to time (a closure over the state)."""
     l, d = cfg["compress_block_size"], cfg["compress_stride"]
 
     def mean(x):  # a plain compressor [B, H, l, D] -> [B, H, 1, D], as nsa_attention's compress="mean"
@@ -83,18 +88,22 @@ def methods(cfg: dict, compile_graphs: bool) -> dict[str, Callable[[dict], objec
         k, v = s["k_cache"][:, :, :T1], s["v_cache"][:, :, :T1]
         return torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
-    def make_nsa(decode):
+    def nsa_step(use_kernel):
         def step(s):
             _write(s)
             F.update_compressed(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], mean, mean, l, d)
-            return decode(s["q"], s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], s["gates"],
-                          **cfg, rotary_base=ROTARY_BASE)
+            return F.nsa_decode(s["q"], s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"],
+                                s["gates"], **cfg, rotary_base=ROTARY_BASE, use_kernel=use_kernel)
 
         return step
 
-    out = {"sdpa_dense": sdpa_dense, "nsa_decode": make_nsa(F.nsa_decode)}
-    if compile_graphs:
-        out["nsa_decode_graph"] = make_nsa(F.compiled_nsa_decode())
+    steps = {"sdpa_dense": sdpa_dense, "nsa_decode": nsa_step(None), "nsa_decode_gather": nsa_step(False)}
+    out = {name: (lambda step: lambda s: (lambda: step(s)))(step) for name, step in steps.items()}
+    if graphs:
+        for name, step in steps.items():
+            # NSA's step is compiled first: the graph then replays inductor's fused kernels, not ~100 small ops
+            run = step if name == "sdpa_dense" else torch.compile(step, dynamic=False)
+            out[f"{name}_graph"] = (lambda run: lambda s: cuda_graphed(lambda: run(s)))(run)
     return out
 
 
@@ -104,8 +113,9 @@ def main(argv=None) -> dict:
                    help="tokens already in the cache")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
-    p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_dense nsa_decode nsa_decode_graph")
-    p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph (reduce-overhead) variant")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of sdpa_dense nsa_decode nsa_decode_gather, each also with the suffix _graph")
+    p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph variants")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--profile", action="store_true",
                    help="also profile each method: its top kernels and kernel launches per step (in the JSON)")
@@ -128,7 +138,7 @@ def _run(args) -> dict:
         cfg = dict(PAPER_NSA, compress_block_size=8, compress_stride=4, selection_block_size=16, num_selected=3,
                    window_size=32)
         timer = cpu_time
-        compile_graphs = False
+        graphs = False
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench.decode needs CUDA (use --smoke for the CPU check)")
@@ -137,23 +147,24 @@ def _run(args) -> dict:
         configs = {name: CONFIGS[name] for name in args.configs}
         cfg = PAPER_NSA
         timer = lambda fn: cuda_time(fn, 5, args.repeats)  # noqa: E731
-        compile_graphs = not args.no_compile
+        graphs = not args.no_compile
     env = environment()
     print(env, flush=True)
     rows = []
     for config, shape in configs.items():
         for B in batches:
             for T in contexts:
-                for name, fn in methods(cfg, compile_graphs).items():
+                for name, make in methods(cfg, graphs).items():
                     if args.methods and name not in args.methods:
                         continue
                     row = dict(config=config, context=T, batch=B, method=name, **shape)
                     try:
                         state = make_state(B, T, **shape, cfg=cfg, device=device, dtype=dtype)
                         with torch.no_grad():
-                            row["ms_per_token"] = timer(lambda: fn(state))
+                            fn = make(state)
+                            row["ms_per_token"] = timer(fn)
                             if args.profile:
-                                profile_into(row, f"{name}, B={B}, T={T}", lambda: fn(state))
+                                profile_into(row, f"{name}, B={B}, T={T}", fn)
                     except Exception as err:  # noqa: BLE001 - a failing method is reported, not fatal
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)

@@ -47,6 +47,33 @@ def fresh_dynamo_for_gpu_tests(request):
     yield
 
 
+@pytest.fixture(scope="session")
+def triton_device():
+    """Where the Triton kernel tests run: "cuda", or "cpu" under Triton's interpreter; skips without triton."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set above: triton runs interpreted without CUDA"
+    _index_scalars_in_interpreter()
+    return "cpu"
+
+
+def _index_scalars_in_interpreter():
+    """Triton 3.6's interpreter turns a loop bound into ``int(array of shape (1,))``, an error since NumPy 2.4."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "nsa_flex_fixed", False):
+        return
+
+    def fixed(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    fixed.nsa_flex_fixed = True
+    interpreter._patch_lang_tensor = fixed
+
+
 @pytest.fixture
 def one_thread():
     """Run the test with one intra-op thread, restoring the previous setting afterwards."""

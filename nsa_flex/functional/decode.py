@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import positive_int, tensor
+from . import fused_decode
 from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
 __all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed"]
@@ -39,9 +40,8 @@ def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: 
     ``positions [B, T]`` (or ``[B, H, T]``) gives each row's absolute position; the arithmetic is the same as
     ``apply_rotary``'s (angles ``float(p) * base**(-2i/D)`` in float32, float64 for float64 input).
     """
-    D = x.shape[-1]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=work) / D)
+    inv_freq = rotary_frequencies(x.shape[-1], base, x.device, work)
     pos = positions.to(work)
     if pos.ndim == x.ndim - 2:  # [B, T] -> [B, 1, T]
         pos = pos.unsqueeze(1)
@@ -49,6 +49,11 @@ def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: 
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.to(work).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rotary_frequencies(D: int, base: float, device=None, dtype=torch.float32) -> Float[Tensor, "D2"]:
+    """``base ** (-2i / D)`` for ``i < D/2``: the angle of position ``p`` in pair ``i`` is ``p * inv_freq[i]``."""
+    return base ** (-torch.arange(0, D, 2, device=device, dtype=dtype) / D)
 
 
 def _gather(cache: Tensor, idx: Tensor) -> Tensor:
@@ -135,8 +140,9 @@ def nsa_decode(
     scale: Optional[float] = None,
     rotary_base: Optional[float] = None,
     return_branches: bool = False,
+    use_kernel: Optional[bool] = None,
 ):
-    """NSA output of ``T`` new queries (a few; typically 1) over a cache, gather-based (module docstring).
+    """NSA output of ``T`` new queries (a few; typically 1) over a cache (module docstring).
 
     Args:
         q: new queries, position-free (as :func:`nsa_attention`'s ``q``), ``[B, Hq, T, D]``.
@@ -149,6 +155,10 @@ def nsa_decode(
         rotary_base: if given, the selected and window branches use RoPE (this base) on ``q`` and on the
             gathered keys at their positions, like ``nsa_attention(..., fine_qk=rotary(q, k))``.
         return_branches: also return ``{"compressed", "selected", "window", "block_indices"}``.
+        use_kernel: ``None`` (default) runs the attention of the three branches in the fused Triton kernels
+            of :mod:`.fused_decode` where they apply (CUDA, see its ``supported``), else gathers keys with
+            torch ops; ``False`` always gathers; ``True`` always takes the kernels (they also run under
+            Triton's interpreter on CPU tensors, which the tests use). Block choices are the same code either way.
 
     Returns ``o [B, Hq, T, Dv]`` (or ``(o, branches)``); ``block_indices [B, Hkv, T, n]`` equal
     :func:`select_blocks` on the full sequence at those rows (order within ``n`` aside).
@@ -175,12 +185,28 @@ def nsa_decode(
     qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype (fp32 accumulation on GPU), softmax in fp32
     pos = positions.to(torch.long)
 
-    # Compressed branch over all C cached slots, masked to the complete blocks c*d + l - 1 <= t.
+    if use_kernel is None:
+        use_kernel = fused_decode.supported(q, k_cache, ls)
+    elif use_kernel and fused_decode.triton is None:
+        raise ValueError("use_kernel=True needs triton (pip install triton), which is not importable")
+    elif use_kernel and fused_decode.unsupported(q, k_cache, ls):
+        raise ValueError(f"use_kernel=True: {fused_decode.unsupported(q, k_cache, ls)}")
+    # On CUDA the kernels go through their custom ops, which torch.compile traces; elsewhere (Triton's
+    # interpreter) they are launched directly.
+    kernels = use_kernel and q.is_cuda
+
+    # Compressed branch over the cached compressed keys c with c*d + l - 1 <= t.
     c = torch.arange(C, device=dev)
     cmp_valid = (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
-    logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
-    p_cmp, _ = _masked_softmax(logits, cmp_valid)
-    o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
+    if use_kernel:
+        partials = fused_decode.compressed_partials_op if kernels else fused_decode.compressed_partials
+        logits, m, lsum, acc = partials(q, k_cmp, v_cmp, pos, scale, l, d)
+        o_cmp, lse = (x.transpose(2, 3) for x in fused_decode.merge(m, lsum, acc))  # [B, Hkv, G, T, ...]
+        p_cmp = torch.where(cmp_valid, torch.exp(logits - lse.unsqueeze(-1)), 0.0)
+    else:
+        logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
+        p_cmp, _ = _masked_softmax(logits, cmp_valid)
+        o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
 
     # Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then top-n.
     S_all = max(S, 1)
@@ -190,26 +216,39 @@ def nsa_decode(
     if block_indices.shape[-1] < n:
         block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
 
-    q_fine = qg if rotary_base is None else rotary_at(q, pos, rotary_base).view(B, Hkv, G, T, D)
+    q_fine = q if rotary_base is None else rotary_at(q, pos, rotary_base)
+    if use_kernel:
+        # Selected blocks and window tiles as the splits of one kernel; keys rotated in registers.
+        inv_freq = rotary_frequencies(D, 10000.0 if rotary_base is None else rotary_base, dev)
+        partials = fused_decode.sparse_partials_op if kernels else fused_decode.sparse_partials
+        m, lsum, acc = partials(q_fine, k_cache, v_cache, pos, block_indices, inv_freq, rotary_base is not None,
+                                scale, ls, window_size)
+        o_sel, _ = fused_decode.merge(m[..., :n, :], lsum[..., :n, :], acc[..., :n, :, :])
+        o_win, _ = fused_decode.merge(m[..., n:, :], lsum[..., n:, :], acc[..., n:, :, :])
+        o_sel, o_win = o_sel.transpose(2, 3), o_win.transpose(2, 3)
+    else:
+        q_fine = q_fine.view(B, Hkv, G, T, D)
 
-    def fine(tok: Tensor, valid: Tensor) -> Tensor:
-        """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
-        idx = tok.clamp(0, L - 1)
-        k, v = _gather(k_cache, idx), _gather(v_cache, idx)
-        if rotary_base is not None:
-            k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3), rotary_base).view_as(k)
-        lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
-        p, _ = _masked_softmax(lg, valid.unsqueeze(2))
-        return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
+        def fine(tok: Tensor, valid: Tensor) -> Tensor:
+            """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
+            idx = tok.clamp(0, L - 1)
+            k, v = _gather(k_cache, idx), _gather(v_cache, idx)
+            if rotary_base is not None:
+                k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3),
+                              rotary_base).view_as(k)
+            lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
+            p, _ = _masked_softmax(lg, valid.unsqueeze(2))
+            return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
 
-    # Selected branch: the n blocks' tokens j <= t.
-    tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
-    valid = (block_indices.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, ls).flatten(-2) & (tok <= pos.view(B, 1, T, 1))
-    o_sel = fine(tok, valid)
+        # Selected branch: the n blocks' tokens j <= t.
+        tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
+        valid = ((block_indices.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, ls).flatten(-2)
+                 & (tok <= pos.view(B, 1, T, 1)))
+        o_sel = fine(tok, valid)
 
-    # Window branch: t - w < j <= t.
-    tok = (pos.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=dev)).unsqueeze(1)
-    o_win = fine(tok, tok >= 0)
+        # Window branch: t - w < j <= t.
+        tok = (pos.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=dev)).unsqueeze(1)
+        o_win = fine(tok, tok >= 0)
 
     g = gates.to(work).view(B, Hkv, G, T, 3)
     out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win

@@ -5,8 +5,6 @@ On CUDA the kernel runs compiled; on a CPU machine with triton installed it runs
 select_blocks takes it only for CUDA tensors.
 """
 
-import os
-
 import pytest
 import torch
 from hypothesis import given
@@ -14,32 +12,6 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 from nsa_flex.functional import block_topk, selection
-
-
-@pytest.fixture(scope="module")
-def device():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py runs triton interpreted without CUDA"
-    _index_scalars_in_interpreter()
-    return "cpu"
-
-
-def _index_scalars_in_interpreter():
-    """Triton 3.6's interpreter turns a loop bound into ``int(array of shape (1,))``, an error since NumPy 2.4."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-    if getattr(patch, "nsa_flex_fixed", False):
-        return
-
-    def fixed(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    fixed.nsa_flex_fixed = True
-    interpreter._patch_lang_tensor = fixed
 
 
 @st.composite
@@ -117,20 +89,20 @@ def test_kernel_is_taken_only_on_cuda_for_configs_it_handles():
 
 
 @given(case=selection_cases())
-def test_kernel_equals_unfused_selection(device, case):
-    q, k_cmp, lse = _problem(case, device)
+def test_kernel_equals_unfused_selection(triton_device, case):
+    q, k_cmp, lse = _problem(case, triton_device)
     got = _fused(q, k_cmp, lse, *_config(case))
     assert got.shape == (case["B"], case["Hkv"], case["T"], case["n"]) and got.dtype == torch.long
     _assert_same_choices(got, _unfused(q, k_cmp, lse, *_config(case)), q, k_cmp, lse, *_config(case))
 
 
-def test_kernel_breaks_ties_toward_lower_block_like_select_blocks(device):
+def test_kernel_breaks_ties_toward_lower_block_like_select_blocks(triton_device):
     # All compressed keys equal: every visible compressed key has the same probability, many blocks tie.
     T = 200
     q = torch.randn(1, 2, T, 8)
     k_cmp = torch.zeros(1, 1, (T - 8) // 8 + 1, 8)
     _, lse = F.compressed_attention(q, k_cmp, k_cmp, 8, 8, return_lse=True)  # on CPU: CUDA flex wants D >= 16
-    got = _fused(q.to(device), k_cmp.to(device), lse.to(device), 8, 8, 16, 4, 1, 2).cpu()
+    got = _fused(q.to(triton_device), k_cmp.to(triton_device), lse.to(triton_device), 8, 8, 16, 4, 1, 2).cpu()
     assert torch.equal(got, F.select_blocks(q, k_cmp, 8, 8, 16, 4, 1, 2))
     assert got[0, 0, 199].tolist() == [0, 12, 11, 1] and got[0, 0, 5].tolist() == [0, -1, -1, -1]
 

@@ -343,7 +343,7 @@ def test_compile_fullgraph_backward_bf16_cuda():
 
     def grads(module, fn, like):
         module.zero_grad(set_to_none=True)
-        xi = x.to(like).requires_grad_()
+        xi = x.to(like, copy=True).requires_grad_()  # a fresh leaf: x.to(like) may be x itself
         fn(xi).double().square().sum().backward()
         return [t.double().cpu() for t in [xi.grad] + [p.grad for p in module.parameters()]]
 

@@ -1,0 +1,279 @@
+"""Fused NSA decode attention (Triton): the branches of a few new queries over a KV cache, split over keys.
+
+A decode step reads little (at 64k tokens: 4k compressed keys, ``n`` selected blocks and the window per kv
+head) but the gather-based path (:func:`nsa_decode` with ``use_kernel=False``) spends it in dozens of small
+kernels that copy keys into new tensors, rotate them and multiply badly shaped matrices. Two kernels replace
+that, flash-decoding style: one program per (sequence, kv head, new token, key split), the ``G`` query heads of
+the group as the rows of one tensor-core tile, each program writing a softmax *partial* (row max ``m``, sum
+``l`` and ``sum p v`` relative to ``m``) that :func:`merge` combines.
+
+* :func:`compressed_partials`: splits of the cached compressed keys ``c`` with ``c*d + l - 1 <= t``; it also
+  writes the scaled logits, from which the caller forms the probabilities for block scoring once the split
+  partials give the log-sum-exp.
+* :func:`sparse_partials`: program ``j < n`` takes selected block ``idx[j]`` (its tokens ``<= t``), program
+  ``j >= n`` one tile of the window ``t - w < j <= t``; keys are read in place from the cache rows (a selection
+  block is contiguous) and rotated (RoPE, "rotate half") in registers at their positions.
+
+Both are custom ops (``nsa_flex::decode_compressed_partials``, ``nsa_flex::decode_sparse_partials``) so that
+``torch.compile`` traces them. Without triton this module defines only :func:`supported`, which then says no.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: nsa_decode never asks for the kernels there
+    triton = None
+
+_COMPRESSED_TILE = 64  # compressed keys per loop step
+_TARGET_PROGRAMS = 512  # compressed splits are sized so a step has about this many programs (132 SMs on an H100)
+
+
+def unsupported(q: Tensor, k_cache: Tensor, selection_block_size: int) -> Optional[str]:
+    """Why the kernels cannot take this decode step (``None`` if they can), device aside: they take fp16/bf16/fp32,
+    a selection block of 16-128 tokens that is a power of two (it is the key tile), at most 128 query heads per
+    kv head, a head row of at most 256 bytes and caches under ``2**31`` elements (int32 offsets)."""
+    sel = selection_block_size
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"inputs must be float16, bfloat16 or float32, got {q.dtype}"
+    if not 16 <= sel <= 128 or sel & (sel - 1):
+        return f"selection_block_size must be a power of two in [16, 128], got {sel}"
+    if q.shape[1] // k_cache.shape[1] > 128:
+        return f"at most 128 query heads per kv head, got {q.shape[1] // k_cache.shape[1]}"
+    if q.shape[-1] * q.element_size() > 256:
+        return f"head rows of at most 256 bytes, got {q.shape[-1]} x {q.element_size()}"
+    if k_cache.numel() >= 1 << 31:
+        return f"caches of fewer than 2**31 elements, got {k_cache.numel()}"
+    return None
+
+
+def supported(q: Tensor, k_cache: Tensor, selection_block_size: int) -> bool:
+    """Whether :func:`nsa_decode` takes the kernels by default: CUDA, triton, and nothing :func:`unsupported`."""
+    return triton is not None and q.is_cuda and unsupported(q, k_cache, selection_block_size) is None
+
+
+def merge(m: Float[Tensor, "... P G"], lsum: Float[Tensor, "... P G"], acc: Float[Tensor, "... P G Dv"]):
+    """Combine softmax partials over the split dim ``P``: ``(o [..., G, Dv], lse [..., G])``; rows that saw no
+    key give ``o = 0`` and ``lse = -inf``."""
+    top = m.amax(dim=-2, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight = torch.exp(m - top)  # 0 for empty splits (m = -inf)
+    total = (lsum * weight).sum(dim=-2)
+    o = (acc * weight.unsqueeze(-1)).sum(dim=-3) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return o, total.log() + top.squeeze(-2)
+
+
+def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hkv C D"],
+                        v_cmp: Float[Tensor, "B Hkv C Dv"], positions: Int[Tensor, "B T"], scale: float,
+                        block_size: int, stride: int, wrap=lambda kernel: kernel):
+    """``(logits [B, Hkv, G, T, C], m, lsum [B, Hkv, T, P, G], acc [B, Hkv, T, P, G, Dv])`` (float32).
+
+    ``logits`` are ``scale * q . k_cmp`` where key ``c`` is visible (``c*d + l - 1 <= t``); entries of invisible
+    keys are unspecified (mask them). ``P`` splits of the compressed keys. ``wrap`` is for the custom op.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, C, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
+    G = Hq // Hkv
+    tiles = max(1, math.ceil(C / _COMPRESSED_TILE))
+    per_split = _next_pow2(max(1, math.ceil(tiles * B * Hkv * T / _TARGET_PROGRAMS)))
+    P = math.ceil(tiles / per_split)
+    dev, f32 = q.device, torch.float32
+    logits = torch.empty(B, Hkv, G, T, C, device=dev, dtype=f32)
+    m = torch.empty(B, Hkv, T, P, G, device=dev, dtype=f32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(B, Hkv, T, P, G, Dv, device=dev, dtype=f32)
+    if m.numel() == 0:
+        return logits, m, lsum, acc
+    pos = positions.to(torch.int32)
+    wrap(compressed_kernel)[(B * Hkv * T, P)](
+        q, k_cmp, v_cmp, pos, logits, m, lsum, acc,
+        *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *pos.stride(),
+        T, C, Hkv, scale,
+        G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=Dv, DVP=max(16, _next_pow2(Dv)),
+        STRIDE=stride, BLOCK=block_size, BC=_COMPRESSED_TILE, TILES=per_split, P=P,
+        IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return logits, m, lsum, acc
+
+
+def sparse_partials(q: Float[Tensor, "B Hq T D"], k_cache: Float[Tensor, "B Hkv L D"],
+                    v_cache: Float[Tensor, "B Hkv L Dv"], positions: Int[Tensor, "B T"],
+                    block_indices: Int[Tensor, "B Hkv T n"], inv_freq: Float[Tensor, "D2"], rotary: bool,
+                    scale: float, selection_block_size: int, window_size: int, wrap=lambda kernel: kernel):
+    """``(m, lsum [B, Hkv, T, n + W, G], acc [B, Hkv, T, n + W, G, Dv])`` (float32): splits ``j < n`` are the
+    selected blocks (``-1``: empty), the ``W = ceil(w / l')`` others tile the window.
+
+    ``q`` is already rotated when ``rotary``; keys are rotated in the kernel with ``inv_freq`` (``[D/2]``,
+    :func:`rotary_at`'s frequencies) at their positions.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
+    G, n = Hq // Hkv, block_indices.shape[-1]
+    W = math.ceil(window_size / selection_block_size)
+    dev, f32 = q.device, torch.float32
+    m = torch.empty(B, Hkv, T, n + W, G, device=dev, dtype=f32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(B, Hkv, T, n + W, G, Dv, device=dev, dtype=f32)
+    if m.numel() == 0:
+        return m, lsum, acc
+    pos = positions.to(torch.int32)
+    idx = block_indices.to(torch.int32)
+    half = D // 2 if rotary else D  # without rotary the "first half" is the whole row
+    wrap(sparse_kernel)[(B * Hkv * T, n + W)](
+        q, k_cache, v_cache, pos, idx, inv_freq, m, lsum, acc,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *pos.stride(), *idx.stride(),
+        T, Hkv, n, window_size, scale,
+        G=G, GP=max(16, _next_pow2(G)), HALF=half, HP=max(16, _next_pow2(half)), ROTARY=rotary,
+        DV=Dv, DVP=max(16, _next_pow2(Dv)), SEL=selection_block_size,
+        IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return m, lsum, acc
+
+
+def _next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (Triton block shapes must be powers of two)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+if triton is not None:
+    @torch.library.triton_op("nsa_flex::decode_compressed_partials", mutates_args={})
+    def compressed_partials_op(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, positions: Tensor, scale: float,
+                               block_size: int, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return compressed_partials(q, k_cmp, v_cmp, positions, scale, block_size, stride,
+                                   wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("nsa_flex::decode_sparse_partials", mutates_args={})
+    def sparse_partials_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
+                           block_indices: Tensor, inv_freq: Tensor, rotary: bool, scale: float,
+                           selection_block_size: int, window_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        return sparse_partials(q, k_cache, v_cache, positions, block_indices, inv_freq, rotary, scale,
+                               selection_block_size, window_size, wrap=torch.library.wrap_triton)
+
+    @triton.jit
+    def _online(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+        """One step of the online softmax: logits ``s [GP, K]`` (``-inf`` masked), values ``v [K, DVP]``."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_partial(M, LSUM, ACC, row, split, P, m_i, l_i, acc,
+                       G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+        g = tl.arange(0, GP)
+        dv = tl.arange(0, DVP)
+        base = (row * P + split) * G
+        tl.store(M + base + g, m_i, mask=g < G)
+        tl.store(LSUM + base + g, l_i, mask=g < G)
+        tl.store(ACC + (base + g)[:, None] * DV + dv[None, :], acc, mask=(g < G)[:, None] & (dv < DV)[None, :])
+
+    @triton.jit
+    def compressed_kernel(
+        Q, K, V, POS, LOGITS, M, LSUM, ACC,
+        sqb, sqh, sqt, sqd, skb, skh, skc, skd, svb, svh, svc, svd, spb, spt,
+        T, C, Hkv, scale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
+        DVP: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr,
+        P: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # (b, h, t)
+        split = tl.program_id(1)
+        t = row % T
+        h = (row // T) % Hkv
+        b = row // (T * Hkv)
+        pos = tl.load(POS + b * spb + t * spt)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + t * sqt + d[None, :] * sqd,
+                    mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, DVP), tl.float32)
+        # compressed keys visible to this token: c*d + l - 1 <= pos; tiles past them are skipped
+        visible = tl.where(pos + 1 >= BLOCK, (pos + 1 - BLOCK) // STRIDE + 1, 0)
+        visible = tl.minimum(visible, C)
+        lo = split * TILES * BC
+        hi = tl.minimum(lo + TILES * BC, visible)
+        for start in range(lo, hi, BC):
+            c = start + tl.arange(0, BC)
+            ok = c < hi
+            k = tl.load(K + b * skb + h * skh + c[:, None] * skc + d[None, :] * skd,
+                        mask=ok[:, None] & (d < D)[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+            tl.store(LOGITS + (((b * Hkv + h) * G + g)[:, None] * T + t) * C + c[None, :], s,
+                     mask=(g < G)[:, None] & ok[None, :])
+            v = tl.load(V + b * svb + h * svh + c[:, None] * svc + dv[None, :] * svd,
+                        mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+            m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
+        _store_partial(M, LSUM, ACC, row, split, P, m_i, l_i, acc, G, GP, DV, DVP)
+
+    @triton.jit
+    def sparse_kernel(
+        Q, K, V, POS, IDX, INV_FREQ, M, LSUM, ACC,
+        sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, spb, spt, sib, sih, sit, sin,
+        T, Hkv, N, window, scale,
+        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, ROTARY: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # (b, h, t)
+        j = tl.program_id(1)  # selected block j < N, else window tile j - N
+        t = row % T
+        h = (row // T) % Hkv
+        b = row // (T * Hkv)
+        pos = tl.load(POS + b * spb + t * spt)
+        is_sel = j < N
+        block = tl.load(IDX + b * sib + h * sih + t * sit + tl.minimum(j, N - 1) * sin)
+        start = tl.where(is_sel, block * SEL, pos - window + 1 + (j - N) * SEL)
+        tok = start + tl.arange(0, SEL)
+        ok = (tok >= 0) & (tok <= pos) & tl.where(is_sel, block >= 0, tok > pos - window)
+        g = tl.arange(0, GP)
+        e = tl.arange(0, HP)
+        dv = tl.arange(0, DVP)
+        q_rows = Q + b * sqb + (h * G + g)[:, None] * sqh + t * sqt
+        q_ok = (g < G)[:, None] & (e < HALF)[None, :]
+        k_rows = K + b * skb + h * skh + tok[:, None] * skl
+        k_ok = ok[:, None] & (e < HALF)[None, :]
+        q1 = tl.load(q_rows + e[None, :] * sqd, mask=q_ok, other=0.0)
+        k1 = tl.load(k_rows + e[None, :] * skd, mask=k_ok, other=0.0)
+        if ROTARY:  # "rotate half": (k1, k2) -> (k1 cos - k2 sin, k2 cos + k1 sin) at each key's position
+            q2 = tl.load(q_rows + (e + HALF)[None, :] * sqd, mask=q_ok, other=0.0)
+            k2 = tl.load(k_rows + (e + HALF)[None, :] * skd, mask=k_ok, other=0.0)
+            angle = tok.to(tl.float32)[:, None] * tl.load(INV_FREQ + e, mask=e < HALF, other=0.0)[None, :]
+            cos, sin = tl.cos(angle), tl.sin(angle)
+            k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+            k1 = (k1f * cos - k2f * sin).to(k2.dtype)
+            k2 = (k2f * cos + k1f * sin).to(k2.dtype)
+            if IEEE:
+                s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            else:
+                s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        else:
+            if IEEE:
+                s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+            else:
+                s = tl.dot(q1, tl.trans(k1))
+        s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+        v = tl.load(V + b * svb + h * svh + tok[:, None] * svl + dv[None, :] * svd,
+                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        m_i, l_i, acc = _online(s, v, m_i, tl.zeros((GP,), tl.float32), tl.zeros((GP, DVP), tl.float32), IEEE)
+        _store_partial(M, LSUM, ACC, row, j, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
