@@ -211,10 +211,15 @@ def nsa_decode(
     # Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then top-n.
     S_all = max(S, 1)
     w = overlap_pattern(l, d, ls, dev, work)
-    scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
-    block_indices = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
-    if block_indices.shape[-1] < n:
-        block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
+    if use_kernel and S_all <= fused_decode.MAX_BLOCKS:
+        choose = fused_decode.choose_blocks_op if kernels else fused_decode.choose_blocks
+        block_indices = choose(p_cmp.sum(dim=2), w, pos, S_all, d, ls, n,
+                               num_initial, num_local)
+    else:
+        scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
+        block_indices = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
+        if block_indices.shape[-1] < n:
+            block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
 
     q_fine = q if rotary_base is None else rotary_at(q, pos, rotary_base)
     if use_kernel:

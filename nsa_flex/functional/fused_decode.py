@@ -10,12 +10,14 @@ the group as the rows of one tensor-core tile, each program writing a softmax *p
 * :func:`compressed_partials`: splits of the cached compressed keys ``c`` with ``c*d + l - 1 <= t``; it also
   writes the scaled logits, from which the caller forms the probabilities for block scoring once the split
   partials give the log-sum-exp.
+* :func:`choose_blocks`: one program per (sequence, kv head, new token) folds the group's compressed
+  probabilities into selection-block scores (the banded overlap weights) and takes the top ``n`` with the
+  forced blocks first, ranked by the same int64 keys as :mod:`.block_topk` (ties toward the lower block);
 * :func:`sparse_partials`: program ``j < n`` takes selected block ``idx[j]`` (its tokens ``<= t``), program
   ``j >= n`` one tile of the window ``t - w < j <= t``; keys are read in place from the cache rows (a selection
   block is contiguous) and rotated (RoPE, "rotate half") in registers at their positions.
 
-Both are custom ops (``nsa_flex::decode_compressed_partials``, ``nsa_flex::decode_sparse_partials``) so that
-``torch.compile`` traces them. Without triton this module defines only :func:`supported`, which then says no.
+All are custom ops (``nsa_flex::decode_*``) so that ``torch.compile`` traces them. Without triton this module defines only :func:`supported`, which then says no.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .block_topk import FORCED_KEY, INDEX_BITS
+
 try:
     import triton
     import triton.language as tl
@@ -34,7 +38,14 @@ except ImportError:  # CPU-only installs: nsa_decode never asks for the kernels 
     triton = None
 
 _COMPRESSED_TILE = 64  # compressed keys per loop step
-_TARGET_PROGRAMS = 512  # compressed splits are sized so a step has about this many programs (132 SMs on an H100)
+# Launch settings measured on an H100 (64k tokens, paper config, batch 16): 8 warps for both kernels
+_COMPRESSED_WARPS = 8
+_COMPRESSED_STAGES = 3
+_SPARSE_WARPS = 8
+# Compressed splits are sized so that a step has about this many programs: 132 SMs on an H100, several
+# programs each, so that memory latency hides behind other programs (512 left the kernel at 1 TB/s).
+_TARGET_PROGRAMS = 2048
+MAX_BLOCKS = 4096  # selection blocks a choose_blocks program ranks in registers (256k tokens at l' = 64)
 
 
 def unsupported(q: Tensor, k_cache: Tensor, selection_block_size: int) -> Optional[str]:
@@ -99,9 +110,31 @@ def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hk
         T, C, Hkv, scale,
         G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=Dv, DVP=max(16, _next_pow2(Dv)),
         STRIDE=stride, BLOCK=block_size, BC=_COMPRESSED_TILE, TILES=per_split, P=P,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=_COMPRESSED_WARPS, num_stages=_COMPRESSED_STAGES,
     )
     return logits, m, lsum, acc
+
+
+def choose_blocks(p: Float[Tensor, "B Hkv T C"], w: Float[Tensor, "m"], positions: Int[Tensor, "B T"],
+                  num_blocks: int, stride: int, selection_block_size: int, num_selected: int, num_initial: int,
+                  num_local: int, wrap=lambda kernel: kernel) -> Int[Tensor, "B Hkv T n"]:
+    """Top-``n`` of ``num_blocks`` selection blocks (int64, ``-1`` padded, best first) from ``p``, the compressed
+    probabilities summed over each kv head's group (0 where not visible), as :func:`top_blocks` chooses from
+    :func:`block_scores`. Takes ``num_blocks <= 4096`` (callers fall back to those two beyond)."""
+    B, Hkv, T, C = p.shape
+    out = torch.empty(B, Hkv, T, num_selected, dtype=torch.long, device=p.device)
+    if out.numel() == 0:
+        return out
+    r = selection_block_size // stride
+    pos = positions.to(torch.int32)
+    wrap(choose_kernel)[(B * Hkv * T,)](
+        p, w.to(torch.float32), pos, out, *p.stride(), *pos.stride(), *out.stride(),
+        T, Hkv, C, num_blocks,
+        SP=_next_pow2(max(num_blocks, num_selected, 16)), R=r, M=w.numel(), MP=_next_pow2(w.numel()), SEL=selection_block_size,
+        N=num_selected, NP=max(2, _next_pow2(num_selected)), NUM_INITIAL=num_initial, NUM_LOCAL=num_local,
+        INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY, num_warps=4,
+    )
+    return out
 
 
 def sparse_partials(q: Float[Tensor, "B Hq T D"], k_cache: Float[Tensor, "B Hkv L D"],
@@ -133,7 +166,7 @@ def sparse_partials(q: Float[Tensor, "B Hq T D"], k_cache: Float[Tensor, "B Hkv 
         T, Hkv, n, window_size, scale,
         G=G, GP=max(16, _next_pow2(G)), HALF=half, HP=max(16, _next_pow2(half)), ROTARY=rotary,
         DV=Dv, DVP=max(16, _next_pow2(Dv)), SEL=selection_block_size,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=_SPARSE_WARPS,
     )
     return m, lsum, acc
 
@@ -149,6 +182,12 @@ if triton is not None:
                                block_size: int, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return compressed_partials(q, k_cmp, v_cmp, positions, scale, block_size, stride,
                                    wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("nsa_flex::decode_choose_blocks", mutates_args={})
+    def choose_blocks_op(p: Tensor, w: Tensor, positions: Tensor, num_blocks: int, stride: int,
+                         selection_block_size: int, num_selected: int, num_initial: int, num_local: int) -> Tensor:
+        return choose_blocks(p, w, positions, num_blocks, stride, selection_block_size, num_selected, num_initial,
+                             num_local, wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("nsa_flex::decode_sparse_partials", mutates_args={})
     def sparse_partials_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
@@ -214,6 +253,8 @@ if triton is not None:
             ok = c < hi
             k = tl.load(K + b * skb + h * skh + c[:, None] * skc + d[None, :] * skd,
                         mask=ok[:, None] & (d < D)[None, :], other=0.0)
+            v = tl.load(V + b * svb + h * svh + c[:, None] * svc + dv[None, :] * svd,
+                        mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -221,8 +262,6 @@ if triton is not None:
             s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
             tl.store(LOGITS + (((b * Hkv + h) * G + g)[:, None] * T + t) * C + c[None, :], s,
                      mask=(g < G)[:, None] & ok[None, :])
-            v = tl.load(V + b * svb + h * svh + c[:, None] * svc + dv[None, :] * svd,
-                        mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
             m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
         _store_partial(M, LSUM, ACC, row, split, P, m_i, l_i, acc, G, GP, DV, DVP)
 
@@ -254,6 +293,9 @@ if triton is not None:
         k_ok = ok[:, None] & (e < HALF)[None, :]
         q1 = tl.load(q_rows + e[None, :] * sqd, mask=q_ok, other=0.0)
         k1 = tl.load(k_rows + e[None, :] * skd, mask=k_ok, other=0.0)
+        # all loads issued before any math: a program has one tile, so nothing else hides their latency
+        v = tl.load(V + b * svb + h * svh + tok[:, None] * svl + dv[None, :] * svd,
+                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
         if ROTARY:  # "rotate half": (k1, k2) -> (k1 cos - k2 sin, k2 cos + k1 sin) at each key's position
             q2 = tl.load(q_rows + (e + HALF)[None, :] * sqd, mask=q_ok, other=0.0)
             k2 = tl.load(k_rows + (e + HALF)[None, :] * skd, mask=k_ok, other=0.0)
@@ -272,8 +314,39 @@ if triton is not None:
             else:
                 s = tl.dot(q1, tl.trans(k1))
         s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
-        v = tl.load(V + b * svb + h * svh + tok[:, None] * svl + dv[None, :] * svd,
-                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         m_i, l_i, acc = _online(s, v, m_i, tl.zeros((GP,), tl.float32), tl.zeros((GP, DVP), tl.float32), IEEE)
         _store_partial(M, LSUM, ACC, row, j, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
+
+    @triton.jit
+    def choose_kernel(
+        P, W, POS, OUT, spb, sph, spt, spc, sqb, sqt, sob, soh, sot, son,
+        T, Hkv, C, S,
+        SP: tl.constexpr, R: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, SEL: tl.constexpr,
+        N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
+        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # (b, h, t)
+        t = row % T
+        h = (row // T) % Hkv
+        b = row // (T * Hkv)
+        pos = tl.load(POS + b * sqb + t * sqt)
+        s = tl.arange(0, SP)
+        j = tl.arange(0, MP)
+        # score[s] = sum_j w[j] p[s*R + j - L], L = M - R (the compressed blocks before s reaching into it)
+        c = s[:, None] * R + j[None, :] - (M - R)
+        p = tl.load(P + b * spb + h * sph + t * spt + c * spc,
+                    mask=(c >= 0) & (c < C) & (j < M)[None, :] & (s < S)[:, None], other=0.0)
+        score = tl.sum(p * tl.load(W + j, mask=j < M, other=0.0)[None, :], axis=1)
+        rev = (S - 1 - s).to(tl.int64)
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
+        KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
+        back = pos // SEL - s  # 0: the token's own block, 1: the one before, ...
+        rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
+        rank = tl.minimum(rank, tl.where(s < NUM_INITIAL, s, KF))
+        forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
+        key = tl.where((back >= 0) & (s < S), tl.where(rank < KF, forced, key), -1)
+        top = tl.topk(key[None, :], NP)  # NP >= 2: a top-1 reduces to a scalar inside tl.topk (Triton 3.6)
+        n = tl.arange(0, NP)[None, :]
+        index = tl.where(top >= 0, S - 1 - (top & ((1 << INDEX_BITS) - 1)), -1)
+        tl.store(OUT + b * sob + h * soh + t * sot + n * son, index, mask=n < N)

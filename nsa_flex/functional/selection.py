@@ -194,12 +194,7 @@ def top_blocks(scores: Float[Tensor, "... T S"], pos: Tensor, n: int, selection_
     if scores.dtype == torch.float32:
         key = (scores.view(torch.int32).long() << _INDEX_BITS) | (S - 1 - s)  # scores >= 0: bits keep order
         key = torch.where(rank < K, _FORCED_KEY + (K - rank), torch.where(later, -1, key))
-        if key.is_cuda and S <= 4096:
-            # Keys are unique, so a sort gives topk's order; torch sorts rows this short in one bitonic
-            # kernel (4 us in a 64k decode step) where topk runs a multi-pass radix select (18 us).
-            values, top = (x[..., :n] for x in key.sort(dim=-1, descending=True))
-        else:
-            values, top = key.topk(n, dim=-1)
+        values, top = key.topk(n, dim=-1)
     else:  # float64 scores have no spare bits: a stable sort keeps ties toward the lower block
         big = float(score_bound + 1)
         key = torch.where(rank < K, big + (K - rank).to(scores.dtype), torch.where(later, -1.0, scores))
