@@ -30,6 +30,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 from nsa_flex import masks
+from nsa_flex.functional.nsa import gate
 from nsa_flex.testing import nsa_inputs
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile_into, save
@@ -90,7 +91,7 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
                                                                       compute_q_blocks=False)),
             "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),
             "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
-            "gating": timer(lambda: g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win),
+            "gating": timer(lambda: gate(g, o_cmp, o_sel, o_win)),
         }
 
 

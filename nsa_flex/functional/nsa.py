@@ -89,16 +89,24 @@ def nsa_attention(
         raise ValueError(f"fine_qk must have the shapes of q and k, got {list(q_fine.shape)}, {list(k_fine.shape)}")
     o_sel = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale)
     o_win = sliding_window_attention(q_fine, k_fine, v, window_size, scale)
-    # Eagerly on CUDA the gating runs compiled: five elementwise passes over [B, Hq, T, Dv] tensors (and their
-    # backward) become one each way (64k tokens, paper config: 6 ms of a 82 ms forward, and 1 GiB temporaries).
-    if o_cmp.is_cuda and not torch.compiler.is_compiling():
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one compile per shape, as flex
-            out = _compiled_gate()(gates, o_cmp, o_sel, o_win)
-    else:
-        out = _gate(gates, o_cmp, o_sel, o_win)
+    out = gate(gates, o_cmp, o_sel, o_win)
     if return_branches:
         return out, {"compressed": o_cmp, "selected": o_sel, "window": o_win, "block_indices": block_indices}
     return out
+
+
+def gate(gates: Float[Tensor, "B Hq T 3"], o_cmp: Float[Tensor, "B Hq T Dv"], o_sel: Float[Tensor, "B Hq T Dv"],
+         o_win: Float[Tensor, "B Hq T Dv"]) -> Float[Tensor, "B Hq T Dv"]:
+    """``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``, in the branches' dtype.
+
+    Called eagerly on CUDA it runs compiled: five elementwise passes over ``[B, Hq, T, Dv]`` tensors (and their
+    backward) become one each way (64k tokens, paper config: the forward went from 82.1 to 77.4 ms and
+    forward+backward from 275 to 262 ms on an H100).
+    """
+    if o_cmp.is_cuda and not torch.compiler.is_compiling():
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one compile per shape, as flex
+            return _compiled_gate()(gates, o_cmp, o_sel, o_win)
+    return _gate(gates, o_cmp, o_sel, o_win)
 
 
 def _gate(gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor) -> Tensor:
