@@ -198,6 +198,15 @@ if triton is not None:
                                selection_block_size, window_size, wrap=torch.library.wrap_triton)
 
     @triton.jit
+    def _token(POS, spb, spt, T, Hkv):
+        """This program's (sequence b, kv head h, new token t) from axis 0, and t's position."""
+        row = tl.program_id(0)
+        t = row % T
+        h = (row // T) % Hkv
+        b = row // (T * Hkv)
+        return row, b, h, t, tl.load(POS + b * spb + t * spt)
+
+    @triton.jit
     def _online(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
         """One step of the online softmax: logits ``s [GP, K]`` (``-inf`` masked), values ``v [K, DVP]``."""
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -230,12 +239,8 @@ if triton is not None:
         DVP: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr,
         P: tl.constexpr, IEEE: tl.constexpr,
     ):
-        row = tl.program_id(0)  # (b, h, t)
+        row, b, h, t, pos = _token(POS, spb, spt, T, Hkv)
         split = tl.program_id(1)
-        t = row % T
-        h = (row // T) % Hkv
-        b = row // (T * Hkv)
-        pos = tl.load(POS + b * spb + t * spt)
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
@@ -274,12 +279,8 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, ROTARY: tl.constexpr,
         DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr,
     ):
-        row = tl.program_id(0)  # (b, h, t)
+        row, b, h, t, pos = _token(POS, spb, spt, T, Hkv)
         j = tl.program_id(1)  # selected block j < N, else window tile j - N
-        t = row % T
-        h = (row // T) % Hkv
-        b = row // (T * Hkv)
-        pos = tl.load(POS + b * spb + t * spt)
         is_sel = j < N
         block = tl.load(IDX + b * sib + h * sih + t * sit + tl.minimum(j, N - 1) * sin)
         start = tl.where(is_sel, block * SEL, pos - window + 1 + (j - N) * SEL)
@@ -327,11 +328,7 @@ if triton is not None:
         N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
         INDEX_BITS: tl.constexpr, FORCED: tl.constexpr,
     ):
-        row = tl.program_id(0)  # (b, h, t)
-        t = row % T
-        h = (row // T) % Hkv
-        b = row // (T * Hkv)
-        pos = tl.load(POS + b * sqb + t * sqt)
+        _, b, h, t, pos = _token(POS, sqb, sqt, T, Hkv)
         s = tl.arange(0, SP)
         j = tl.arange(0, MP)
         # score[s] = sum_j w[j] p[s*R + j - L], L = M - R (the compressed blocks before s reaching into it)
