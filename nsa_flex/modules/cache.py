@@ -110,6 +110,11 @@ class KVCache:
 
     def advance(self, num_new: int) -> None:
         self.lengths += num_new
+        self.advance_host(num_new)
+
+    def advance_host(self, num_new: int) -> None:
+        """The host-side half of :meth:`advance` (``filled``), for a decode step replayed from a CUDA graph,
+        which holds the device half (``lengths += num_new``)."""
         self.filled += num_new
         self._started = True
 

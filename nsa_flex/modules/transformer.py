@@ -278,7 +278,8 @@ class TransformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 prompt_lengths: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                 prompt_lengths: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 cuda_graph: Optional[bool] = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after each prompt with the KV cache: one parallel prefill, then one
         token per step. Returns only the new tokens, ``LongTensor [B, max_new_tokens]``.
 
@@ -286,7 +287,9 @@ class TransformerLM(nn.Module):
         the rest padding; ``prompt_lengths`` default all ``T``), or a list of 1-D token sequences of any
         lengths. Each row's logits are those of running it alone (so greedy decoding, ``temperature=0``, gives
         the same tokens; sampling draws from ``generator`` for the whole batch at once). ``top_k`` keeps the
-        ``k`` most likely tokens.
+        ``k`` most likely tokens. ``cuda_graph`` (default: on CUDA) replays the one-token decode step of the
+        whole model from a CUDA graph captured on the second step, so the step costs its GPU work rather than
+        hundreds of Python-launched kernels; the tokens are the same (sampling stays outside the graph).
         ValueError if a prompt plus ``max_new_tokens`` exceeds ``max_seq_len``.
         """
         positive_int("max_new_tokens", max_new_tokens)
@@ -327,12 +330,17 @@ class TransformerLM(nn.Module):
         ids = torch.nn.functional.pad(ids[:, :hi], (0, padded - hi))
         logits = self(ids, cache=cache, lengths=prompt_lengths)
         last = logits[torch.arange(B, device=device), prompt_lengths - 1]
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        elif cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
+        decode = _GraphedDecode(self, cache) if cuda_graph else (lambda ids: self(ids, cache=cache))
         out = []
         for step in range(max_new_tokens):
             token = self._sample(last, temperature, top_k, generator)
             out.append(token)
             if step + 1 < max_new_tokens:
-                last = self(token.unsqueeze(1), cache=cache)[:, -1]
+                last = decode(token.unsqueeze(1))[:, -1]
         return torch.stack(out, dim=1)
 
     @staticmethod
@@ -349,3 +357,45 @@ class TransformerLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"attn={self.attn_kind!r}, max_seq_len={self.max_seq_len}"
+
+
+class _GraphedDecode:
+    """A model's decode step of one token per sequence, replayed from a CUDA graph.
+
+    The first call runs eagerly (it compiles the kernels and sets up their workspaces); the second captures the
+    step and replays it; later calls copy the new tokens into the captured input and replay. The caches are
+    preallocated and the step has no host syncs, so the graph reads and writes them in place: what it cannot
+    hold is each cache's host-side count of tokens, advanced here after every replay (and the bound check
+    before it). The returned logits live in the graph's output buffer, overwritten by the next call.
+    """
+
+    def __init__(self, model: TransformerLM, cache: list):
+        self.model, self.cache = model, cache
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.warm = False
+
+    def __call__(self, ids: Int[Tensor, "B 1"]) -> Float[Tensor, "B 1 V"]:
+        if not self.warm:
+            self.warm = True
+            return self.model(ids, cache=self.cache)
+        if self.graph is None:
+            self.ids = ids.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            compiled = [layer.attn for layer in self.model.layers if getattr(layer.attn, "compile_decode", False)]
+            for attn in compiled:  # its reduce-overhead graphs cannot nest in this one
+                attn.compile_decode = False
+            try:
+                with torch.cuda.graph(self.graph):  # runs the host-side bookkeeping once, for this step
+                    self.logits = self.model(self.ids, cache=self.cache)
+            finally:
+                for attn in compiled:
+                    attn.compile_decode = True
+            self.graph.replay()
+            return self.logits
+        for c in self.cache:
+            c.check_room(ids.shape[1])
+        self.ids.copy_(ids)
+        self.graph.replay()
+        for c in self.cache:
+            c.advance_host(ids.shape[1])
+        return self.logits
