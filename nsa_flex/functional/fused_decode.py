@@ -2,10 +2,10 @@
 
 A decode step reads little (at 64k tokens: 4k compressed keys, ``n`` selected blocks and the window per kv
 head) but the gather-based path (:func:`nsa_decode` with ``use_kernel=False``) spends it in dozens of small
-kernels that copy keys into new tensors, rotate them and multiply badly shaped matrices. Two kernels replace
-that, flash-decoding style: one program per (sequence, kv head, new token, key split), the ``G`` query heads of
-the group as the rows of one tensor-core tile, each program writing a softmax *partial* (row max ``m``, sum
-``l`` and ``sum p v`` relative to ``m``) that :func:`merge` combines.
+kernels that copy keys into new tensors, rotate them and multiply badly shaped matrices. Three kernels replace
+that. The two attention kernels work flash-decoding style: one program per (sequence, kv head, new token, key
+split), the ``G`` query heads of the group as the rows of one tensor-core tile, each program writing a softmax
+*partial* (row max ``m``, sum ``l`` and ``sum p v`` relative to ``m``) that :func:`merge` combines.
 
 * :func:`compressed_partials`: splits of the cached compressed keys ``c`` with ``c*d + l - 1 <= t``; it also
   writes the scaled logits, from which the caller forms the probabilities for block scoring once the split
@@ -13,11 +13,13 @@ the group as the rows of one tensor-core tile, each program writing a softmax *p
 * :func:`choose_blocks`: one program per (sequence, kv head, new token) folds the group's compressed
   probabilities into selection-block scores (the banded overlap weights) and takes the top ``n`` with the
   forced blocks first, ranked by the same int64 keys as :mod:`.block_topk` (ties toward the lower block);
+  at most :data:`MAX_BLOCKS` blocks (``nsa_decode`` falls back to the torch ranking beyond);
 * :func:`sparse_partials`: program ``j < n`` takes selected block ``idx[j]`` (its tokens ``<= t``), program
   ``j >= n`` one tile of the window ``t - w < j <= t``; keys are read in place from the cache rows (a selection
   block is contiguous) and rotated (RoPE, "rotate half") in registers at their positions.
 
-All are custom ops (``nsa_flex::decode_*``) so that ``torch.compile`` traces them. Without triton this module defines only :func:`supported`, which then says no.
+All are custom ops (``nsa_flex::decode_*``) so that ``torch.compile`` traces them. Without triton this module
+defines no kernels, and :func:`supported` says no.
 """
 
 from __future__ import annotations
