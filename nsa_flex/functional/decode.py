@@ -1,4 +1,4 @@
-"""NSA decoding: attention of a few new tokens over a KV cache, by gathering (never ``T x T``).
+"""NSA decoding: attention of a few new tokens over a KV cache, reading only what they attend to (never ``T x T``).
 
 For each new query at absolute position ``t`` (per sequence, so a batch may hold sequences of different
 lengths) :func:`nsa_decode` computes exactly what :func:`nsa_attention` computes at row ``t`` of the full
@@ -7,13 +7,15 @@ sequence:
 * compressed branch: softmax over the cached compressed keys ``c`` with ``c*d + l - 1 <= t``;
 * block scoring + top-n from those probabilities with :func:`select_blocks`' semantics (overlap weights, forced
   initial/own/previous blocks first, blocks after ``t``'s excluded, ties toward the lower index, ``-1`` padding);
-* selected branch: the chosen blocks' keys ``j <= t`` gathered from the cache;
-* window branch: the ``w`` keys ``t - w < j <= t`` gathered from the cache;
+* selected branch: the chosen blocks' keys ``j <= t``;
+* window branch: the ``w`` keys ``t - w < j <= t``;
 * gating ``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``.
 
-Everything is plain tensor ops with shapes fixed by the cache size (no data-dependent shapes, no host syncs),
-so the step can be captured with CUDA graphs: :func:`compiled_nsa_decode` wraps it in
-``torch.compile(mode="reduce-overhead")`` on CUDA. :func:`update_compressed` appends the compressed keys of
+On CUDA the branches' attention and the block choice run in the Triton kernels of :mod:`.fused_decode`
+(keys read in place from the cache); elsewhere torch ops gather the keys. Either way the shapes are fixed by
+the cache size (no data-dependent shapes, no host syncs), so a step can be captured in a CUDA graph
+(``TransformerLM.generate`` does; :func:`compiled_nsa_decode` wraps it in
+``torch.compile(mode="reduce-overhead")`` on CUDA). :func:`update_compressed` appends the compressed keys of
 blocks that the new tokens complete; :func:`cached_attention` is the dense / sliding-window decode step.
 """
 
@@ -213,8 +215,7 @@ def nsa_decode(
     w = overlap_pattern(l, d, ls, dev, work)
     if use_kernel and S_all <= fused_decode.MAX_BLOCKS:
         choose = fused_decode.choose_blocks_op if kernels else fused_decode.choose_blocks
-        block_indices = choose(p_cmp.sum(dim=2), w, pos, S_all, d, ls, n,
-                               num_initial, num_local)
+        block_indices = choose(p_cmp.sum(dim=2), w, pos, S_all, d, ls, n, num_initial, num_local)
     else:
         scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
         block_indices = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
