@@ -298,6 +298,10 @@ class TransformerLM(nn.Module):
         if top_k is not None:
             positive_int("top_k", top_k)
         device = self.token_emb.weight.device
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        elif cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
         if isinstance(prompt_ids, (list, tuple)):
             if prompt_lengths is not None:
                 raise ValueError("prompt_lengths is only for a padded prompt tensor, not a list of prompts")
@@ -330,10 +334,6 @@ class TransformerLM(nn.Module):
         ids = torch.nn.functional.pad(ids[:, :hi], (0, padded - hi))
         logits = self(ids, cache=cache, lengths=prompt_lengths)
         last = logits[torch.arange(B, device=device), prompt_lengths - 1]
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda"
-        elif cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
         decode = _GraphedDecode(self, cache) if cuda_graph else (lambda ids: self(ids, cache=cache))
         out = []
         for step in range(max_new_tokens):
