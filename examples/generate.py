@@ -60,10 +60,15 @@ def main(argv=None) -> list[bytes]:
     ids = [torch.tensor(list(s.encode("utf-8")), dtype=torch.long) for s in prompts]
     if any(len(x) == 0 for x in ids):
         raise SystemExit("prompts must not be empty")
+    if device.type == "cuda":  # compile the prefill's and the decode step's kernels outside the timing
+        model.generate(ids, min(2, args.max_new_tokens), temperature=0)
+        torch.cuda.synchronize()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
     new = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     out = []
     for prompt, row in zip(prompts, new.tolist()):
@@ -71,7 +76,8 @@ def main(argv=None) -> list[bytes]:
         out.append(text)
         print(f"{prompt!r} -> {text.decode('utf-8', errors='replace')!r}")
     source = "checkpoint" if args.checkpoint else "random init"
-    print(f"{new.numel()} tokens in {seconds:.2f} s ({model.attn_kind} attention, "
+    warm = ", after a warm-up call" if device.type == "cuda" else ""
+    print(f"{new.numel()} tokens in {seconds:.2f} s{warm} ({model.attn_kind} attention, "
           f"{sum(p.numel() for p in model.parameters())} parameters, {source})")
     return out
 
