@@ -85,19 +85,19 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     out = torch.empty((B, Hkv, T, num_selected), dtype=torch.long, device=q.device)
     if T == 0:
         return out
-    GP = _next_pow2(G)
+    GP = next_pow2(G)
     BT = max(1, _ROWS // GP)
-    NP = _next_pow2(num_selected)
+    NP = next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
     grid = (math.ceil(T / BT), B * Hkv)
-    W2 = _next_pow2(NP + CH)
+    W2 = next_pow2(NP + CH)
     # per program, BT rows of [running top-n | this step's keys | -1 padding]: linear in T (64 MiB at 64k)
     scratch = torch.empty(grid[0] * grid[1] * BT * W2, dtype=torch.long, device=q.device)
     wrap(block_topk_kernel)[grid](
         q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
         T, Tc, S, Hkv, scale,
-        G=G, GP=GP, BT=BT, D=D, DP=max(16, _next_pow2(D)), STRIDE=stride, BLOCK=block_size,
+        G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
         IEEE=q.dtype == torch.float32, W2=W2,
@@ -106,7 +106,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     return out
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     """Smallest power of two >= ``x`` (Triton block shapes must be powers of two)."""
     return 1 << max(0, (x - 1).bit_length())
 

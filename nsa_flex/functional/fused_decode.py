@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .block_topk import FORCED_KEY, INDEX_BITS
+from .block_topk import FORCED_KEY, INDEX_BITS, next_pow2
 
 try:
     import triton
@@ -97,7 +97,7 @@ def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hk
     Hkv, C, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     G = Hq // Hkv
     tiles = max(1, math.ceil(C / _COMPRESSED_TILE))
-    per_split = _next_pow2(max(1, math.ceil(tiles * B * Hkv * T / _TARGET_PROGRAMS)))
+    per_split = next_pow2(max(1, math.ceil(tiles * B * Hkv * T / _TARGET_PROGRAMS)))
     P = math.ceil(tiles / per_split)
     dev, f32 = q.device, torch.float32
     logits = torch.empty(B, Hkv, G, T, C, device=dev, dtype=f32)
@@ -111,7 +111,7 @@ def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hk
         q, k_cmp, v_cmp, pos, logits, m, lsum, acc,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *pos.stride(),
         T, C, Hkv, scale,
-        G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=Dv, DVP=max(16, _next_pow2(Dv)),
+        G=G, GP=max(16, next_pow2(G)), D=D, DP=max(16, next_pow2(D)), DV=Dv, DVP=max(16, next_pow2(Dv)),
         STRIDE=stride, BLOCK=block_size, BC=_COMPRESSED_TILE, TILES=per_split, P=P,
         IEEE=q.dtype == torch.float32, num_warps=_COMPRESSED_WARPS, num_stages=_COMPRESSED_STAGES,
     )
@@ -133,8 +133,9 @@ def choose_blocks(p: Float[Tensor, "B Hkv T C"], w: Float[Tensor, "m"], position
     wrap(choose_kernel)[(B * Hkv * T,)](
         p, w.to(torch.float32), pos, out, *p.stride(), *pos.stride(), *out.stride(),
         T, Hkv, C, num_blocks,
-        SP=_next_pow2(max(num_blocks, num_selected, 16)), R=r, M=w.numel(), MP=_next_pow2(w.numel()), SEL=selection_block_size,
-        N=num_selected, NP=max(2, _next_pow2(num_selected)), NUM_INITIAL=num_initial, NUM_LOCAL=num_local,
+        SP=next_pow2(max(num_blocks, num_selected, 16)), R=r, M=w.numel(), MP=next_pow2(w.numel()),
+        SEL=selection_block_size,
+        N=num_selected, NP=max(2, next_pow2(num_selected)), NUM_INITIAL=num_initial, NUM_LOCAL=num_local,
         INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY, num_warps=4,
     )
     return out
@@ -167,16 +168,11 @@ def sparse_partials(q: Float[Tensor, "B Hq T D"], k_cache: Float[Tensor, "B Hkv 
         q, k_cache, v_cache, pos, idx, inv_freq, m, lsum, acc,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *pos.stride(), *idx.stride(),
         T, Hkv, n, window_size, scale,
-        G=G, GP=max(16, _next_pow2(G)), HALF=half, HP=max(16, _next_pow2(half)), ROTARY=rotary,
-        DV=Dv, DVP=max(16, _next_pow2(Dv)), SEL=selection_block_size,
+        G=G, GP=max(16, next_pow2(G)), HALF=half, HP=max(16, next_pow2(half)), ROTARY=rotary,
+        DV=Dv, DVP=max(16, next_pow2(Dv)), SEL=selection_block_size,
         IEEE=q.dtype == torch.float32, num_warps=_SPARSE_WARPS,
     )
     return m, lsum, acc
-
-
-def _next_pow2(x: int) -> int:
-    """Smallest power of two >= ``x`` (Triton block shapes must be powers of two)."""
-    return 1 << max(0, (x - 1).bit_length())
 
 
 if triton is not None:
