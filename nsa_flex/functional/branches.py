@@ -23,6 +23,7 @@ from ..masks.mask import build_block_mask
 from ..masks.static import sliding_window_mod
 from .._checks import positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
+from . import selected_kernel
 from .flex import flex, needs_dense_path
 
 # FlexAttention tile for the static (window, compressed) masks; 128 has valid forward and backward kernels.
@@ -131,10 +132,17 @@ def selected_attention(
 
     Query ``t`` sees key ``j`` iff ``j // block_size`` is in ``block_indices[b, kv_head, t]`` and ``j <= t``
     (``-1`` = unused slot). Gradients flow to ``q, k, v``; the indices are not differentiable.
+
+    On CUDA (see :func:`.selected_kernel.supported`) Triton kernels walk each token's block list; otherwise
+    FlexAttention runs over a BlockMask built from the indices (GQA folded into query rows), or on CPU a
+    dense masked attention.
     """
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
     G = Hq // Hkv
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if selected_kernel.supported(q, k, block_size):
+        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale)
     if needs_dense_path(q, k, v):
         mask = masks.fine_selection(block_indices, block_size, G)
         mask.check(T, T)

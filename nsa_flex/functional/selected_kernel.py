@@ -1,0 +1,208 @@
+"""Selected-block attention as Triton kernels that walk each token's block list (no BlockMask).
+
+FlexAttention runs NSA's selection branch over a BlockMask whose index lists torch stores as
+``[num_q_tiles, num_kv_blocks]`` per head: with one token's ``G`` heads per 16-row tile that is quadratic in
+``T`` (4 GiB at 64k tokens). Here, as in fla's NSA kernels, one program takes one token and one kv head, the
+``G`` query heads of the group as the rows of a tile, and loops over the token's ``n`` selected blocks:
+
+* forward: online softmax over each block's keys ``<= t``; writes ``o`` and the log-sum-exp;
+* backward: one pass over the same blocks recomputes ``p = exp(s - lse)``, accumulates ``dq`` in registers and
+  adds each block's ``dk = ds^T q``, ``dv = p^T do`` into float32 buffers with atomics (blocks are shared
+  between tokens).
+
+Memory is ``O(T)`` beyond the inputs and gradients. :func:`selected_attention_kernel` is the autograd entry;
+without triton this module defines no kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def supported(q: Tensor, k: Tensor, block_size: int) -> bool:
+    """Whether :func:`selected_attention` takes the kernels: CUDA, triton, fp16/bf16/fp32, a block of 16-128
+    keys that is a power of two (the key tile), at most 128 query heads per kv head, head rows of at most
+    256 bytes."""
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and 16 <= block_size <= 128 and not block_size & (block_size - 1) and q.shape[1] // k.shape[1] <= 128
+            and q.shape[-1] * q.element_size() <= 256)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _meta(q: Tensor, v: Tensor, k_heads: int, block_size: int) -> dict:
+    D, Dv = q.shape[-1], v.shape[-1]
+    G = q.shape[1] // k_heads
+    return dict(G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=Dv, DVP=max(16, _next_pow2(Dv)),
+                BS=block_size, IEEE=q.dtype == torch.float32)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32)``; rows that see no key give ``o = 0``, ``lse = -inf``."""
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if o.numel():
+        selected_fwd_kernel[(T, B * Hkv)](
+            q, k, v, idx, o, lse, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
+            *lse.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size))
+    return o, lse
+
+
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtypes (``dk, dv`` accumulated in float32)."""
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    delta = (do.float() * o.float()).sum(-1)  # [B, Hq, T]: rowsum(do * o), the softmax backward's correction
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if q.numel():
+        do = do.contiguous()
+        selected_bwd_kernel[(T, B * Hkv)](
+            q, k, v, idx, do, lse, delta, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *do.stride(), *lse.stride(), *delta.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, block_size, scale):
+        o, lse = forward(q, k, v, idx, block_size, scale)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.block_size, ctx.scale = block_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        dq, dk, dv = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
+                              v: Float[Tensor, "B Hkv T Dv"], block_indices: Int[Tensor, "B Hkv T n"],
+                              block_size: int, scale: float) -> Float[Tensor, "B Hq T Dv"]:
+    """:func:`selected_attention`'s output (and gradients) from the kernels; ``block_size`` a power of two >= 16.
+
+    A block listed twice for a token counts once (the list is a set, as in ``fine_selection``)."""
+    idx = block_indices.sort(dim=-1).values
+    idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
+    idx = idx.to(torch.int32)
+    return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale))
+
+
+if triton is not None:
+    @triton.jit
+    def _block(KB, VB, ib, t, j, sk_t, sk_d, sv_t, sv_d, si_n, BS: tl.constexpr, DP: tl.constexpr,
+               D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr):
+        """Block ``j`` of the token's list (``KB``, ``VB``: this sequence and kv head's keys and values): its
+        keys' rows, which of them are visible (``<= t``; none for a ``-1`` slot), the K and V tiles."""
+        blk = tl.load(ib + j * si_n)
+        tok = blk * BS + tl.arange(0, BS)
+        ok = (blk >= 0) & (tok <= t)
+        d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        k = tl.load(KB + tok[:, None] * sk_t + d[None, :] * sk_d, mask=ok[:, None] & (d < D)[None, :], other=0.0)
+        v = tl.load(VB + tok[:, None] * sv_t + dv[None, :] * sv_d, mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        return tok, ok, k, v
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def selected_fwd_kernel(
+        Q, K, V, IDX, O, LSE,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sit, sin, sob, soh, sot, sod,
+        slb, slh, slt, Hkv, N, scale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
+        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        b = tl.program_id(1) // Hkv
+        h = tl.program_id(1) % Hkv
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        rows = (g < G)[:, None]
+        q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + t * sqt + d[None, :] * sqd,
+                    mask=rows & (d < D)[None, :], other=0.0)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, DVP), tl.float32)
+        ib = IDX + b * sib + h * sih + t * sit
+        for j in range(0, N):
+            tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
+                                   sin, BS, DP, D, DVP, DV)
+            s = tl.where(ok[None, :], (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        tl.store(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod, o.to(O.dtype.element_ty),
+                 mask=rows & (dv < DV)[None, :])
+        tl.store(LSE + b * slb + (h * G + g) * slh + t * slt, lse, mask=g < G)
+
+    @triton.jit
+    def selected_bwd_kernel(
+        Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV_,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sit, sin, sdob, sdoh, sdot, sdod,
+        slb, slh, slt, sdlb, sdlh, sdlt, sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+        Hkv, N, scale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
+        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        b = tl.program_id(1) // Hkv
+        h = tl.program_id(1) % Hkv
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        rows = (g < G)[:, None]
+        head = h * G + g
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t * sqt + d[None, :] * sqd, mask=rows & (d < D)[None, :],
+                    other=0.0)
+        do = tl.load(DO + b * sdob + head[:, None] * sdoh + t * sdot + dv[None, :] * sdod,
+                     mask=rows & (dv < DV)[None, :], other=0.0)
+        lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=g < G, other=float("-inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = exp(s - inf) = 0
+        delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=g < G, other=0.0)
+        dq = tl.zeros((GP, DP), tl.float32)
+        ib = IDX + b * sib + h * sih + t * sit
+        for j in range(0, N):
+            tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
+                                   sin, BS, DP, D, DVP, DV)
+            s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
+            p = tl.where(ok[None, :] & rows, tl.exp(s - lse[:, None]), 0.0)  # [GP, BS]
+            dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)  # [GP, BS]
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE) * scale
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale  # [BS, DP]
+            dvb = _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # [BS, DVP]
+            tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
+                          mask=ok[:, None] & (d < D)[None, :])
+            tl.atomic_add(DV_ + b * sdvb + h * sdvh + tok[:, None] * sdvt + dv[None, :] * sdvd, dvb,
+                          mask=ok[:, None] & (dv < DV)[None, :])
+        tl.store(DQ + b * sdqb + head[:, None] * sdqh + t * sdqt + d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+                 mask=rows & (d < D)[None, :])
