@@ -6,9 +6,11 @@ FlexAttention runs NSA's selection branch over a BlockMask whose index lists tor
 ``G`` query heads of the group as the rows of a tile, and loops over the token's ``n`` selected blocks:
 
 * forward: online softmax over each block's keys ``<= t``; writes ``o`` and the log-sum-exp;
-* backward: one pass over the same blocks recomputes ``p = exp(s - lse)``, accumulates ``dq`` in registers and
-  adds each block's ``dk = ds^T q``, ``dv = p^T do`` into float32 buffers with atomics (blocks are shared
-  between tokens).
+* backward, ``dq``: the same walk, recomputing ``p = exp(s - lse)``;
+* backward, ``dk, dv``: one program per (kv block, kv head, chunk of the tokens that selected it) walks those
+  tokens (lists from one sort of the O(T*n) (block, token) pairs) and accumulates the block's ``dk = ds^T q``,
+  ``dv = p^T do`` in registers, added to float32 buffers once per chunk (block 0, which every token selects,
+  is split into ``T / 256`` chunks; atomics per token would serialize on it).
 
 Memory is ``O(T)`` beyond the inputs and gradients. :func:`selected_attention_kernel` is the autograd entry;
 without triton this module defines no kernels.
@@ -60,22 +62,50 @@ def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale
     return o, lse
 
 
+_CHUNK = 256  # tokens per dk/dv program
+
+
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` in the inputs' dtypes (``dk, dv`` accumulated in float32)."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
+    meta = _meta(q, v, Hkv, block_size)
+    do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # [B, Hq, T]: rowsum(do * o), the softmax backward's correction
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    if q.numel():
-        do = do.contiguous()
-        selected_bwd_kernel[(T, B * Hkv)](
-            q, k, v, idx, do, lse, delta, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *do.stride(), *lse.stride(), *delta.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size))
+    if q.numel() == 0:
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride())
+    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, lse, delta, dq, *strides, *idx.stride(), *dq.stride(),
+                                     Hkv, idx.shape[-1], scale, **meta)
+    offsets, counts, tokens = _token_lists(idx, block_size)
+    S = counts.shape[-1]
+    selected_dkv_kernel[(B * Hkv * S, triton.cdiv(T, _CHUNK))](
+        q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, *strides, *dk.stride(), *dv.stride(),
+        T, Hkv, S, scale, CHUNK=_CHUNK, **meta)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _token_lists(idx: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For each (sequence, kv head, block): the tokens that selected it and see a key of it, ascending, as
+    ``tokens[offsets[i] : offsets[i] + counts[i]]`` (``offsets, counts [B, Hkv, S]``). One sort of the
+    O(T*n) pairs; static shapes (invalid pairs sort to the end)."""
+    B, Hkv, T, n = idx.shape
+    S = -(-T // block_size)
+    t = torch.arange(T, device=idx.device).view(1, 1, T, 1)
+    blk = idx.long()
+    valid = (blk >= 0) & (blk * block_size <= t)
+    segment = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1) * S + blk
+    total = B * Hkv * S
+    key = torch.where(valid, segment * T + t, total * T).flatten().sort().values
+    segs = torch.where(key < total * T, key // T, total)
+    counts = torch.zeros(total + 1, dtype=torch.long, device=idx.device).scatter_add_(0, segs, torch.ones_like(segs))
+    offsets = counts.cumsum(0) - counts
+    return (offsets[:-1].view(B, Hkv, S).to(torch.int32), counts[:-1].view(B, Hkv, S).to(torch.int32),
+            (key % T).to(torch.int32))
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -165,11 +195,10 @@ if triton is not None:
         tl.store(LSE + b * slb + (h * G + g) * slh + t * slt, lse, mask=g < G)
 
     @triton.jit
-    def selected_bwd_kernel(
-        Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV_,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sit, sin, sdob, sdoh, sdot, sdod,
-        slb, slh, slt, sdlb, sdlh, sdlt, sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
-        Hkv, N, scale,
+    def selected_dq_kernel(
+        Q, K, V, IDX, DO, LSE, DELTA, DQ,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+        sdlb, sdlh, sdlt, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd, Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -178,31 +207,84 @@ if triton is not None:
         h = tl.program_id(1) % Hkv
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
-        dv = tl.arange(0, DVP)
         rows = (g < G)[:, None]
-        head = h * G + g
-        q = tl.load(Q + b * sqb + head[:, None] * sqh + t * sqt + d[None, :] * sqd, mask=rows & (d < D)[None, :],
-                    other=0.0)
-        do = tl.load(DO + b * sdob + head[:, None] * sdoh + t * sdot + dv[None, :] * sdod,
-                     mask=rows & (dv < DV)[None, :], other=0.0)
-        lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=g < G, other=float("-inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = exp(s - inf) = 0
-        delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=g < G, other=0.0)
+        q, do, lse, delta = _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+                                        slb, slh, slt, sdlb, sdlh, sdlt, G, GP, DP, D, DVP, DV)
         dq = tl.zeros((GP, DP), tl.float32)
         ib = IDX + b * sib + h * sih + t * sit
         for j in range(0, N):
             tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
                                    sin, BS, DP, D, DVP, DV)
-            s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
-            p = tl.where(ok[None, :] & rows, tl.exp(s - lse[:, None]), 0.0)  # [GP, BS]
-            dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)  # [GP, BS]
-            ds = p * (dp - delta[:, None])
+            p, ds = _probs(q, do, k, v, lse, delta, ok[None, :] & rows, scale, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE) * scale
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale  # [BS, DP]
-            dvb = _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # [BS, DVP]
+        tl.store(DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=rows & (d < D)[None, :])
+
+    @triton.jit
+    def selected_dkv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV_, OFFSETS, COUNTS, TOKENS,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+        sdlb, sdlh, sdlt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, scale,
+        CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        seg = tl.program_id(0)  # (b, h, block)
+        blk = seg % S
+        h = (seg // S) % Hkv
+        b = seg // (S * Hkv)
+        first = tl.load(OFFSETS + seg)
+        count = tl.load(COUNTS + seg)
+        lo = tl.program_id(1) * CHUNK
+        if lo < count:
+            hi = tl.minimum(lo + CHUNK, count)
+            g = tl.arange(0, GP)
+            d = tl.arange(0, DP)
+            dv = tl.arange(0, DVP)
+            rows = (g < G)[:, None]
+            tok = blk * BS + tl.arange(0, BS)
+            in_seq = tok < T
+            k = tl.load(K + b * skb + h * skh + tok[:, None] * skt + d[None, :] * skd,
+                        mask=in_seq[:, None] & (d < D)[None, :], other=0.0)
+            v = tl.load(V + b * svb + h * svh + tok[:, None] * svt + dv[None, :] * svd,
+                        mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
+            dk = tl.zeros((BS, DP), tl.float32)
+            dvb = tl.zeros((BS, DVP), tl.float32)
+            for i in range(lo, hi):
+                t = tl.load(TOKENS + first + i)
+                q, do, lse, delta = _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot,
+                                                sdod, slb, slh, slt, sdlb, sdlh, sdlt, G, GP, DP, D, DVP, DV)
+                p, ds = _probs(q, do, k, v, lse, delta, (tok <= t)[None, :] & rows, scale, IEEE)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
+                dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
-                          mask=ok[:, None] & (d < D)[None, :])
+                          mask=in_seq[:, None] & (d < D)[None, :])
             tl.atomic_add(DV_ + b * sdvb + h * sdvh + tok[:, None] * sdvt + dv[None, :] * sdvd, dvb,
-                          mask=ok[:, None] & (dv < DV)[None, :])
-        tl.store(DQ + b * sdqb + head[:, None] * sdqh + t * sdqt + d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
-                 mask=rows & (d < D)[None, :])
+                          mask=in_seq[:, None] & (dv < DV)[None, :])
+
+    @triton.jit
+    def _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+                    sdlb, sdlh, sdlt, G: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, D: tl.constexpr,
+                    DVP: tl.constexpr, DV: tl.constexpr):
+        """Token ``t``'s ``G`` query rows of kv head ``h``: q, do, lse (``+inf`` where the row saw nothing, so
+        its ``p`` is 0) and delta."""
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
+        head = h * G + g
+        rows = (g < G)[:, None]
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t * sqt + d[None, :] * sqd, mask=rows & (d < D)[None, :],
+                    other=0.0)
+        do = tl.load(DO + b * sdob + head[:, None] * sdoh + t * sdot + dv[None, :] * sdod,
+                     mask=rows & (dv < DV)[None, :], other=0.0)
+        lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=g < G, other=float("-inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=g < G, other=0.0)
+        return q, do, lse, delta
+
+    @triton.jit
+    def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
+        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``."""
+        s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)
+        return p, p * (dp - delta[:, None])
