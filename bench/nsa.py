@@ -30,6 +30,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 from nsa_flex import masks
+from nsa_flex.functional import selected_kernel
 from nsa_flex.functional.nsa import gate
 from nsa_flex.testing import nsa_inputs
 
@@ -87,8 +88,9 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
             "compress": timer(lambda: (F.mean_pool(k, l, d), F.mean_pool(v, l, d))),
             "compressed_attn": timer(lambda: F.compressed_attention(q, k_cmp, v_cmp, l, d, return_lse=True)),
             "scoring_topk": timer(lambda: F.select_blocks(q, k_cmp, l, d, ls, cfg["num_selected"], lse=lse)),
-            "mask_build": timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G,
-                                                                      compute_q_blocks=False)),
+            **({} if selected_kernel.supported(q, k, ls) else {  # the kernels need no BlockMask
+                "mask_build": timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G,
+                                                                          compute_q_blocks=False))}),
             "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),
             "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
             "gating": timer(lambda: gate(g, o_cmp, o_sel, o_win)),
