@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .block_topk import next_pow2
+
 try:
     import triton
     import triton.language as tl
@@ -38,14 +40,10 @@ def supported(q: Tensor, k: Tensor, block_size: int) -> bool:
             and q.shape[-1] * q.element_size() <= 256)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _meta(q: Tensor, v: Tensor, k_heads: int, block_size: int) -> dict:
     D, Dv = q.shape[-1], v.shape[-1]
     G = q.shape[1] // k_heads
-    return dict(G=G, GP=max(16, _next_pow2(G)), D=D, DP=max(16, _next_pow2(D)), DV=Dv, DVP=max(16, _next_pow2(Dv)),
+    return dict(G=G, GP=max(16, next_pow2(G)), D=D, DP=max(16, next_pow2(D)), DV=Dv, DVP=max(16, next_pow2(Dv)),
                 BS=block_size, IEEE=q.dtype == torch.float32)
 
 
