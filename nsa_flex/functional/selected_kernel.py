@@ -56,11 +56,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale
     if o.numel():
         selected_fwd_kernel[(T, B * Hkv)](
             q, k, v, idx, o, lse, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
-            *lse.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size))
+            *lse.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
     return o, lse
 
 
 _CHUNK = 256  # tokens per dk/dv program
+# Launch settings, the best of num_warps in {2, 4, 8} x num_stages in {1, 2, 3} at 64k tokens in the paper
+# configuration on an H100 (docs/results/selected_kernel_tune_h100.log): a token's G x block tile needs few warps.
+_FWD_LAUNCH = dict(num_warps=2, num_stages=2)
+_DQ_LAUNCH = dict(num_warps=2, num_stages=2)
+_DKV_LAUNCH = dict(num_warps=4, num_stages=3)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
@@ -70,20 +75,21 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     Hkv = k.shape[1]
     meta = _meta(q, v, Hkv, block_size)
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # [B, Hq, T]: rowsum(do * o), the softmax backward's correction
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if q.numel() == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
+    # rowsum(do * o), the softmax backward's correction: written by the dq kernel, read by the dk/dv kernel
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride())
-    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, lse, delta, dq, *strides, *idx.stride(), *dq.stride(),
-                                     Hkv, idx.shape[-1], scale, **meta)
+    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, *strides, *o.stride(), *idx.stride(),
+                                     *dq.stride(), Hkv, idx.shape[-1], scale, **meta, **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     selected_dkv_kernel[(B * Hkv * S, triton.cdiv(T, _CHUNK))](
         q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, *strides, *dk.stride(), *dv.stride(),
-        T, Hkv, S, scale, CHUNK=_CHUNK, **meta)
+        T, Hkv, S, scale, CHUNK=_CHUNK, **meta, **_DKV_LAUNCH)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -194,9 +200,9 @@ if triton is not None:
 
     @triton.jit
     def selected_dq_kernel(
-        Q, K, V, IDX, DO, LSE, DELTA, DQ,
+        Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-        sdlb, sdlh, sdlt, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd, Hkv, N, scale,
+        sdlb, sdlh, sdlt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd, Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -205,16 +211,21 @@ if triton is not None:
         h = tl.program_id(1) % Hkv
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
+        dv = tl.arange(0, DVP)
         rows = (g < G)[:, None]
-        q, do, lse, delta = _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
-                                        slb, slh, slt, sdlb, sdlh, sdlt, G, GP, DP, D, DVP, DV)
+        q, do, lse = _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+                                 G, GP, DP, D, DVP, DV)
+        o = tl.load(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod,
+                    mask=rows & (dv < DV)[None, :], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(DELTA + b * sdlb + (h * G + g) * sdlh + t * sdlt, delta, mask=g < G)
         dq = tl.zeros((GP, DP), tl.float32)
         ib = IDX + b * sib + h * sih + t * sit
         for j in range(0, N):
             tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
                                    sin, BS, DP, D, DVP, DV)
             p, ds = _probs(q, do, k, v, lse, delta, ok[None, :] & rows, scale, IEEE)
-            dq += _dot(ds.to(k.dtype), k, IEEE) * scale
+            dq += (_dot(ds.to(k.dtype), k, IEEE) * scale).to(tl.float32)  # inductor may pass a double scale
         tl.store(DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=rows & (d < D)[None, :])
 
@@ -249,10 +260,11 @@ if triton is not None:
             dvb = tl.zeros((BS, DVP), tl.float32)
             for i in range(lo, hi):
                 t = tl.load(TOKENS + first + i)
-                q, do, lse, delta = _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot,
-                                                sdod, slb, slh, slt, sdlb, sdlh, sdlt, G, GP, DP, D, DVP, DV)
+                q, do, lse = _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb,
+                                         slh, slt, G, GP, DP, D, DVP, DV)
+                delta = tl.load(DELTA + b * sdlb + (h * G + g) * sdlh + t * sdlt, mask=g < G, other=0.0)
                 p, ds = _probs(q, do, k, v, lse, delta, (tok <= t)[None, :] & rows, scale, IEEE)
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
+                dk += (_dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale).to(tl.float32)
                 dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
                           mask=in_seq[:, None] & (d < D)[None, :])
@@ -260,11 +272,11 @@ if triton is not None:
                           mask=in_seq[:, None] & (dv < DV)[None, :])
 
     @triton.jit
-    def _token_rows(Q, DO, LSE, DELTA, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-                    sdlb, sdlh, sdlt, G: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, D: tl.constexpr,
-                    DVP: tl.constexpr, DV: tl.constexpr):
-        """Token ``t``'s ``G`` query rows of kv head ``h``: q, do, lse (``+inf`` where the row saw nothing, so
-        its ``p`` is 0) and delta."""
+    def _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+                    G: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr,
+                    DV: tl.constexpr):
+        """Token ``t``'s ``G`` query rows of kv head ``h``: q, do and lse (``+inf`` where the row saw nothing,
+        so its ``p`` is 0)."""
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
@@ -276,8 +288,7 @@ if triton is not None:
                      mask=rows & (dv < DV)[None, :], other=0.0)
         lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=g < G, other=float("-inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=g < G, other=0.0)
-        return q, do, lse, delta
+        return q, do, lse
 
     @triton.jit
     def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
