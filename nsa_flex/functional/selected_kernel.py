@@ -62,7 +62,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale
 
 _CHUNK = 256  # tokens per dk/dv program
 # Launch settings, the best of num_warps in {2, 4, 8} x num_stages in {1, 2, 3} at 64k tokens in the paper
-# configuration on an H100 (docs/results/selected_kernel_tune_h100.log): a token's G x block tile needs few warps.
+# configuration on an H100 (docs/results/kernel_tune_h100.log): a token's G x block tile needs few warps.
 _FWD_LAUNCH = dict(num_warps=2, num_stages=2)
 _DQ_LAUNCH = dict(num_warps=2, num_stages=2)
 _DKV_LAUNCH = dict(num_warps=4, num_stages=3)
