@@ -88,7 +88,7 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
             "compress": timer(lambda: (F.mean_pool(k, l, d), F.mean_pool(v, l, d))),
             "compressed_attn": timer(lambda: F.compressed_attention(q, k_cmp, v_cmp, l, d, return_lse=True)),
             "scoring_topk": timer(lambda: F.select_blocks(q, k_cmp, l, d, ls, cfg["num_selected"], lse=lse)),
-            **({} if selected_kernel.supported(q, k, ls) else {  # the kernels need no BlockMask
+            **({} if selected_kernel.supported(q, k, v, ls) else {  # the kernels need no BlockMask
                 "mask_build": timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G,
                                                                           compute_q_blocks=False))}),
             "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),

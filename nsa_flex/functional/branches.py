@@ -180,7 +180,7 @@ def selected_attention(
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
     G = Hq // Hkv
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if selected_kernel.supported(q, k, block_size):
+    if selected_kernel.supported(q, k, v, block_size):
         return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale)
     if needs_dense_path(q, k, v):
         mask = masks.fine_selection(block_indices, block_size, G)

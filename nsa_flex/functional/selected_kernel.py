@@ -31,13 +31,14 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def supported(q: Tensor, k: Tensor, block_size: int) -> bool:
+def supported(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> bool:
     """Whether :func:`selected_attention` takes the kernels: CUDA, triton, fp16/bf16/fp32, a block of 16-128
-    keys that is a power of two (the key tile), at most 128 query heads per kv head, head rows of at most
-    256 bytes."""
+    keys that is a power of two (the key tile), at most 128 query heads per kv head, q/k and v head rows of
+    at most 256 bytes each, and ``q``, ``k``, ``v`` under ``2**31`` elements (the kernels' offsets are int32)."""
     return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and 16 <= block_size <= 128 and not block_size & (block_size - 1) and q.shape[1] // k.shape[1] <= 128
-            and q.shape[-1] * q.element_size() <= 256)
+            and max(q.shape[-1], v.shape[-1]) * q.element_size() <= 256
+            and max(q.numel(), k.numel(), v.numel()) < 1 << 31)
 
 
 def _meta(q: Tensor, v: Tensor, k_heads: int, block_size: int) -> dict:

@@ -66,7 +66,7 @@ def test_gpu_kernels_equal_flex_path_bf16_paper_config(kind, monkeypatch):
     _, lse = F.compressed_attention(q, k_cmp, F.mean_pool(v, 32, 16), 32, 16, return_lse=True)
     idx = F.select_blocks(q, k_cmp, 32, 16, 64, 16, lse=lse)
     do = torch.randn_like(q)
-    assert selected_kernel.supported(q, k, 64)
+    assert selected_kernel.supported(q, k, v, 64)
     kernel = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), q, k, v, do)
     compiled = torch.compile(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), fullgraph=True)
     traced = _grads(compiled, q, k, v, do)
