@@ -200,61 +200,71 @@ def nsa_decode(
     # Compressed branch over the cached compressed keys c with c*d + l - 1 <= t.
     c = torch.arange(C, device=dev)
     cmp_valid = (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
-    if use_kernel:
-        partials = fused_decode.compressed_partials_op if kernels else fused_decode.compressed_partials
-        logits, m, lsum, acc = partials(q, k_cmp, v_cmp, pos, scale, l, d)
-        o_cmp, lse = (x.transpose(2, 3) for x in fused_decode.merge(m, lsum, acc))  # [B, Hkv, G, T, ...]
-        p_cmp = torch.where(cmp_valid, torch.exp(logits - lse.unsqueeze(-1)), 0.0)
-    else:
-        logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
-        p_cmp, _ = _masked_softmax(logits, cmp_valid)
-        o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
-
-    # Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then top-n.
     S_all = max(S, 1)
     w = overlap_pattern(l, d, ls, dev, work)
-    if use_kernel and S_all <= fused_decode.MAX_BLOCKS:
-        choose = fused_decode.choose_blocks_op if kernels else fused_decode.choose_blocks
-        block_indices = choose(p_cmp.sum(dim=2), w, pos, S_all, d, ls, n, num_initial, num_local)
-    else:
+
+    def rank_blocks(p_cmp: Tensor) -> Tensor:
+        """Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then
+        top-n (the torch ranking; the kernels' choose_blocks is the same)."""
         scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
-        block_indices = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
-        if block_indices.shape[-1] < n:
-            block_indices = torch.cat([block_indices, block_indices.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
+        chosen = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
+        if chosen.shape[-1] < n:
+            chosen = torch.cat([chosen, chosen.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
+        return chosen
 
     q_fine = q if rotary_base is None else rotary_at(q, pos, rotary_base)
     if use_kernel:
-        # Selected blocks and window tiles as the splits of one kernel; keys rotated in registers.
+        # Split partials of the compressed keys; block choice from their logits; the selected blocks and window
+        # tiles as the splits of one kernel (keys rotated in registers); one kernel merges and gates.
+        op = lambda name: getattr(fused_decode, name + ("_op" if kernels else ""))  # noqa: E731
+        logits, m_cmp, lsum_cmp, acc_cmp = op("compressed_partials")(q, k_cmp, v_cmp, pos, scale, l, d)
+        if S_all <= fused_decode.MAX_BLOCKS:
+            block_indices = op("choose_blocks")(logits, m_cmp, lsum_cmp, w, pos, S_all, l, d, ls, n, num_initial,
+                                                num_local)
+        else:
+            _, lse = fused_decode.merge(m_cmp, lsum_cmp, acc_cmp)
+            block_indices = rank_blocks(torch.where(cmp_valid, torch.exp(logits - lse.transpose(2, 3).unsqueeze(-1)),
+                                                    0.0))
         inv_freq = rotary_frequencies(D, 10000.0 if rotary_base is None else rotary_base, dev)
-        partials = fused_decode.sparse_partials_op if kernels else fused_decode.sparse_partials
-        m, lsum, acc = partials(q_fine, k_cache, v_cache, pos, block_indices, inv_freq, rotary_base is not None,
-                                scale, ls, window_size)
-        o_sel, _ = fused_decode.merge(m[..., :n, :], lsum[..., :n, :], acc[..., :n, :, :])
-        o_win, _ = fused_decode.merge(m[..., n:, :], lsum[..., n:, :], acc[..., n:, :, :])
-        o_sel, o_win = o_sel.transpose(2, 3), o_win.transpose(2, 3)
-    else:
-        q_fine = q_fine.view(B, Hkv, G, T, D)
+        m_sp, lsum_sp, acc_sp = op("sparse_partials")(q_fine, k_cache, v_cache, pos, block_indices, inv_freq,
+                                                      rotary_base is not None, scale, ls, window_size)
+        out = op("combine")(m_cmp, lsum_cmp, acc_cmp, m_sp, lsum_sp, acc_sp, gates, n).to(q.dtype)
+        if not return_branches:
+            return out
+        # The branches for inspection, merged again in torch ([B, Hkv, T, G, Dv] -> [B, Hq, T, Dv]).
+        parts = {"compressed": (m_cmp, lsum_cmp, acc_cmp), "selected": (m_sp[..., :n, :], lsum_sp[..., :n, :],
+                 acc_sp[..., :n, :, :]), "window": (m_sp[..., n:, :], lsum_sp[..., n:, :], acc_sp[..., n:, :, :])}
+        branches = {name: fused_decode.merge(*x)[0].transpose(2, 3).reshape(B, Hq, T, Dv).to(q.dtype)
+                    for name, x in parts.items()}
+        branches["block_indices"] = block_indices
+        return out, branches
 
-        def fine(tok: Tensor, valid: Tensor) -> Tensor:
-            """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
-            idx = tok.clamp(0, L - 1)
-            k, v = _gather(k_cache, idx), _gather(v_cache, idx)
-            if rotary_base is not None:
-                k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3),
-                              rotary_base).view_as(k)
-            lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
-            p, _ = _masked_softmax(lg, valid.unsqueeze(2))
-            return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
+    logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
+    p_cmp, _ = _masked_softmax(logits, cmp_valid)
+    o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
+    block_indices = rank_blocks(p_cmp)
+    q_fine = q_fine.view(B, Hkv, G, T, D)
 
-        # Selected branch: the n blocks' tokens j <= t.
-        tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
-        valid = ((block_indices.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, ls).flatten(-2)
-                 & (tok <= pos.view(B, 1, T, 1)))
-        o_sel = fine(tok, valid)
+    def fine(tok: Tensor, valid: Tensor) -> Tensor:
+        """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
+        idx = tok.clamp(0, L - 1)
+        k, v = _gather(k_cache, idx), _gather(v_cache, idx)
+        if rotary_base is not None:
+            k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3),
+                          rotary_base).view_as(k)
+        lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
+        p, _ = _masked_softmax(lg, valid.unsqueeze(2))
+        return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
 
-        # Window branch: t - w < j <= t.
-        tok = (pos.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=dev)).unsqueeze(1)
-        o_win = fine(tok, tok >= 0)
+    # Selected branch: the n blocks' tokens j <= t.
+    tok = (block_indices.unsqueeze(-1) * ls + torch.arange(ls, device=dev)).flatten(-2)  # [B, Hkv, T, n*ls]
+    valid = ((block_indices.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, ls).flatten(-2)
+             & (tok <= pos.view(B, 1, T, 1)))
+    o_sel = fine(tok, valid)
+
+    # Window branch: t - w < j <= t.
+    tok = (pos.unsqueeze(-1) - window_size + 1 + torch.arange(window_size, device=dev)).unsqueeze(1)
+    o_win = fine(tok, tok >= 0)
 
     g = gates.to(work).view(B, Hkv, G, T, 3)
     out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win

@@ -70,6 +70,20 @@ def test_kernels_equal_gathered_decode_in_float64(triton_device, case):
     torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=2e-5)
 
 
+def test_torch_ranking_beyond_max_blocks_gives_the_same_choices(triton_device, monkeypatch):
+    """Past MAX_BLOCKS selection blocks the kernel path ranks the blocks in torch (from the merged compressed
+    partials); with the limit lowered, that path must agree with the gathered one too."""
+    case = dict(B=2, G=4, Hkv=2, D=16, Dv=16, L=230, num_new=2, rotary=True, seed=5,
+                cfg=dict(compress_block_size=12, compress_stride=8, selection_block_size=16, num_selected=4,
+                         num_initial=1, num_local=2, window_size=20))
+    monkeypatch.setattr(fused_decode, "MAX_BLOCKS", 2)
+    args = _problem(case, triton_device)
+    out, branches = _decode(args, case, use_kernel=True)
+    want, want_branches = _float64_gathered(args, case)
+    assert torch.equal(branches["block_indices"].cpu(), want_branches["block_indices"])
+    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=2e-5)
+
+
 def test_empty_branches_give_zero(triton_device):
     """A token before the first complete compressed block sees no compressed key: the kernel's partials are
     all empty and the branch is 0, as in the gathered path; a -1 selected block contributes nothing."""
