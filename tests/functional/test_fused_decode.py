@@ -94,7 +94,8 @@ def test_empty_branches_give_zero(triton_device):
     _, branches = _decode(args, case, use_kernel=True)
     assert (branches["compressed"] == 0).all()
     assert branches["block_indices"].tolist() == [[[[0, -1, -1]]]]
-    torch.testing.assert_close(branches["selected"].cpu().double(), _float64_gathered(args, case)[1]["selected"])
+    torch.testing.assert_close(branches["selected"].cpu().double(), _float64_gathered(args, case)[1]["selected"],
+                               rtol=1e-5, atol=2e-5)  # a float32 kernel against float64: a few ulp apart on CUDA
 
 
 def test_use_kernel_rejects_what_the_kernels_cannot_take():
