@@ -2,22 +2,22 @@
 
 A decode step reads little (at 64k tokens: 4k compressed keys, ``n`` selected blocks and the window per kv
 head) but the gather-based path (:func:`nsa_decode` with ``use_kernel=False``) spends it in dozens of small
-kernels that copy keys into new tensors, rotate them and multiply badly shaped matrices. Four kernels replace
+kernels that copy keys into new tensors, rotate them and multiply badly shaped matrices. Five kernels replace
 that. The two attention kernels work flash-decoding style: one program per (sequence, kv head, new token, key
 split), the ``G`` query heads of the group as the rows of one tensor-core tile, each program writing a softmax
 *partial* (row max ``m``, sum ``l`` and ``sum p v`` relative to ``m``; :func:`merge` combines them in torch).
 
 * :func:`compressed_partials`: splits of the cached compressed keys ``c`` with ``c*d + l - 1 <= t``; it also
   writes the scaled logits, from which block scoring forms the probabilities.
-* :func:`choose_blocks`: one program per (sequence, kv head, new token) merges the compressed partials into
-  the group's log-sum-exps, forms the probabilities from the logits, folds their group sum into
-  selection-block scores (the banded overlap weights) and takes the top ``n`` with the forced blocks first,
-  ranked by the same int64 keys as :mod:`.block_topk` (ties toward the lower block); at most
-  :data:`MAX_BLOCKS` blocks (``nsa_decode`` falls back to the torch ranking beyond);
+* :func:`choose_blocks`: ``score_kernel`` merges a token's compressed partials into the group's log-sum-exps,
+  forms the probabilities from the logits and folds their group sum into selection-block scores (the banded
+  overlap weights), one program per (token, chunk of blocks); ``choose_kernel`` takes the top ``n`` of a
+  token's scores with the forced blocks first, ranked by the same int64 keys as :mod:`.block_topk` (ties toward
+  the lower block); at most :data:`MAX_BLOCKS` blocks (``nsa_decode`` falls back to the torch ranking beyond);
 * :func:`sparse_partials`: program ``j < n`` takes selected block ``idx[j]`` (its tokens ``<= t``), program
   ``j >= n`` one tile of the window ``t - w < j <= t``; keys are read in place from the cache rows (a selection
   block is contiguous) and rotated (RoPE, "rotate half") in registers at their positions.
-* :func:`combine`: one program per (sequence, kv head, new token) merges the three branches' partials and
+* :func:`combine`: one program per (token, chunk of value columns) merges the three branches' partials and
   applies the gates (in a CUDA graph, inductor had spent about 40 us of a 64k step in the small kernels of
   those merges, the probabilities and the gating).
 
@@ -51,6 +51,10 @@ _COMPRESSED_TILE = 64  # compressed keys per loop step
 _COMPRESSED_WARPS = 4
 _COMPRESSED_STAGES = 2
 _SPARSE_WARPS = 8
+# Block scoring and the merge run one program per token and chunk (of selection blocks, of value columns): one
+# program per token alone left most of the GPU idle (64 programs at batch 16: 250 us to score 64k tokens' blocks).
+_SCORE_BLOCKS = 32
+_COMBINE_COLUMNS = 16
 MAX_BLOCKS = 4096  # selection blocks a choose_blocks program ranks in registers (256k tokens at l' = 64)
 
 
@@ -126,23 +130,28 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
                   num_blocks: int, block_size: int, stride: int, selection_block_size: int, num_selected: int,
                   num_initial: int, num_local: int, wrap=lambda kernel: kernel) -> Int[Tensor, "B Hkv T n"]:
     """Top-``n`` of ``num_blocks`` selection blocks (int64, ``-1`` padded, best first) as :func:`top_blocks`
-    chooses from :func:`block_scores`, straight from :func:`compressed_partials`' outputs: each program merges
-    its token's split partials into the group's log-sum-exps, forms the compressed probabilities of the visible
-    keys from the logits, sums them over the group and folds them into block scores (no probability tensor
-    is stored). Takes ``num_blocks <= 4096`` (callers fall back to those two beyond)."""
+    chooses from :func:`block_scores`, straight from :func:`compressed_partials`' outputs, in two kernels:
+    ``score_kernel`` (one program per token and chunk of :data:`_SCORE_BLOCKS` blocks) merges the token's split
+    partials into the group's log-sum-exps, forms the compressed probabilities of the visible keys from the
+    logits, sums them over the group and folds them into block scores (no probability tensor is stored);
+    ``choose_kernel`` (one program per token) ranks them. Takes ``num_blocks <= 4096`` (callers fall back to
+    those two beyond)."""
     B, Hkv, G, T, C = logits.shape
     P = m.shape[3]
     out = torch.empty(B, Hkv, T, num_selected, dtype=torch.long, device=logits.device)
     if out.numel() == 0:
         return out
+    scores = torch.empty(B, Hkv, T, num_blocks, dtype=torch.float32, device=logits.device)
     r = selection_block_size // stride
     pos = positions.to(torch.int32)
-    wrap(choose_kernel)[(B * Hkv * T,)](
-        logits, m, lsum, w.to(torch.float32), pos, out, *pos.stride(), *out.stride(),
-        T, Hkv, C, num_blocks,
+    wrap(score_kernel)[(B * Hkv * T, math.ceil(num_blocks / _SCORE_BLOCKS))](
+        logits, m, lsum, w.to(torch.float32), pos, scores, *pos.stride(), T, Hkv, C, num_blocks,
         G=G, GP=max(2, next_pow2(G)), P=P, PP=max(2, next_pow2(P)), STRIDE=stride, BLOCK=block_size,
-        SP=next_pow2(max(num_blocks, num_selected, 16)), R=r, M=w.numel(), MP=next_pow2(w.numel()),
-        SEL=selection_block_size,
+        SB=_SCORE_BLOCKS, R=r, M=w.numel(), MP=next_pow2(w.numel()), num_warps=4,
+    )
+    wrap(choose_kernel)[(B * Hkv * T,)](
+        scores, pos, out, *pos.stride(), *out.stride(), T, Hkv, num_blocks,
+        SP=next_pow2(max(num_blocks, num_selected, 16)), SEL=selection_block_size,
         N=num_selected, NP=max(2, next_pow2(num_selected)), NUM_INITIAL=num_initial, NUM_LOCAL=num_local,
         INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY, num_warps=4,
     )
@@ -161,11 +170,11 @@ def combine(m_cmp: Float[Tensor, "B Hkv T P G"], lsum_cmp: Float[Tensor, "B Hkv 
     out = torch.empty(B, Hkv * G, T, Dv, device=gates.device, dtype=gates.dtype)
     if out.numel() == 0:
         return out
-    wrap(combine_kernel)[(B * Hkv * T,)](
+    wrap(combine_kernel)[(B * Hkv * T, math.ceil(Dv / _COMBINE_COLUMNS))](
         m_cmp, lsum_cmp, acc_cmp, m_sparse, lsum_sparse, acc_sparse, gates, out,
         *gates.stride(), *out.stride(), T, Hkv,
         P=P, PP=max(2, next_pow2(P)), Q=Q, QP=max(2, next_pow2(Q)), N=num_selected,
-        G=G, GP=max(2, next_pow2(G)), DV=Dv, DVP=max(16, next_pow2(Dv)), num_warps=4,
+        G=G, GP=max(2, next_pow2(G)), DV=Dv, DVC=_COMBINE_COLUMNS, num_warps=4,
     )
     return out
 
@@ -355,21 +364,21 @@ if triton is not None:
         _store_partial(M, LSUM, ACC, row, j, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
 
     @triton.jit
-    def _merge_splits(M, LSUM, ACC, row, lo, hi, NS: tl.constexpr, NSP: tl.constexpr, G: tl.constexpr,
-                      GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-        """:func:`merge` of splits ``[lo, hi)`` of row ``row`` (of ``NS`` splits) in registers: ``[GP, DVP]``."""
+    def _merge_splits(M, LSUM, ACC, row, dv, lo, hi, NS: tl.constexpr, NSP: tl.constexpr, G: tl.constexpr,
+                      GP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr):
+        """:func:`merge` of splits ``[lo, hi)`` of row ``row`` (of ``NS`` splits), value columns ``dv``, in
+        registers: ``[GP, DVC]``."""
         sp = tl.arange(0, NSP)
         g = tl.arange(0, GP)
-        dv = tl.arange(0, DVP)
         ok = ((sp >= lo) & (sp < hi))[:, None] & (g < G)[None, :]
         m = tl.load(M + (row * NS + sp[:, None]) * G + g[None, :], mask=ok, other=float("-inf"))
         lsum = tl.load(LSUM + (row * NS + sp[:, None]) * G + g[None, :], mask=ok, other=0.0)
         top = tl.max(m, axis=0)
-        weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top)[None, :])  # 0 for empty splits
-        total = tl.sum(lsum * weight, axis=0)
-        acc = tl.zeros((GP, DVP), tl.float32)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(lsum * tl.exp(m - top[None, :]), axis=0)  # empty splits (m = -inf) weigh 0
+        acc = tl.zeros((GP, DVC), tl.float32)
         for i in range(lo, hi):
-            w_i = tl.sum(tl.where(sp[:, None] == i, weight, 0.0), axis=0)
+            w_i = tl.exp(tl.load(M + (row * NS + i) * G + g, mask=g < G, other=float("-inf")) - top)
             a = tl.load(ACC + ((row * NS + i) * G + g)[:, None] * DV + dv[None, :],
                         mask=(g < G)[:, None] & (dv < DV)[None, :], other=0.0)
             acc += w_i[:, None] * a
@@ -379,17 +388,17 @@ if triton is not None:
     def combine_kernel(
         MC, LC, AC, MS, LS, AS, GATES, OUT, sgb, sgh, sgt, sgk, sob, soh, sot, sod, T, Hkv,
         P: tl.constexpr, PP: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr, N: tl.constexpr,
-        G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
     ):
         row = tl.program_id(0)
         t = row % T
         h = (row // T) % Hkv
         b = row // (T * Hkv)
         g = tl.arange(0, GP)
-        dv = tl.arange(0, DVP)
-        o_cmp = _merge_splits(MC, LC, AC, row, 0, P, P, PP, G, GP, DV, DVP)
-        o_sel = _merge_splits(MS, LS, AS, row, 0, N, Q, QP, G, GP, DV, DVP)
-        o_win = _merge_splits(MS, LS, AS, row, N, Q, Q, QP, G, GP, DV, DVP)
+        dv = tl.program_id(1) * DVC + tl.arange(0, DVC)
+        o_cmp = _merge_splits(MC, LC, AC, row, dv, 0, P, P, PP, G, GP, DV, DVC)
+        o_sel = _merge_splits(MS, LS, AS, row, dv, 0, N, Q, QP, G, GP, DV, DVC)
+        o_win = _merge_splits(MS, LS, AS, row, dv, N, Q, Q, QP, G, GP, DV, DVC)
         gate = GATES + b * sgb + (h * G + g) * sgh + t * sgt
         g_cmp = tl.load(gate, mask=g < G, other=0.0).to(tl.float32)
         g_sel = tl.load(gate + sgk, mask=g < G, other=0.0).to(tl.float32)
@@ -399,14 +408,10 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=(g < G)[:, None] & (dv < DV)[None, :])
 
     @triton.jit
-    def choose_kernel(
-        LOGITS, MC, LC, W, POS, OUT, sqb, sqt, sob, soh, sot, son,
-        T, Hkv, C, S,
+    def score_kernel(
+        LOGITS, MC, LC, W, POS, SCORES, sqb, sqt, T, Hkv, C, S,
         G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, STRIDE: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SP: tl.constexpr, R: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, SEL: tl.constexpr,
-        N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
-        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr,
+        BLOCK: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
     ):
         row, b, h, t, pos = _token(POS, sqb, sqt, T, Hkv)
         # the group's log-sum-exps from the compressed split partials (+inf where a head saw nothing: p = 0)
@@ -421,18 +426,29 @@ if triton is not None:
         lse = tl.where(total > 0, tl.log(total) + top, float("inf"))
         visible = tl.where(pos + 1 >= BLOCK, (pos + 1 - BLOCK) // STRIDE + 1, 0)  # keys c*d + l - 1 <= pos
         visible = tl.minimum(visible, C)
-        s = tl.arange(0, SP)
+        s = tl.program_id(1) * SB + tl.arange(0, SB)
         j = tl.arange(0, MP)
         # score[s] = sum_j w[j] p[s*R + j - L], L = M - R (the compressed blocks before s reaching into it),
         # p[c] = sum over the group of exp(logit - lse)
         c = s[:, None] * R + j[None, :] - (M - R)
         c_ok = (c >= 0) & (c < visible) & (j < M)[None, :] & (s < S)[:, None]
-        p = tl.zeros((SP, MP), tl.float32)
+        p = tl.zeros((SB, MP), tl.float32)
         for gi in range(G):
             lse_g = tl.sum(tl.where(g == gi, lse, 0.0))
             logit = tl.load(LOGITS + ((row // T * G + gi) * T + t) * C + c, mask=c_ok, other=float("-inf"))
             p += tl.exp(logit - lse_g)
         score = tl.sum(p * tl.load(W + j, mask=j < M, other=0.0)[None, :], axis=1)
+        tl.store(SCORES + row * S + s, score, mask=s < S)
+
+    @triton.jit
+    def choose_kernel(
+        SCORES, POS, OUT, sqb, sqt, sob, soh, sot, son, T, Hkv, S,
+        SP: tl.constexpr, SEL: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr,
+        NUM_LOCAL: tl.constexpr, INDEX_BITS: tl.constexpr, FORCED: tl.constexpr,
+    ):
+        row, b, h, t, pos = _token(POS, sqb, sqt, T, Hkv)
+        s = tl.arange(0, SP)
+        score = tl.load(SCORES + row * S + s, mask=s < S, other=0.0)
         rev = (S - 1 - s).to(tl.int64)
         key = (score.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
         KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
