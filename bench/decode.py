@@ -68,10 +68,7 @@ def make_state(B: int, T: int, heads: int, kv_heads: int, head_dim: int, cfg: di
 
 
 def _write(s: dict) -> None:
-    B, H = s["k_new"].shape[:2]
-    idx = s["positions"].view(B, 1, 1, 1).expand(B, H, 1, s["k_new"].shape[-1])
-    s["k_cache"].scatter_(2, idx, s["k_new"])
-    s["v_cache"].scatter_(2, idx, s["v_new"])
+    F.write_cache(s["k_cache"], s["v_cache"], s["k_new"], s["v_new"], s["positions"])
 
 
 def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], object]]]:

@@ -2,7 +2,7 @@
 
 from .branches import compressed_attention, selected_attention, sliding_window_attention
 from .compress import compression_blocks, mean_pool
-from .decode import cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed
+from .decode import cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed, write_cache
 from .dense import dense_masked_attention
 from .flex import SlowPathError, enable_small_block_kernels, flex
 from .nsa import nsa_attention
@@ -26,4 +26,5 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "update_compressed",
+    "write_cache",
 ]

@@ -30,10 +30,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import positive_int, tensor
-from . import fused_decode
+from . import cache_update, fused_decode
 from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
-__all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed"]
+__all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed", "write_cache"]
 
 
 def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: float = 10000.0) -> Tensor:
@@ -277,6 +277,36 @@ def nsa_decode(
     return out
 
 
+def _use_cache_kernels(cache: Tensor, use_kernel: Optional[bool]) -> bool:
+    if use_kernel is None:
+        return cache_update.supported(cache)
+    if use_kernel and cache_update.triton is None:
+        raise ValueError("use_kernel=True needs triton (pip install triton), which is not importable")
+    return use_kernel
+
+
+def write_cache(
+    k_cache: Float[Tensor, "B Hkv L D"],
+    v_cache: Float[Tensor, "B Hkv L Dv"],
+    k: Float[Tensor, "B Hkv T D"],
+    v: Float[Tensor, "B Hkv T Dv"],
+    positions: Int[Tensor, "B T"],
+    use_kernel: Optional[bool] = None,
+) -> None:
+    """In place: store the new tokens' keys and values at their ``positions`` (cast to the cache dtype).
+
+    ``use_kernel``: ``None`` takes :mod:`.cache_update`'s kernel on CUDA (one launch for both), torch's
+    ``scatter_`` elsewhere; ``True``/``False`` force either.
+    """
+    B, H, T, D = k.shape
+    if _use_cache_kernels(k_cache, use_kernel):
+        cache_update.write_rows(k_cache, v_cache, k, v, positions)
+        return
+    idx = positions.view(B, 1, T, 1)
+    k_cache.scatter_(2, idx.expand(B, H, T, k_cache.shape[-1]), k.to(k_cache.dtype))
+    v_cache.scatter_(2, idx.expand(B, H, T, v_cache.shape[-1]), v.to(v_cache.dtype))
+
+
 def update_compressed(
     k_cache: Float[Tensor, "B Hkv L D"],
     v_cache: Float[Tensor, "B Hkv L Dv"],
@@ -287,34 +317,43 @@ def update_compressed(
     v_compress: Callable[[Tensor], Tensor],
     block_size: int,
     stride: int,
+    use_kernel: Optional[bool] = None,
 ) -> None:
     """In place: compress every block that the tokens at ``positions`` complete and store it in ``k_cmp, v_cmp``.
 
     Token ``t`` completes block ``c = (t + 1 - l) / d`` when ``t + 1 >= l`` and ``(t + 1 - l) % d == 0``. The
     block's ``l`` tokens are read from the (already updated) caches and compressed with the compressor's
-    ``compress_blocks([B, H, 1, l, D])`` (or the compressor itself on ``[B, H, l, D]``). Rows whose token
+    ``compress_blocks([B, H, T, l, D])`` (or the compressor itself on each ``[B, H, l, D]``). Rows whose token
     completes nothing write into the last slot of ``k_cmp, v_cmp``, a scratch slot (allocate ``C + 1``), so the
-    update has no data-dependent control flow.
+    update has no data-dependent control flow. ``use_kernel`` as in :func:`write_cache` (the cutting of the
+    blocks and the store are kernels; the compressor is whatever it is).
     """
     B, Hkv, L, _ = k_cache.shape
+    T = positions.shape[1]
+    kernels = _use_cache_kernels(k_cache, use_kernel)
+    if kernels:
+        k_blocks, v_blocks = cache_update.completed_blocks(k_cache, v_cache, positions, block_size)
+    else:
+        start = positions.to(torch.long) + 1 - block_size
+        tok = (start.clamp(min=0).unsqueeze(-1) + torch.arange(block_size, device=k_cache.device)).clamp(max=L - 1)
+        k_blocks, v_blocks = _gather(k_cache, tok.unsqueeze(1)), _gather(v_cache, tok.unsqueeze(1))
+
+    def compress(comp, blocks):  # [B, H, T, l, D] -> [B, H, T, D]
+        if hasattr(comp, "compress_blocks"):
+            return comp.compress_blocks(blocks)
+        return torch.cat([comp(blocks[:, :, i]) for i in range(T)], dim=2)
+
+    k_new, v_new = compress(k_compress, k_blocks), compress(v_compress, v_blocks)
+    if kernels:
+        cache_update.store_compressed(k_cmp, v_cmp, k_new, v_new, positions, block_size, stride)
+        return
     scratch = k_cmp.shape[2] - 1
-    dev = k_cache.device
-    for i in range(positions.shape[1]):
-        t = positions[:, i].to(torch.long)
-        start = t + 1 - block_size
-        complete = (start >= 0) & (start % stride == 0)
-        slot = torch.where(complete, torch.div(start, stride, rounding_mode="floor"), torch.full_like(t, scratch))
-        slot = slot.clamp(max=scratch)
-        tok = (start.clamp(min=0).view(B, 1) + torch.arange(block_size, device=dev)).clamp(max=L - 1)
-        idx = tok.view(B, 1, 1, block_size)
-        for cache, out, comp in ((k_cache, k_cmp, k_compress), (v_cache, v_cmp, v_compress)):
-            blocks = _gather(cache, idx)  # [B, Hkv, 1, l, D]
-            if hasattr(comp, "compress_blocks"):
-                new = comp.compress_blocks(blocks)
-            else:
-                new = comp(blocks[:, :, 0])
-            index = slot.view(B, 1, 1, 1).expand(B, Hkv, 1, out.shape[-1])
-            out.scatter_(2, index, new.to(out.dtype))
+    complete = (start >= 0) & (start % stride == 0)
+    slot = torch.where(complete, torch.div(start, stride, rounding_mode="floor"), scratch).clamp(max=scratch)
+    for i in range(T):  # one token at a time: those completing nothing share the scratch slot
+        for out, new in ((k_cmp, k_new), (v_cmp, v_new)):
+            index = slot[:, i].view(B, 1, 1, 1).expand(B, Hkv, 1, out.shape[-1])
+            out.scatter_(2, index, new[:, :, i:i + 1].to(out.dtype))
 
 
 @functools.lru_cache(maxsize=None)

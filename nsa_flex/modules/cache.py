@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from .._checks import positive_int, tensor
 
 __all__ = ["KVCache", "NSACache"]
@@ -98,10 +99,7 @@ class KVCache:
 
     def write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         """Store ``k, v [B, Hkv, T, D]`` at ``positions [B, T]`` (in place)."""
-        B, H, T, _ = k.shape
-        idx = positions.view(B, 1, T, 1)
-        self.k.scatter_(2, idx.expand(B, H, T, self.k.shape[-1]), k.to(self.k.dtype))
-        self.v.scatter_(2, idx.expand(B, H, T, self.v.shape[-1]), v.to(self.v.dtype))
+        F.write_cache(self.k, self.v, k, v, positions)
 
     def store_prefill(self, k: Tensor, v: Tensor) -> None:
         T = k.shape[2]

@@ -1,0 +1,94 @@
+"""The cache kernels (nsa_flex.functional.cache_update) against the torch ops they replace, through
+write_cache and update_compressed (use_kernel=True vs False). Both paths move the same values, so they must
+agree exactly. On CUDA the kernels run compiled; on a CPU machine with triton, under Triton's interpreter."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nsa_flex import functional as F
+
+
+class WeightedSum:
+    """A compressor with ``compress_blocks`` (a fixed weighting of the block's tokens), as the modules' have."""
+
+    def __init__(self, block_size):
+        self.w = torch.linspace(0.5, 1.5, block_size, dtype=torch.float64)
+
+    def compress_blocks(self, blocks):  # [B, H, N, l, D] -> [B, H, N, D]
+        return torch.einsum("bhnld,l->bhnd", blocks.double(), self.w.to(blocks.device)).to(blocks.dtype)
+
+
+@st.composite
+def cache_cases(draw):
+    """Caches of odd lengths and head sizes, values of another width and dtype, 1-3 new tokens per sequence at
+    per-sequence positions (before, on and after block boundaries), blocks longer and shorter than the cache."""
+    L = draw(st.integers(1, 70))
+    T = draw(st.integers(1, min(3, L)))
+    l = draw(st.integers(1, 20))
+    D = draw(st.sampled_from([8, 24, 33]))
+    return dict(B=draw(st.integers(1, 3)), H=draw(st.integers(1, 3)), L=L, T=T, D=D,
+                Dv=draw(st.sampled_from([D, 8])), block_size=l, stride=draw(st.integers(1, l)),
+                new_dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                mean=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def _state(case, device):
+    g = torch.Generator().manual_seed(case["seed"])
+    B, H, L, T, D, Dv, l, d = (case[k] for k in ("B", "H", "L", "T", "D", "Dv", "block_size", "stride"))
+    C1 = max(0, (L - l) // d + 1) + 1
+    ends = torch.randint(T, L + 1, (B,), generator=g)
+    rand = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g, dtype=dtype).to(device)  # noqa: E731
+    return dict(k_cache=rand(B, H, L, D), v_cache=rand(B, H, L, Dv), k_cmp=rand(B, H, C1, D), v_cmp=rand(B, H, C1, Dv),
+                k=rand(B, H, T, D, dtype=case["new_dtype"]), v=rand(B, H, T, Dv, dtype=case["new_dtype"]),
+                positions=(ends.view(B, 1) - T + torch.arange(T)).to(device))
+
+
+def _step(s, case, use_kernel):
+    s = {k: x.clone() for k, x in s.items()}
+    l, d = case["block_size"], case["stride"]
+    F.write_cache(s["k_cache"], s["v_cache"], s["k"], s["v"], s["positions"], use_kernel=use_kernel)
+    comp = (lambda x: F.mean_pool(x, l, l)) if case["mean"] else WeightedSum(l)
+    F.update_compressed(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], comp, comp, l, d,
+                        use_kernel=use_kernel)
+    return s
+
+
+@given(case=cache_cases())
+def test_kernels_move_what_the_torch_ops_move(triton_device, case):
+    s = _state(case, triton_device)
+    got, want = _step(s, case, use_kernel=True), _step(s, case, use_kernel=False)
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(got[name], want[name]), name
+    for name in ("k_cmp", "v_cmp"):  # all but the scratch slot, which tokens completing nothing share
+        assert torch.equal(got[name][:, :, :-1], want[name][:, :, :-1]), name
+
+
+def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_device):
+    """Token by token through a whole sequence, the kernels' compressed slots equal the compressor applied to
+    the full sequence (mean pooling, l=5, d=3: blocks overlap and the last tokens complete none)."""
+    B, H, L, D, l, d = 2, 3, 23, 16, 5, 3
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(B, H, L, D, generator=g).to(triton_device)
+    C = (L - l) // d + 1
+    k_cache, k_cmp = torch.zeros_like(keys), torch.zeros(B, H, C + 1, D, device=triton_device)
+    v_cache, v_cmp = torch.zeros_like(k_cache), torch.zeros_like(k_cmp)
+    comp = lambda x: F.mean_pool(x, l, l)  # noqa: E731
+    for t in range(L):
+        pos = torch.full((B, 1), t, device=triton_device)
+        F.write_cache(k_cache, v_cache, keys[:, :, t:t + 1], -keys[:, :, t:t + 1], pos, use_kernel=True)
+        F.update_compressed(k_cache, v_cache, k_cmp, v_cmp, pos, comp, comp, l, d, use_kernel=True)
+    want = F.mean_pool(keys, l, d)
+    assert torch.equal(k_cache, keys) and torch.equal(v_cache, -keys)
+    torch.testing.assert_close(k_cmp[:, :, :C], want)
+    torch.testing.assert_close(v_cmp[:, :, :C], -want)
+
+
+def test_use_kernel_without_triton_is_a_clear_error(monkeypatch):
+    from nsa_flex.functional import cache_update
+
+    monkeypatch.setattr(cache_update, "triton", None)
+    x = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="use_kernel=True needs triton"):
+        F.write_cache(x, x.clone(), x[:, :, :1], x[:, :, :1], torch.zeros(1, 1, dtype=torch.long), use_kernel=True)
