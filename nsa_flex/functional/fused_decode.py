@@ -53,7 +53,10 @@ _COMPRESSED_STAGES = 2
 _SPARSE_WARPS = 8
 # Block scoring and the merge run one program per token and chunk (of selection blocks, of value columns): one
 # program per token alone left most of the GPU idle (64 programs at batch 16: 250 us to score 64k tokens' blocks).
-_SCORE_BLOCKS = 32
+# Measured at 64k tokens, batch 16 and 1: scoring is fastest with about 512 programs (chunks of 16-256 blocks;
+# 9 us at batch 16, 4 us at batch 1), the merge with 16 columns, one warp once there are a few hundred programs
+# (10 us at batch 16, against 18 with 4 warps) and 4 warps below (10 us at batch 1).
+_SCORE_PROGRAMS = 512
 _COMBINE_COLUMNS = 16
 MAX_BLOCKS = 4096  # selection blocks a choose_blocks program ranks in registers (256k tokens at l' = 64)
 
@@ -131,7 +134,7 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
                   num_initial: int, num_local: int, wrap=lambda kernel: kernel) -> Int[Tensor, "B Hkv T n"]:
     """Top-``n`` of ``num_blocks`` selection blocks (int64, ``-1`` padded, best first) as :func:`top_blocks`
     chooses from :func:`block_scores`, straight from :func:`compressed_partials`' outputs, in two kernels:
-    ``score_kernel`` (one program per token and chunk of :data:`_SCORE_BLOCKS` blocks) merges the token's split
+    ``score_kernel`` (one program per token and chunk of blocks, about :data:`_SCORE_PROGRAMS` in all) merges the token's split
     partials into the group's log-sum-exps, forms the compressed probabilities of the visible keys from the
     logits, sums them over the group and folds them into block scores (no probability tensor is stored);
     ``choose_kernel`` (one program per token) ranks them. Takes ``num_blocks <= 4096`` (callers fall back to
@@ -144,10 +147,11 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
     scores = torch.empty(B, Hkv, T, num_blocks, dtype=torch.float32, device=logits.device)
     r = selection_block_size // stride
     pos = positions.to(torch.int32)
-    wrap(score_kernel)[(B * Hkv * T, math.ceil(num_blocks / _SCORE_BLOCKS))](
+    chunk = min(256, max(16, next_pow2(math.ceil(num_blocks * B * Hkv * T / _SCORE_PROGRAMS))))
+    wrap(score_kernel)[(B * Hkv * T, math.ceil(num_blocks / chunk))](
         logits, m, lsum, w.to(torch.float32), pos, scores, *pos.stride(), T, Hkv, C, num_blocks,
         G=G, GP=max(2, next_pow2(G)), P=P, PP=max(2, next_pow2(P)), STRIDE=stride, BLOCK=block_size,
-        SB=_SCORE_BLOCKS, R=r, M=w.numel(), MP=next_pow2(w.numel()), num_warps=4,
+        SB=chunk, R=r, M=w.numel(), MP=next_pow2(w.numel()), num_warps=8 if chunk >= 128 else 4,
     )
     wrap(choose_kernel)[(B * Hkv * T,)](
         scores, pos, out, *pos.stride(), *out.stride(), T, Hkv, num_blocks,
@@ -170,11 +174,13 @@ def combine(m_cmp: Float[Tensor, "B Hkv T P G"], lsum_cmp: Float[Tensor, "B Hkv 
     out = torch.empty(B, Hkv * G, T, Dv, device=gates.device, dtype=gates.dtype)
     if out.numel() == 0:
         return out
-    wrap(combine_kernel)[(B * Hkv * T, math.ceil(Dv / _COMBINE_COLUMNS))](
+    programs = (B * Hkv * T, math.ceil(Dv / _COMBINE_COLUMNS))
+    wrap(combine_kernel)[programs](
         m_cmp, lsum_cmp, acc_cmp, m_sparse, lsum_sparse, acc_sparse, gates, out,
         *gates.stride(), *out.stride(), T, Hkv,
         P=P, PP=max(2, next_pow2(P)), Q=Q, QP=max(2, next_pow2(Q)), N=num_selected,
-        G=G, GP=max(2, next_pow2(G)), DV=Dv, DVC=_COMBINE_COLUMNS, num_warps=4,
+        G=G, GP=max(2, next_pow2(G)), DV=Dv, DVC=_COMBINE_COLUMNS,
+        num_warps=1 if programs[0] * programs[1] >= 256 else 4,
     )
     return out
 
