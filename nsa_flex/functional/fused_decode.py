@@ -134,9 +134,9 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
                   num_initial: int, num_local: int, wrap=lambda kernel: kernel) -> Int[Tensor, "B Hkv T n"]:
     """Top-``n`` of ``num_blocks`` selection blocks (int64, ``-1`` padded, best first) as :func:`top_blocks`
     chooses from :func:`block_scores`, straight from :func:`compressed_partials`' outputs, in two kernels:
-    ``score_kernel`` (one program per token and chunk of blocks, about :data:`_SCORE_PROGRAMS` in all) merges the token's split
-    partials into the group's log-sum-exps, forms the compressed probabilities of the visible keys from the
-    logits, sums them over the group and folds them into block scores (no probability tensor is stored);
+    ``score_kernel`` (one program per token and chunk of blocks, about :data:`_SCORE_PROGRAMS` in all) merges
+    the token's split partials into the group's log-sum-exps, forms the compressed probabilities of the visible
+    keys from the logits, sums them over the group and folds them into block scores (no probability tensor);
     ``choose_kernel`` (one program per token) ranks them. Takes ``num_blocks <= 4096`` (callers fall back to
     those two beyond)."""
     B, Hkv, G, T, C = logits.shape
