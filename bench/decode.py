@@ -156,6 +156,9 @@ def _run(args) -> dict:
     for config, shape in configs.items():
         for B in batches:
             for T in contexts:
+                # Each shape compiles nsa_decode afresh (dynamic=False); past dynamo's recompile limit (8 per
+                # function) a compiled call silently runs eagerly, which had made later rows measure eager ops.
+                torch._dynamo.reset()
                 for name, make in methods(cfg, graphs).items():
                     if args.methods and name not in args.methods:
                         continue
