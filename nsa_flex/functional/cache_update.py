@@ -32,13 +32,13 @@ def supported(cache: Tensor) -> bool:
 def write_rows(k_cache: Float[Tensor, "B H L D"], v_cache: Float[Tensor, "B H L Dv"], k: Float[Tensor, "B H T D"],
                v: Float[Tensor, "B H T Dv"], positions: Int[Tensor, "B T"]) -> None:
     """In place: ``k_cache[b, h, positions[b, t]] = k[b, h, t]`` (cast to the cache's dtype), and the same for
-    ``v``."""
+    ``v``; a position outside ``[0, L)`` writes nothing."""
     B, H, T, D = k.shape
     if k.numel() == 0:
         return
     _copy_rows_kernel[(B * H * T,)](
         k, v, k_cache, v_cache, positions, *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        *positions.stride(), T, H, 0, 0, 0,
+        *positions.stride(), T, H, 0, 0, k_cache.shape[2],
         D=D, DP=next_pow2(D), DV=v.shape[-1], DVP=next_pow2(v.shape[-1]), INTO_CACHE=True,
     )
 
@@ -53,7 +53,7 @@ def store_compressed(k_cmp: Float[Tensor, "B H C1 D"], v_cmp: Float[Tensor, "B H
         return
     _copy_rows_kernel[(B * H * T,)](
         k_new, v_new, k_cmp, v_cmp, positions, *k_new.stride(), *v_new.stride(), *k_cmp.stride(),
-        *v_cmp.stride(), *positions.stride(), T, H, block_size, stride, k_cmp.shape[2] - 1,
+        *v_cmp.stride(), *positions.stride(), T, H, block_size, stride, k_cmp.shape[2],
         D=D, DP=next_pow2(D), DV=v_new.shape[-1], DVP=next_pow2(v_new.shape[-1]), INTO_CACHE=False,
     )
 
@@ -88,24 +88,26 @@ if triton is not None:
     @triton.jit
     def _copy_rows_kernel(
         K, V, KD, VD, POS, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdl, sdd, seb, seh, sel, sed,
-        spb, spt, T, H, BLOCK, STRIDE, SCRATCH,
+        spb, spt, T, H, BLOCK, STRIDE, ROWS,
         D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, INTO_CACHE: tl.constexpr,
     ):
-        """Row ``(b, h, t)`` of ``K, V`` to row ``dst`` of ``KD, VD``: the position itself (``INTO_CACHE``) or the
-        compressed slot of the block it completes (else the scratch slot)."""
+        """Row ``(b, h, t)`` of ``K, V`` to row ``dst < ROWS`` of ``KD, VD``: the position itself (``INTO_CACHE``;
+        none outside ``[0, ROWS)``) or the compressed slot of the block it completes (else the scratch slot,
+        the last)."""
         row, b, h, t, pos = _row(POS, spb, spt, T, H)
         if INTO_CACHE:
             dst = pos
         else:
             start = pos + 1 - BLOCK
-            dst = tl.where((start >= 0) & (start % STRIDE == 0), start // STRIDE, SCRATCH)
-            dst = tl.minimum(dst, SCRATCH)
+            dst = tl.where((start >= 0) & (start % STRIDE == 0), start // STRIDE, ROWS - 1)
+            dst = tl.minimum(dst, ROWS - 1)
+        inside = (dst >= 0) & (dst < ROWS)
         d = tl.arange(0, DP)
         x = tl.load(K + b * skb + h * skh + t * skt + d * skd, mask=d < D)
-        tl.store(KD + b * sdb + h * sdh + dst * sdl + d * sdd, x.to(KD.dtype.element_ty), mask=d < D)
+        tl.store(KD + b * sdb + h * sdh + dst * sdl + d * sdd, x.to(KD.dtype.element_ty), mask=(d < D) & inside)
         dv = tl.arange(0, DVP)
         x = tl.load(V + b * svb + h * svh + t * svt + dv * svd, mask=dv < DV)
-        tl.store(VD + b * seb + h * seh + dst * sel + dv * sed, x.to(VD.dtype.element_ty), mask=dv < DV)
+        tl.store(VD + b * seb + h * seh + dst * sel + dv * sed, x.to(VD.dtype.element_ty), mask=(dv < DV) & inside)
 
     @triton.jit
     def _block_rows_kernel(

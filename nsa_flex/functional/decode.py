@@ -296,9 +296,15 @@ def write_cache(
     """In place: store the new tokens' keys and values at their ``positions`` (cast to the cache dtype).
 
     ``use_kernel``: ``None`` takes :mod:`.cache_update`'s kernel on CUDA (one launch for both), torch's
-    ``scatter_`` elsewhere; ``True``/``False`` force either.
+    ``scatter_`` elsewhere; ``True``/``False`` force either. Positions must lie in ``[0, L)`` (the modules'
+    caches check room before writing); the check is not repeated here because it would need a host sync
+    (scatter_ fails on one outside; the kernel skips it rather than write out of bounds).
     """
-    B, H, T, D = k.shape
+    B, H, L, D = tensor("k_cache", k_cache, ndim=4, floating=True).shape
+    tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, H, L, None))
+    T = tensor("k", k, ndim=4, floating=True, shape=(B, H, None, D)).shape[2]
+    tensor("v", v, ndim=4, floating=True, shape=(B, H, T, v_cache.shape[-1]))
+    _check_positions(positions, B, T)
     if _use_cache_kernels(k_cache, use_kernel):
         cache_update.write_rows(k_cache, v_cache, k, v, positions)
         return

@@ -85,6 +85,29 @@ def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_de
     torch.testing.assert_close(v_cmp[:, :, :C], -want)
 
 
+def test_kernel_write_outside_the_cache_writes_nothing(triton_device):
+    """The kernel cannot raise without a host sync; a position past the cache must not write out of bounds
+    (here into the next sequence's rows of the same buffer)."""
+    buf = torch.zeros(2, 1, 4, 8, device=triton_device)
+    k_cache, v_cache = buf[:1], buf[:1].clone()
+    new = torch.ones(1, 1, 1, 8, device=triton_device)
+    F.write_cache(k_cache, v_cache, new, new, torch.tensor([[4]], device=triton_device), use_kernel=True)
+    assert not buf.any() and not v_cache.any()
+
+
+def test_write_cache_argument_errors():
+    cache = torch.zeros(2, 3, 10, 8)
+    new, pos = torch.zeros(2, 3, 1, 8), torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"k must have shape \[2, 3, \*, 8\]"):
+        F.write_cache(cache, cache.clone(), new[:1], new, pos)
+    with pytest.raises(ValueError, match=r"v_cache must have shape"):
+        F.write_cache(cache, cache[:, :2], new, new, pos)
+    with pytest.raises(TypeError, match="positions must have an integer dtype"):
+        F.write_cache(cache, cache.clone(), new, new, pos.float())
+    with pytest.raises(ValueError, match=r"positions must have shape \[2, 1\]"):
+        F.write_cache(cache, cache.clone(), new, new, pos[:1])
+
+
 def test_use_kernel_without_triton_is_a_clear_error(monkeypatch):
     from nsa_flex.functional import cache_update
 
