@@ -347,7 +347,8 @@ def update_compressed(
     def compress(comp, blocks):  # [B, H, T, l, D] -> [B, H, T, D]
         if hasattr(comp, "compress_blocks"):
             return comp.compress_blocks(blocks)
-        return torch.cat([comp(blocks[:, :, i]) for i in range(T)], dim=2)
+        parts = [comp(blocks[:, :, i]) for i in range(T)]
+        return parts[0] if T == 1 else torch.cat(parts, dim=2)  # a cat of one tensor would copy it
 
     k_new, v_new = compress(k_compress, k_blocks), compress(v_compress, v_blocks)
     if kernels:
