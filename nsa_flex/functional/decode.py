@@ -336,6 +336,8 @@ def update_compressed(
     """
     B, Hkv, L, _ = k_cache.shape
     T = positions.shape[1]
+    if T == 0:
+        return
     kernels = _use_cache_kernels(k_cache, use_kernel)
     if kernels:
         k_blocks, v_blocks = cache_update.completed_blocks(k_cache, v_cache, positions, block_size)
