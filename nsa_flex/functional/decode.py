@@ -197,9 +197,11 @@ def nsa_decode(
     # interpreter) they are launched directly.
     kernels = use_kernel and q.is_cuda
 
-    # Compressed branch over the cached compressed keys c with c*d + l - 1 <= t.
-    c = torch.arange(C, device=dev)
-    cmp_valid = (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
+    def compressed_visible() -> Tensor:
+        """``[B, 1, 1, T, C]``: the compressed branch sees the cached compressed keys ``c*d + l - 1 <= t``."""
+        c = torch.arange(C, device=dev)
+        return (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
+
     S_all = max(S, 1)
     w = overlap_pattern(l, d, ls, dev, work)
 
@@ -223,8 +225,8 @@ def nsa_decode(
                                                 num_local)
         else:
             _, lse = fused_decode.merge(m_cmp, lsum_cmp, acc_cmp)
-            block_indices = rank_blocks(torch.where(cmp_valid, torch.exp(logits - lse.transpose(2, 3).unsqueeze(-1)),
-                                                    0.0))
+            p_cmp = torch.exp(logits - lse.transpose(2, 3).unsqueeze(-1))
+            block_indices = rank_blocks(torch.where(compressed_visible(), p_cmp, 0.0))
         inv_freq = rotary_frequencies(D, 10000.0 if rotary_base is None else rotary_base, dev)
         m_sp, lsum_sp, acc_sp = op("sparse_partials")(q_fine, k_cache, v_cache, pos, block_indices, inv_freq,
                                                       rotary_base is not None, scale, ls, window_size)
@@ -240,7 +242,7 @@ def nsa_decode(
         return out, branches
 
     logits = torch.einsum("bhgtd,bhcd->bhgtc", qg, k_cmp).to(work) * scale
-    p_cmp, _ = _masked_softmax(logits, cmp_valid)
+    p_cmp, _ = _masked_softmax(logits, compressed_visible())
     o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
     block_indices = rank_blocks(p_cmp)
     q_fine = q_fine.view(B, Hkv, G, T, D)
