@@ -55,8 +55,8 @@ _SPARSE_WARPS = 8
 # program per token alone left most of the GPU idle (64 programs at batch 16: 250 us to score 64k tokens' blocks).
 # Swept at 64k tokens, batch 16 and 1, each kernel timed alone: scoring is fastest with about 512 programs
 # (chunks of 16-256 blocks), the merge with 16 columns, one warp once there are a few hundred programs and 4
-# warps below. In the step (batch 16) that took scoring from 15.0 to 15.2 us (its logits come from HBM there;
-# alone, hot in L2, 9 us) and the merge from 18.5 to 13.0 us.
+# warps below. In the step that took scoring from 15.0 to 15.2 us at batch 16 (its logits come from HBM there;
+# alone, hot in L2, 9 us) and from 6.5 to 3.9 us at batch 1, the merge from 18.5 to 13.0 us at batch 16.
 _SCORE_PROGRAMS = 512
 _COMBINE_COLUMNS = 16
 MAX_BLOCKS = 4096  # selection blocks a choose_blocks program ranks in registers (256k tokens at l' = 64)
