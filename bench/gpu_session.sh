@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
 # Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
-#   tests    the gpu-marked tests (five processes side by side; compilation is CPU-bound), ~8 min;
+#   tests    the gpu-marked tests and the Triton kernel tests (six processes side by side; compilation is
+#            CPU-bound), ~8 min;
 #            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
 #            TEST_TIMEOUT (seconds, default 480) bounds each
 #   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
@@ -12,7 +13,7 @@
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
-#   decode   bench.decode (per-token latency at 16k and 64k, batch 1 and 16)
+#   decode   bench.decode (per-token latency at 8k-64k, batch 16 and 1, with profiles; ~4.5 min)
 # Timed phases run alone on the GPU; their JSON is written after every row, so a phase cut short keeps what it
 # measured. Compilation dominates: every new shape compiles its own kernels (about a minute for NSA fwd+bwd).
 # tests and train write under /tmp/gpu_session and pack it into one ${OUT:-bench/results}/PHASE.tar.gz (the
@@ -48,8 +49,13 @@ phase_tests() {  # optional arguments: pytest selections, each run as its own pr
     local shards=("$@") i=0
     # the 13 mask generators alone took over 8 minutes in one process: two shards of them
     local first="generators and (causal or sliding or chunked or dilated or global or prefix or document)"
+    # The Triton kernel tests that are not gpu-marked (the triton_device ones: Hypothesis against float64,
+    # interpreted in CPU CI) run natively here; the later -m overrides the first.
+    local kernels="tests/functional/test_fused_decode.py tests/functional/test_cache_update.py \
+tests/functional/test_block_topk.py tests/functional/test_selected_kernel.py -m 'not gpu'"
     [ $# -gt 0 ] || shards=("tests/masks -k '$first'" "tests/masks -k 'generators and not ($first)'"
-                            "tests/masks -k 'not generators'" "tests/functional" "tests/modules tests/test_*.py")
+                            "tests/masks -k 'not generators'" "tests/functional" "tests/modules tests/test_*.py"
+                            "$kernels")
     for shard in "${shards[@]}"; do
         i=$((i + 1))
         eval "$timeout $pytest $shard" 2>&1 | quiet > "$out/tests_$i.log" &
@@ -102,9 +108,9 @@ phase_lm() {  # environment overrides: TOY_TIMEOUT (0: skip), LM_TIMEOUT, LM_CON
         --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
 }
 
-phase_decode() {
-    timeout 540 python3 -m bench.decode --contexts 16384 65536 --batches 1 16 --configs paper --repeats 20 --profile \
-        --out "$out" 2>&1 | quiet | tee "$out/decode.log"
+phase_decode() {  # the four contexts at batch 16 and 1 with profiles took 261 s on an H100
+    timeout 540 python3 -m bench.decode --contexts 65536 32768 16384 8192 --batches 16 1 --configs paper \
+        --repeats 20 --profile --out "$out" 2>&1 | quiet | tee "$out/decode.log"
 }
 
 case "$phase" in
