@@ -120,6 +120,27 @@ if triton is not None:
                       num_initial, num_local, wrap=torch.library.wrap_triton)
 
     @triton.jit
+    def ranking_keys(score, s, own, S, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                     INDEX_BITS: tl.constexpr, FORCED: tl.constexpr):
+        """int64 keys ranking blocks ``s`` (broadcast against the token's own block ``own``) by float32
+        ``score``: forced blocks (initial, then own and the ``NUM_LOCAL - 1`` before it) above every score, ties
+        toward the lower block, ``-1`` for blocks after the own one (blocks ``>= S`` are among those, since
+        ``own < S``). :func:`block_index` reads a block back from a key."""
+        KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
+        rev = (S - 1 - s).to(tl.int64)
+        key = (score.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
+        back = own - s  # 0: own block, 1: the one before, ...
+        rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
+        rank = tl.minimum(rank, tl.where(s < NUM_INITIAL, s, KF))
+        forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
+        return tl.where(back >= 0, tl.where(rank < KF, forced, key), -1)
+
+    @triton.jit
+    def block_index(key, S, INDEX_BITS: tl.constexpr):
+        """The block of a :func:`ranking_keys` key, ``-1`` for a ``-1`` key."""
+        return tl.where(key >= 0, S - 1 - (key & ((1 << INDEX_BITS) - 1)), -1)
+
+    @triton.jit
     def block_topk_kernel(
         Q, K, LSE, W, OUT, SCRATCH,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, sob, soh, sot, son,
@@ -130,7 +151,6 @@ if triton is not None:
         INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, W2: tl.constexpr,
     ):
         BC: tl.constexpr = CH * R  # compressed keys per step
-        KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
         pid_t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
         h = tl.program_id(1) % Hkv
@@ -184,13 +204,7 @@ if triton is not None:
             carry = tl.sum(tl.where(s_local[None, :] == CH - 1, halo, 0.0), axis=1)
 
             s = chunk * CH + s_local
-            rev = (S - 1 - s).to(tl.int64)[None, :]
-            key = (scores.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
-            back = own[:, None] - s[None, :]  # 0: own block, 1: the one before, ...
-            rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
-            rank = tl.minimum(rank, tl.where(s[None, :] < NUM_INITIAL, s[None, :], KF))
-            forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
-            key = tl.where(back >= 0, tl.where(rank < KF, forced, key), -1)
+            key = ranking_keys(scores, s[None, :], own[:, None], S, NUM_INITIAL, NUM_LOCAL, INDEX_BITS, FORCED)
             # The running top-n and this step's keys side by side in the program's scratch rows, one bitonic
             # top-k of both. (Kept in registers, the loop-carried top-n made Triton 3.6's layout pass fail to
             # compile the sort; picking n maxima one at a time compiled but was 5x slower at 64k.)
@@ -202,6 +216,6 @@ if triton is not None:
         tl.debug_barrier()
         top = tl.load(scr + n[None, :])
 
-        index = tl.where(top >= 0, S - 1 - (top & ((1 << INDEX_BITS) - 1)), -1)
+        index = block_index(top, S, INDEX_BITS)
         tl.store(OUT + b * sob + h * soh + pos[:, None] * sot + n[None, :] * son, index,
                  mask=(pos < T)[:, None] & (n < N)[None, :])

@@ -39,6 +39,8 @@ from .block_topk import FORCED_KEY, INDEX_BITS, next_pow2
 try:
     import triton
     import triton.language as tl
+
+    from .block_topk import block_index, ranking_keys
 except ImportError:  # CPU-only installs: nsa_decode never asks for the kernels there
     triton = None
 
@@ -461,15 +463,8 @@ if triton is not None:
         row, b, h, t, pos = _token(POS, sqb, sqt, T, Hkv)
         s = tl.arange(0, SP)
         score = tl.load(SCORES + row * S + s, mask=s < S, other=0.0)
-        rev = (S - 1 - s).to(tl.int64)
-        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | rev
-        KF: tl.constexpr = NUM_INITIAL + NUM_LOCAL
-        back = pos // SEL - s  # 0: the token's own block, 1: the one before, ...
-        rank = tl.where((back >= 0) & (back < NUM_LOCAL), NUM_INITIAL + back, KF)
-        rank = tl.minimum(rank, tl.where(s < NUM_INITIAL, s, KF))
-        forced = FORCED + ((KF - rank).to(tl.int64) << INDEX_BITS) | rev
-        key = tl.where((back >= 0) & (s < S), tl.where(rank < KF, forced, key), -1)
+        key = ranking_keys(score, s, pos // SEL, S, NUM_INITIAL, NUM_LOCAL, INDEX_BITS, FORCED)
         top = tl.topk(key[None, :], NP)  # NP >= 2: a top-1 reduces to a scalar inside tl.topk (Triton 3.6)
         n = tl.arange(0, NP)[None, :]
-        index = tl.where(top >= 0, S - 1 - (top & ((1 << INDEX_BITS) - 1)), -1)
+        index = block_index(top, S, INDEX_BITS)
         tl.store(OUT + b * sob + h * soh + t * sot + n * son, index, mask=n < N)
