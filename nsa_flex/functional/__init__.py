@@ -2,7 +2,8 @@
 
 from .branches import compressed_attention, selected_attention, sliding_window_attention
 from .compress import compression_blocks, mean_pool
-from .decode import cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed, write_cache
+from .decode import (append_to_cache, cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed,
+                     write_cache)
 from .dense import dense_masked_attention
 from .flex import SlowPathError, enable_small_block_kernels, flex
 from .nsa import nsa_attention
@@ -10,6 +11,7 @@ from .selection import overlap_weights, select_blocks
 
 __all__ = [
     "SlowPathError",
+    "append_to_cache",
     "cached_attention",
     "compiled_nsa_decode",
     "compressed_attention",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -33,7 +33,8 @@ from .._checks import positive_int, tensor
 from . import cache_update, fused_decode
 from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
-__all__ = ["cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed", "write_cache"]
+__all__ = ["append_to_cache", "cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed",
+           "write_cache"]
 
 
 def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: float = 10000.0) -> Tensor:
@@ -42,7 +43,7 @@ def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: 
     ``positions [B, T]`` (or ``[B, H, T]``) gives each row's absolute position; the arithmetic is the same as
     ``apply_rotary``'s (angles ``float(p) * base**(-2i/D)`` in float32, float64 for float64 input).
     """
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = _work_dtype(x.dtype)
     inv_freq = rotary_frequencies(x.shape[-1], base, x.device, work)
     pos = positions.to(work)
     if pos.ndim == x.ndim - 2:  # [B, T] -> [B, 1, T]
@@ -56,6 +57,17 @@ def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: 
 def rotary_frequencies(D: int, base: float, device=None, dtype=torch.float32) -> Float[Tensor, "D2"]:
     """``base ** (-2i / D)`` for ``i < D/2``: the angle of position ``p`` in pair ``i`` is ``p * inv_freq[i]``."""
     return base ** (-torch.arange(0, D, 2, device=device, dtype=dtype) / D)
+
+
+@functools.lru_cache(maxsize=None)
+def _frequencies(D: int, base: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`rotary_frequencies`, made once (a cache write outside a compiled graph would recompute them)."""
+    return rotary_frequencies(D, base, device, dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of rotary arithmetic for ``dtype`` tensors (:func:`rotary_at`'s)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gather(cache: Tensor, idx: Tensor) -> Tensor:
@@ -148,14 +160,16 @@ def nsa_decode(
 
     Args:
         q: new queries, position-free (as :func:`nsa_attention`'s ``q``), ``[B, Hq, T, D]``.
-        k_cache, v_cache: cached position-free keys and values ``[B, Hkv, L, D]``; slots ``<= t`` must be
-            filled for every query ``t`` (including the new tokens' own). Slots beyond are ignored.
+        k_cache, v_cache: cached keys and values ``[B, Hkv, L, D]``, the keys as the selected and window
+            branches attend with them: rotated at their positions with ``rotary_base`` (what
+            ``write_cache(..., rotary_base=...)`` stores), else position-free. Slots ``<= t`` must be filled
+            for every query ``t`` (including the new tokens' own). Slots beyond are ignored.
         k_cmp, v_cmp: cached compressed keys/values ``[B, Hkv, C, D]``; slot ``c`` must hold block ``c`` for
             every ``c`` with ``c*d + l - 1 <= t``; others are ignored (any finite value).
         positions: absolute position of each query, ``[B, T]`` (int).
         gates: ``[B, Hq, T, 3]`` in the order (compressed, selected, window).
-        rotary_base: if given, the selected and window branches use RoPE (this base) on ``q`` and on the
-            gathered keys at their positions, like ``nsa_attention(..., fine_qk=rotary(q, k))``.
+        rotary_base: if given, the selected and window branches use RoPE (this base): ``q`` is rotated at
+            its positions and ``k_cache`` holds rotated keys, like ``nsa_attention(..., fine_qk=rotary(q, k))``.
         return_branches: also return ``{"compressed", "selected", "window", "block_indices"}``.
         use_kernel: ``None`` (default) runs the attention of the three branches in the fused Triton kernels
             of :mod:`.fused_decode` where they apply (CUDA, see its ``supported``), else gathers keys with
@@ -203,39 +217,39 @@ def nsa_decode(
         return (c.view(1, 1, -1) * d + (l - 1) <= pos.unsqueeze(-1)).view(B, 1, 1, T, C)
 
     S_all = max(S, 1)
-    w = overlap_pattern(l, d, ls, dev, work)
 
     def rank_blocks(p_cmp: Tensor) -> Tensor:
         """Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then
         top-n (the torch ranking; the kernels' choose_blocks is the same)."""
-        scores = block_scores(p_cmp.sum(dim=2), w, ls // d, S_all)
+        scores = block_scores(p_cmp.sum(dim=2), overlap_pattern(l, d, ls, dev, work), ls // d, S_all)
         chosen = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
         if chosen.shape[-1] < n:
             chosen = torch.cat([chosen, chosen.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)
         return chosen
 
-    q_fine = q if rotary_base is None else rotary_at(q, pos, rotary_base)
     if use_kernel:
         # Split partials of the compressed keys; block choice from their logits; the selected blocks and window
-        # tiles as the splits of one kernel (keys rotated in registers); one kernel merges and gates.
+        # tiles as the splits of one kernel; one kernel merges and gates.
         op = lambda name: getattr(fused_decode, name + ("_op" if kernels else ""))  # noqa: E731
         logits, m_cmp, lsum_cmp, acc_cmp = op("compressed_partials")(q, k_cmp, v_cmp, pos, scale, l, d)
         if S_all <= fused_decode.MAX_BLOCKS:
-            block_indices = op("choose_blocks")(logits, m_cmp, lsum_cmp, w, pos, S_all, l, d, ls, n, num_initial,
+            block_indices = op("choose_blocks")(logits, m_cmp, lsum_cmp, pos, S_all, l, d, ls, n, num_initial,
                                                 num_local)
         else:
             _, lse = fused_decode.merge(m_cmp, lsum_cmp, acc_cmp)
             p_cmp = torch.exp(logits - lse.transpose(2, 3).unsqueeze(-1))
             block_indices = rank_blocks(torch.where(compressed_visible(), p_cmp, 0.0))
-        inv_freq = rotary_frequencies(D, 10000.0 if rotary_base is None else rotary_base, dev)
-        m_sp, lsum_sp, acc_sp = op("sparse_partials")(q_fine, k_cache, v_cache, pos, block_indices, inv_freq,
-                                                      rotary_base is not None, scale, ls, window_size)
-        out = op("combine")(m_cmp, lsum_cmp, acc_cmp, m_sp, lsum_sp, acc_sp, gates, n).to(q.dtype)
+        # q is rotated in the kernel (an inductor kernel took 5 us for it at batch 16)
+        inv_freq = None if rotary_base is None else rotary_frequencies(D, rotary_base, dev)
+        m_sp, lsum_sp, acc_sp = op("sparse_partials")(q, k_cache, v_cache, pos, block_indices, inv_freq, scale, ls,
+                                                      window_size)
+        ns = math.ceil(n / fused_decode.sparse_tiles_per_split(B * Hkv * T, n, window_size, ls))  # selected splits
+        out = op("combine")(m_cmp, lsum_cmp, acc_cmp, m_sp, lsum_sp, acc_sp, gates, ns).to(q.dtype)
         if not return_branches:
             return out
         # The branches for inspection, merged again in torch ([B, Hkv, T, G, Dv] -> [B, Hq, T, Dv]).
-        parts = {"compressed": (m_cmp, lsum_cmp, acc_cmp), "selected": (m_sp[..., :n, :], lsum_sp[..., :n, :],
-                 acc_sp[..., :n, :, :]), "window": (m_sp[..., n:, :], lsum_sp[..., n:, :], acc_sp[..., n:, :, :])}
+        parts = {"compressed": (m_cmp, lsum_cmp, acc_cmp), "selected": (m_sp[..., :ns, :], lsum_sp[..., :ns, :],
+                 acc_sp[..., :ns, :, :]), "window": (m_sp[..., ns:, :], lsum_sp[..., ns:, :], acc_sp[..., ns:, :, :])}
         branches = {name: fused_decode.merge(*x)[0].transpose(2, 3).reshape(B, Hq, T, Dv).to(q.dtype)
                     for name, x in parts.items()}
         branches["block_indices"] = block_indices
@@ -245,15 +259,12 @@ def nsa_decode(
     p_cmp, _ = _masked_softmax(logits, compressed_visible())
     o_cmp = torch.einsum("bhgtc,bhcd->bhgtd", p_cmp.to(v_cmp.dtype), v_cmp).to(work)
     block_indices = rank_blocks(p_cmp)
-    q_fine = q_fine.view(B, Hkv, G, T, D)
+    q_fine = (q if rotary_base is None else rotary_at(q, pos, rotary_base)).view(B, Hkv, G, T, D)
 
     def fine(tok: Tensor, valid: Tensor) -> Tensor:
         """Attention over gathered key slots ``tok [B, Hkv or 1, T, K]`` (``valid`` same shape)."""
         idx = tok.clamp(0, L - 1)
         k, v = _gather(k_cache, idx), _gather(v_cache, idx)
-        if rotary_base is not None:
-            k = rotary_at(k.flatten(2, 3), idx.expand(B, Hkv, *idx.shape[2:]).flatten(2, 3),
-                          rotary_base).view_as(k)
         lg = torch.einsum("bhgtd,bhtkd->bhgtk", q_fine, k).to(work) * scale
         p, _ = _masked_softmax(lg, valid.unsqueeze(2))
         return torch.einsum("bhgtk,bhtkd->bhgtd", p.to(v.dtype), v).to(work)
@@ -294,25 +305,96 @@ def write_cache(
     v: Float[Tensor, "B Hkv T Dv"],
     positions: Int[Tensor, "B T"],
     use_kernel: Optional[bool] = None,
+    rotary_base: Optional[float] = None,
 ) -> None:
     """In place: store the new tokens' keys and values at their ``positions`` (cast to the cache dtype).
 
-    ``use_kernel``: ``None`` takes :mod:`.cache_update`'s kernel on CUDA (one launch for both), torch's
-    ``scatter_`` elsewhere; ``True``/``False`` force either. Positions must lie in ``[0, L)`` (the modules'
-    caches check room before writing); the check is not repeated here because it would need a host sync
-    (scatter_ fails on one outside; the kernel skips it rather than write out of bounds).
+    ``rotary_base``: store the keys rotated at their positions (:func:`rotary_at`'s arithmetic), as
+    :func:`nsa_decode` and :func:`cached_attention` read them. ``use_kernel``: ``None`` takes
+    :mod:`.cache_update`'s kernel on CUDA (one launch for both, the rotation included), torch ops elsewhere;
+    ``True``/``False`` force either. Positions must lie in ``[0, L)`` (the modules' caches check room before
+    writing); the check is not repeated here because it would need a host sync (``scatter_`` fails on one
+    outside; the kernel skips it rather than write out of bounds).
     """
+    B, H, L, D, T = _check_write(k_cache, v_cache, k, v, positions, rotary_base)
+    if _use_cache_kernels(k_cache, use_kernel):
+        cache_update.write_rows(k_cache, v_cache, k, v, positions, _cache_frequencies(k_cache, rotary_base))
+        return
+    if rotary_base is not None:  # in the cache's precision, as the kernel
+        k = rotary_at(k.to(k_cache.dtype), positions, rotary_base)
+    idx = positions.view(B, 1, T, 1)
+    k_cache.scatter_(2, idx.expand(B, H, T, k_cache.shape[-1]), k.to(k_cache.dtype))
+    v_cache.scatter_(2, idx.expand(B, H, T, v_cache.shape[-1]), v.to(v_cache.dtype))
+
+
+def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> tuple[int, int, int, int, int]:
     B, H, L, D = tensor("k_cache", k_cache, ndim=4, floating=True).shape
     tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, H, L, None))
     T = tensor("k", k, ndim=4, floating=True, shape=(B, H, None, D)).shape[2]
     tensor("v", v, ndim=4, floating=True, shape=(B, H, T, v_cache.shape[-1]))
     _check_positions(positions, B, T)
-    if _use_cache_kernels(k_cache, use_kernel):
-        cache_update.write_rows(k_cache, v_cache, k, v, positions)
+    if rotary_base is not None and D % 2:
+        raise ValueError(f"rotary_base needs an even head dim, got k_cache of shape {list(k_cache.shape)}")
+    return B, H, L, D, T
+
+
+def _cache_frequencies(k_cache: Tensor, rotary_base: Optional[float]) -> Optional[Tensor]:
+    """The kernels' ``inv_freq`` for rotating keys into ``k_cache`` (None without RoPE)."""
+    if rotary_base is None:
+        return None
+    return _frequencies(k_cache.shape[-1], float(rotary_base), k_cache.device, _work_dtype(k_cache.dtype))
+
+
+def append_to_cache(
+    k_cache: Float[Tensor, "B Hkv L D"],
+    v_cache: Float[Tensor, "B Hkv L Dv"],
+    k_cmp: Float[Tensor, "B Hkv C1 D"],
+    v_cmp: Float[Tensor, "B Hkv C1 Dv"],
+    k: Float[Tensor, "B Hkv T D"],
+    v: Float[Tensor, "B Hkv T Dv"],
+    positions: Int[Tensor, "B T"],
+    k_compress: Union[str, Callable[[Tensor], Tensor]],
+    v_compress: Union[str, Callable[[Tensor], Tensor]],
+    block_size: int,
+    stride: int,
+    rotary_base: Optional[float] = None,
+    k_ring: Optional[Float[Tensor, "B Hkv l D"]] = None,
+    use_kernel: Optional[bool] = None,
+) -> None:
+    """In place: a decode step's whole cache update, :func:`write_cache` then :func:`update_compressed`.
+
+    ``k, v`` are the new tokens' raw (position-free) keys and values at ``positions`` (consecutive per
+    sequence, as a cache hands them out). With ``rotary_base`` the cache holds rotated keys and ``k_ring``
+    (required then) the last ``l`` raw ones, which the compressor reads (:func:`update_compressed`). On CUDA
+    with both compressors ``"mean"`` all of it is one kernel launch (:func:`.cache_update.append_mean`): a
+    decode step's bookkeeping had been four launches, each a few microseconds in a CUDA graph.
+    """
+    _check_write(k_cache, v_cache, k, v, positions, rotary_base)
+    if (rotary_base is None) != (k_ring is None):
+        raise ValueError("a cache of rotated keys (rotary_base) needs k_ring, the raw keys for the compressor, and "
+                         f"k_ring goes with rotary_base; got rotary_base={rotary_base!r} and "
+                         f"k_ring={'None' if k_ring is None else 'a tensor'}")
+    _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, None if k_ring is None else k)
+    if _use_cache_kernels(k_cache, use_kernel) and k_compress == "mean" and v_compress == "mean":
+        cache_update.append_mean(k_cache, v_cache, k_cmp, v_cmp, k, v, positions, block_size, stride,
+                                 _cache_frequencies(k_cache, rotary_base), k_ring)
         return
-    idx = positions.view(B, 1, T, 1)
-    k_cache.scatter_(2, idx.expand(B, H, T, k_cache.shape[-1]), k.to(k_cache.dtype))
-    v_cache.scatter_(2, idx.expand(B, H, T, v_cache.shape[-1]), v.to(v_cache.dtype))
+    write_cache(k_cache, v_cache, k, v, positions, use_kernel, rotary_base)
+    update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
+                      use_kernel, k_ring, None if k_ring is None else k)
+
+
+def _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, k_new) -> None:
+    B, Hkv, _, D = k_cache.shape
+    if (k_ring is None) != (k_new is None):
+        raise ValueError("k_ring and k_new go together (the raw keys of a cache of rotated keys), got only "
+                         + ("k_ring" if k_new is None else "k_new"))
+    if k_ring is not None:
+        tensor("k_ring", k_ring, ndim=4, floating=True, shape=(B, Hkv, block_size, D))
+        tensor("k_new", k_new, ndim=4, floating=True, shape=(B, Hkv, positions.shape[1], D))
+    for name, comp in (("k_compress", k_compress), ("v_compress", v_compress)):
+        if isinstance(comp, str) and comp != "mean":
+            raise ValueError(f"{name} must be a compressor or \"mean\", got {comp!r}")
 
 
 def update_compressed(
@@ -321,44 +403,86 @@ def update_compressed(
     k_cmp: Float[Tensor, "B Hkv C1 D"],
     v_cmp: Float[Tensor, "B Hkv C1 Dv"],
     positions: Int[Tensor, "B T"],
-    k_compress: Callable[[Tensor], Tensor],
-    v_compress: Callable[[Tensor], Tensor],
+    k_compress: Union[str, Callable[[Tensor], Tensor]],
+    v_compress: Union[str, Callable[[Tensor], Tensor]],
     block_size: int,
     stride: int,
     use_kernel: Optional[bool] = None,
+    k_ring: Optional[Float[Tensor, "B Hkv l D"]] = None,
+    k_new: Optional[Float[Tensor, "B Hkv T D"]] = None,
 ) -> None:
     """In place: compress every block that the tokens at ``positions`` complete and store it in ``k_cmp, v_cmp``.
 
     Token ``t`` completes block ``c = (t + 1 - l) / d`` when ``t + 1 >= l`` and ``(t + 1 - l) % d == 0``. The
     block's ``l`` tokens are read from the (already updated) caches and compressed with the compressor's
-    ``compress_blocks([B, H, T, l, D])`` (or the compressor itself on each ``[B, H, l, D]``). Rows whose token
-    completes nothing write into the last slot of ``k_cmp, v_cmp``, a scratch slot (allocate ``C + 1``), so the
-    update has no data-dependent control flow. ``use_kernel`` as in :func:`write_cache` (the cutting of the
-    blocks and the store are kernels; the compressor is whatever it is).
+    ``compress_blocks([B, H, T, l, D])`` (or the compressor itself on each ``[B, H, l, D]``), or averaged for
+    ``"mean"`` (:func:`append_to_cache` does the whole step in one launch for ``"mean"``). Rows whose
+    token completes nothing write into the last slot of ``k_cmp, v_cmp``, a scratch slot (allocate ``C + 1``),
+    so the update has no data-dependent control flow. ``use_kernel`` as in :func:`write_cache`.
+
+    A cache of rotated keys (``write_cache(..., rotary_base=...)``) cannot feed the compressor, which takes
+    position-free keys: pass ``k_ring [B, Hkv, l, D]``, the ``l`` raw keys before this step's tokens (token
+    ``j`` at slot ``j % l``), and ``k_new``, this step's raw keys (positions consecutive per sequence, as a
+    cache hands them out). The key blocks are then cut from those two, and ``k_ring`` moves on to the ``l``
+    raw keys ending at the last new token.
     """
-    B, Hkv, L, _ = k_cache.shape
+    B, Hkv, L, D = k_cache.shape
     T = positions.shape[1]
+    l = block_size
+    _check_compression(k_cache, positions, k_compress, v_compress, l, k_ring, k_new)
     if T == 0:
         return
     kernels = _use_cache_kernels(k_cache, use_kernel)
     if kernels:
-        k_blocks, v_blocks = cache_update.completed_blocks(k_cache, v_cache, positions, block_size)
+        k_blocks, v_blocks = cache_update.completed_blocks(k_cache if k_ring is None else k_ring, v_cache,
+                                                           positions, l, k_new)
     else:
-        start = positions.to(torch.long) + 1 - block_size
-        tok = (start.clamp(min=0).unsqueeze(-1) + torch.arange(block_size, device=k_cache.device)).clamp(max=L - 1)
-        k_blocks, v_blocks = _gather(k_cache, tok.unsqueeze(1)), _gather(v_cache, tok.unsqueeze(1))
-
-    def compress(comp, blocks):  # [B, H, T, l, D] -> [B, H, T, D]
-        if hasattr(comp, "compress_blocks"):
-            return comp.compress_blocks(blocks)
-        parts = [comp(blocks[:, :, i]) for i in range(T)]
-        return parts[0] if T == 1 else torch.cat(parts, dim=2)  # a cat of one tensor would copy it
-
-    k_new, v_new = compress(k_compress, k_blocks), compress(v_compress, v_blocks)
+        k_blocks, v_blocks = _completed_blocks(k_cache, v_cache, positions, l, k_ring, k_new)
+    k_out, v_out = _compress(k_compress, k_blocks), _compress(v_compress, v_blocks)
     if kernels:
-        cache_update.store_compressed(k_cmp, v_cmp, k_new, v_new, positions, block_size, stride)
+        cache_update.store_compressed(k_cmp, v_cmp, k_out, v_out, positions, l, stride)
+    else:
+        _store_compressed(k_cmp, v_cmp, k_out, v_out, positions, l, stride)
+    if k_ring is None:
         return
+    if kernels:
+        cache_update.write_ring(k_ring, k_new, positions)
+        return
+    last = min(T, l)  # earlier tokens of a long step would share slots with these
+    idx = (positions[:, T - last:] % l).view(B, 1, last, 1).expand(B, Hkv, last, D)
+    k_ring.scatter_(2, idx, k_new[:, :, T - last:].to(k_ring.dtype))
+
+
+def _completed_blocks(k_cache, v_cache, positions, l, k_ring, k_new):
+    """Torch ops of :func:`.cache_update.completed_blocks`: ``([B, H, T, l, D], [B, H, T, l, Dv])``."""
+    B, T, L = positions.shape[0], positions.shape[1], k_cache.shape[2]
+    start = positions.to(torch.long) + 1 - l
+    tok = start.clamp(min=0).unsqueeze(-1) + torch.arange(l, device=k_cache.device)  # [B, T, l]
+    v_blocks = _gather(v_cache, tok.clamp(max=L - 1).unsqueeze(1))
+    if k_ring is None:
+        return _gather(k_cache, tok.clamp(max=L - 1).unsqueeze(1)), v_blocks
+    first = positions[:, :1].to(torch.long).unsqueeze(-1)  # [B, 1, 1]: the step's first new token
+    old = _gather(k_ring, (tok % l).unsqueeze(1))
+    fresh = _gather(k_new.to(k_ring.dtype), (tok - first).clamp(0, T - 1).unsqueeze(1))  # as if stored first
+    return torch.where((tok >= first).view(B, 1, T, l, 1), fresh, old), v_blocks
+
+
+def _compress(comp, blocks: Tensor) -> Tensor:
+    """``[B, H, T, l, D] -> [B, H, T, D]`` with a compressor, or ``"mean"``."""
+    if isinstance(comp, str):
+        return blocks.mean(dim=-2)
+    if hasattr(comp, "compress_blocks"):
+        return comp.compress_blocks(blocks)
+    T = blocks.shape[2]
+    parts = [comp(blocks[:, :, i]) for i in range(T)]
+    return parts[0] if T == 1 else torch.cat(parts, dim=2)  # a cat of one tensor would copy it
+
+
+def _store_compressed(k_cmp, v_cmp, k_new, v_new, positions, l, stride):
+    """Torch ops of :func:`.cache_update.store_compressed`."""
+    B, Hkv, T = k_new.shape[:3]
     scratch = k_cmp.shape[2] - 1
+    start = positions.to(torch.long) + 1 - l
     complete = (start >= 0) & (start % stride == 0)
     slot = torch.where(complete, torch.div(start, stride, rounding_mode="floor"), scratch).clamp(max=scratch)
     for i in range(T):  # one token at a time: those completing nothing share the scratch slot

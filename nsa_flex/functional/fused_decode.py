@@ -14,9 +14,10 @@ split), the ``G`` query heads of the group as the rows of one tensor-core tile, 
   overlap weights), one program per (token, chunk of blocks); ``choose_kernel`` takes the top ``n`` of a
   token's scores with the forced blocks first, ranked by the same int64 keys as :mod:`.block_topk` (ties toward
   the lower block); at most :data:`MAX_BLOCKS` blocks (``nsa_decode`` falls back to the torch ranking beyond);
-* :func:`sparse_partials`: program ``j < n`` takes selected block ``idx[j]`` (its tokens ``<= t``), program
-  ``j >= n`` one tile of the window ``t - w < j <= t``; keys are read in place from the cache rows (a selection
-  block is contiguous) and rotated (RoPE, "rotate half") in registers at their positions.
+* :func:`sparse_partials`: the first splits take the selected blocks (their tokens ``<= t``), the others the
+  tiles of the window ``t - w < j <= t``, a few key tiles per program; keys are read in place from the cache
+  rows (a selection block is contiguous), already rotated with RoPE (the cache stores them so: rotating them
+  here took 16 of the kernel's 41 us at 64k tokens, batch 16, for the sine and cosine of every key element).
 * :func:`combine`: one program per (token, chunk of value columns) merges the three branches' partials and
   applies the gates (in a CUDA graph, inductor had spent about 40 us of a 64k step in the small kernels of
   those merges, the probabilities and the gating).
@@ -34,7 +35,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .block_topk import FORCED_KEY, INDEX_BITS, next_pow2
+from .block_topk import FORCED_KEY, INDEX_BITS, band, next_pow2
 
 try:
     import triton
@@ -46,13 +47,16 @@ except ImportError:  # CPU-only installs: nsa_decode never asks for the kernels 
 
 # Launch settings, measured on an H100 (64k tokens, paper config, batch 16, in a CUDA graph): the compressed
 # kernel is within 10% over tiles of 64/128 keys, 4/8 warps, 1-3 stages and 1k-8k programs (56-65 us; its
-# splits are sized for about _TARGET_PROGRAMS programs); the sparse kernel, whose RoPE keeps a 64 x 128 key
-# tile in float32 registers, takes 62 us at 4 warps and 46 us at 8 (29 us without RoPE).
+# splits are sized for about _TARGET_PROGRAMS programs). The sparse kernel (keys rotated in the cache) took
+# 29 us at one tile per program and 22.6 us at four (8 warps, 3 stages) at batch 16, where four tiles leave
+# 384 programs; at batch 1 (96 programs at one tile) one tile per program was fastest.
 _TARGET_PROGRAMS = 1024
 _COMPRESSED_TILE = 64  # compressed keys per loop step
 _COMPRESSED_WARPS = 4
 _COMPRESSED_STAGES = 2
 _SPARSE_WARPS = 8
+_SPARSE_STAGES = 3
+_SPARSE_PROGRAMS = 384
 # Block scoring and the merge run one program per token and chunk (of selection blocks, of value columns): one
 # program per token alone left most of the GPU idle (64 programs at batch 16: 250 us to score 64k tokens' blocks).
 # Swept at 64k tokens, batch 16 and 1, each kernel timed alone: scoring is fastest with about 512 programs
@@ -119,10 +123,9 @@ def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hk
     acc = torch.empty(B, Hkv, T, P, G, Dv, device=dev, dtype=f32)
     if m.numel() == 0:
         return logits, m, lsum, acc
-    pos = positions.to(torch.int32)
     wrap(compressed_kernel)[(B * Hkv * T, P)](
-        q, k_cmp, v_cmp, pos, logits, m, lsum, acc,
-        *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *pos.stride(),
+        q, k_cmp, v_cmp, positions, logits, m, lsum, acc,
+        *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *positions.stride(),
         T, C, Hkv, scale,
         G=G, GP=max(16, next_pow2(G)), D=D, DP=max(16, next_pow2(D)), DV=Dv, DVP=max(16, next_pow2(Dv)),
         STRIDE=stride, BLOCK=block_size, BC=_COMPRESSED_TILE, TILES=per_split, P=P,
@@ -132,7 +135,7 @@ def compressed_partials(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hk
 
 
 def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv T P G"],
-                  lsum: Float[Tensor, "B Hkv T P G"], w: Float[Tensor, "m"], positions: Int[Tensor, "B T"],
+                  lsum: Float[Tensor, "B Hkv T P G"], positions: Int[Tensor, "B T"],
                   num_blocks: int, block_size: int, stride: int, selection_block_size: int, num_selected: int,
                   num_initial: int, num_local: int, wrap=lambda kernel: kernel) -> Int[Tensor, "B Hkv T n"]:
     """Top-``n`` of ``num_blocks`` selection blocks (int64, ``-1`` padded, best first) as :func:`top_blocks`
@@ -140,24 +143,23 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
     ``score_kernel`` (one program per token and chunk of blocks, about :data:`_SCORE_PROGRAMS` in all) merges
     the token's split partials into the group's log-sum-exps, forms the compressed probabilities of the visible
     keys from the logits, sums them over the group and folds them into block scores (no probability tensor);
-    ``choose_kernel`` (one program per token) ranks them. Takes ``num_blocks <= 4096`` (callers fall back to
-    those two beyond)."""
+    ``choose_kernel`` (one program per token) ranks them. The overlap weights of :func:`overlap_pattern` are
+    computed in the kernel. Takes ``num_blocks <= 4096`` (callers fall back to those two beyond)."""
     B, Hkv, G, T, C = logits.shape
     P = m.shape[3]
     out = torch.empty(B, Hkv, T, num_selected, dtype=torch.long, device=logits.device)
     if out.numel() == 0:
         return out
     scores = torch.empty(B, Hkv, T, num_blocks, dtype=torch.float32, device=logits.device)
-    r = selection_block_size // stride
-    pos = positions.to(torch.int32)
+    r, L = band(block_size, stride, selection_block_size)
     chunk = min(256, max(16, next_pow2(math.ceil(num_blocks * B * Hkv * T / _SCORE_PROGRAMS))))
     wrap(score_kernel)[(B * Hkv * T, math.ceil(num_blocks / chunk))](
-        logits, m, lsum, w.to(torch.float32), pos, scores, *pos.stride(), T, Hkv, C, num_blocks,
+        logits, m, lsum, positions, scores, *positions.stride(), T, Hkv, C, num_blocks,
         G=G, GP=max(2, next_pow2(G)), P=P, PP=max(2, next_pow2(P)), STRIDE=stride, BLOCK=block_size,
-        SB=chunk, R=r, M=w.numel(), MP=next_pow2(w.numel()), num_warps=8 if chunk >= 128 else 4,
+        SEL=selection_block_size, SB=chunk, R=r, M=r + L, MP=next_pow2(r + L), num_warps=8 if chunk >= 128 else 4,
     )
     wrap(choose_kernel)[(B * Hkv * T,)](
-        scores, pos, out, *pos.stride(), *out.stride(), T, Hkv, num_blocks,
+        scores, positions, out, *positions.stride(), *out.stride(), T, Hkv, num_blocks,
         SP=next_pow2(max(num_blocks, num_selected, 16)), SEL=selection_block_size,
         N=num_selected, NP=max(2, next_pow2(num_selected)), NUM_INITIAL=num_initial, NUM_LOCAL=num_local,
         INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY, num_warps=4,
@@ -168,10 +170,10 @@ def choose_blocks(logits: Float[Tensor, "B Hkv G T C"], m: Float[Tensor, "B Hkv 
 def combine(m_cmp: Float[Tensor, "B Hkv T P G"], lsum_cmp: Float[Tensor, "B Hkv T P G"],
             acc_cmp: Float[Tensor, "B Hkv T P G Dv"], m_sparse: Float[Tensor, "B Hkv T Q G"],
             lsum_sparse: Float[Tensor, "B Hkv T Q G"], acc_sparse: Float[Tensor, "B Hkv T Q G Dv"],
-            gates: Float[Tensor, "B Hq T 3"], num_selected: int, wrap=lambda kernel: kernel
+            gates: Float[Tensor, "B Hq T 3"], selected_splits: int, wrap=lambda kernel: kernel
             ) -> Float[Tensor, "B Hq T Dv"]:
     """The gated NSA output in ``gates``' dtype: per row, :func:`merge` of the compressed splits, of the
-    sparse splits ``< num_selected`` (selected) and of the others (window), weighted by the three gates."""
+    sparse splits ``< selected_splits`` (selected) and of the others (window), weighted by the three gates."""
     B, Hkv, T, P, G = m_cmp.shape
     Q, Dv = m_sparse.shape[3], acc_cmp.shape[-1]
     out = torch.empty(B, Hkv * G, T, Dv, device=gates.device, dtype=gates.dtype)
@@ -181,43 +183,57 @@ def combine(m_cmp: Float[Tensor, "B Hkv T P G"], lsum_cmp: Float[Tensor, "B Hkv 
     wrap(combine_kernel)[programs](
         m_cmp, lsum_cmp, acc_cmp, m_sparse, lsum_sparse, acc_sparse, gates, out,
         *gates.stride(), *out.stride(), T, Hkv,
-        P=P, PP=max(2, next_pow2(P)), Q=Q, QP=max(2, next_pow2(Q)), N=num_selected,
+        P=P, PP=max(2, next_pow2(P)), Q=Q, QP=max(2, next_pow2(Q)), N=selected_splits,
         G=G, GP=max(2, next_pow2(G)), DV=Dv, DVC=_COMBINE_COLUMNS,
         num_warps=1 if programs[0] * programs[1] >= 256 else 4,
     )
     return out
 
 
+def sparse_tiles_per_split(rows: int, num_selected: int, window_size: int, selection_block_size: int) -> int:
+    """Key tiles that one :func:`sparse_partials` program takes for ``rows = B * Hkv * T`` token rows: up to 4,
+    while at least :data:`_SPARSE_PROGRAMS` programs remain (fewer splits, fewer partials to merge)."""
+    W = math.ceil(window_size / selection_block_size)
+    tiles = 1
+    while tiles < 4 and rows * (math.ceil(num_selected / (2 * tiles)) + math.ceil(W / (2 * tiles))) >= _SPARSE_PROGRAMS:
+        tiles *= 2
+    return tiles
+
+
 def sparse_partials(q: Float[Tensor, "B Hq T D"], k_cache: Float[Tensor, "B Hkv L D"],
                     v_cache: Float[Tensor, "B Hkv L Dv"], positions: Int[Tensor, "B T"],
-                    block_indices: Int[Tensor, "B Hkv T n"], inv_freq: Float[Tensor, "D2"], rotary: bool,
-                    scale: float, selection_block_size: int, window_size: int, wrap=lambda kernel: kernel):
-    """``(m, lsum [B, Hkv, T, n + W, G], acc [B, Hkv, T, n + W, G, Dv])`` (float32): splits ``j < n`` are the
-    selected blocks (``-1``: empty), the ``W = ceil(w / l')`` others tile the window.
+                    block_indices: Int[Tensor, "B Hkv T n"], inv_freq: Optional[Float[Tensor, "D2"]], scale: float,
+                    selection_block_size: int, window_size: int, wrap=lambda kernel: kernel):
+    """``(m, lsum [B, Hkv, T, Q, G], acc [B, Hkv, T, Q, G, Dv])`` (float32) over ``Q = ceil(n / k) + ceil(W / k)``
+    splits of ``k =`` :func:`sparse_tiles_per_split` key tiles each: the first ``ceil(n / k)`` take the selected
+    blocks (``-1``: empty), the others the ``W = ceil(w / l')`` tiles of the window.
 
-    ``q`` is already rotated when ``rotary``; keys are rotated in the kernel with ``inv_freq`` (``[D/2]``,
-    :func:`rotary_at`'s frequencies) at their positions.
+    ``k_cache`` holds the keys as the branches attend with them (rotated, with RoPE); ``q`` is rotated here at
+    its position with ``inv_freq`` (:func:`rotary_at`'s frequencies and arithmetic) unless that is None.
     """
     B, Hq, T, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     G, n = Hq // Hkv, block_indices.shape[-1]
     W = math.ceil(window_size / selection_block_size)
+    tiles = sparse_tiles_per_split(B * Hkv * T, n, window_size, selection_block_size)
+    splits_sel = math.ceil(n / tiles)
+    Q = splits_sel + math.ceil(W / tiles)
     dev, f32 = q.device, torch.float32
-    m = torch.empty(B, Hkv, T, n + W, G, device=dev, dtype=f32)
+    m = torch.empty(B, Hkv, T, Q, G, device=dev, dtype=f32)
     lsum = torch.empty_like(m)
-    acc = torch.empty(B, Hkv, T, n + W, G, Dv, device=dev, dtype=f32)
+    acc = torch.empty(B, Hkv, T, Q, G, Dv, device=dev, dtype=f32)
     if m.numel() == 0:
         return m, lsum, acc
-    pos = positions.to(torch.int32)
-    idx = block_indices.to(torch.int32)
+    rotary = inv_freq is not None
     half = D // 2 if rotary else D  # without rotary the "first half" is the whole row
-    wrap(sparse_kernel)[(B * Hkv * T, n + W)](
-        q, k_cache, v_cache, pos, idx, inv_freq, m, lsum, acc,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *pos.stride(), *idx.stride(),
-        T, Hkv, n, window_size, scale,
+    wrap(sparse_kernel)[(B * Hkv * T, Q)](
+        q, k_cache, v_cache, positions, block_indices, inv_freq if rotary else q, m, lsum, acc,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *positions.stride(), *block_indices.stride(),
+        T, Hkv, n, W, window_size, scale,
         G=G, GP=max(16, next_pow2(G)), HALF=half, HP=max(16, next_pow2(half)), ROTARY=rotary,
-        DV=Dv, DVP=max(16, next_pow2(Dv)), SEL=selection_block_size,
-        IEEE=q.dtype == torch.float32, num_warps=_SPARSE_WARPS,
+        DV=Dv, DVP=max(16, next_pow2(Dv)),
+        SEL=selection_block_size, TILES=tiles, SPLITS_SEL=splits_sel,
+        IEEE=q.dtype == torch.float32, num_warps=_SPARSE_WARPS, num_stages=_SPARSE_STAGES,
     )
     return m, lsum, acc
 
@@ -230,33 +246,41 @@ if triton is not None:
                                    wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("nsa_flex::decode_choose_blocks", mutates_args={})
-    def choose_blocks_op(logits: Tensor, m: Tensor, lsum: Tensor, w: Tensor, positions: Tensor, num_blocks: int,
+    def choose_blocks_op(logits: Tensor, m: Tensor, lsum: Tensor, positions: Tensor, num_blocks: int,
                          block_size: int, stride: int, selection_block_size: int, num_selected: int,
                          num_initial: int, num_local: int) -> Tensor:
-        return choose_blocks(logits, m, lsum, w, positions, num_blocks, block_size, stride, selection_block_size,
+        return choose_blocks(logits, m, lsum, positions, num_blocks, block_size, stride, selection_block_size,
                              num_selected, num_initial, num_local, wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("nsa_flex::decode_combine", mutates_args={})
     def combine_op(m_cmp: Tensor, lsum_cmp: Tensor, acc_cmp: Tensor, m_sparse: Tensor, lsum_sparse: Tensor,
-                   acc_sparse: Tensor, gates: Tensor, num_selected: int) -> Tensor:
-        return combine(m_cmp, lsum_cmp, acc_cmp, m_sparse, lsum_sparse, acc_sparse, gates, num_selected,
+                   acc_sparse: Tensor, gates: Tensor, selected_splits: int) -> Tensor:
+        return combine(m_cmp, lsum_cmp, acc_cmp, m_sparse, lsum_sparse, acc_sparse, gates, selected_splits,
                        wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("nsa_flex::decode_sparse_partials", mutates_args={})
     def sparse_partials_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
-                           block_indices: Tensor, inv_freq: Tensor, rotary: bool, scale: float,
+                           block_indices: Tensor, inv_freq: Optional[Tensor], scale: float,
                            selection_block_size: int, window_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        return sparse_partials(q, k_cache, v_cache, positions, block_indices, inv_freq, rotary, scale,
+        return sparse_partials(q, k_cache, v_cache, positions, block_indices, inv_freq, scale,
                                selection_block_size, window_size, wrap=torch.library.wrap_triton)
 
     @triton.jit
     def _token(POS, spb, spt, T, Hkv):
-        """This program's (sequence b, kv head h, new token t) from axis 0, and t's position."""
+        """This program's (sequence b, kv head h, new token t) from axis 0, and t's position (as int32, from
+        positions of any integer dtype: callers pass the cache's int64 ones without a conversion kernel)."""
         row = tl.program_id(0)
         t = row % T
         h = (row // T) % Hkv
         b = row // (T * Hkv)
-        return row, b, h, t, tl.load(POS + b * spb + t * spt)
+        return row, b, h, t, tl.load(POS + b * spb + t * spt).to(tl.int32)
+
+    @triton.jit
+    def _dot_t(a, b, IEEE: tl.constexpr):
+        """``a @ b.T`` (float32 accumulation; exact float32 products for float32 inputs)."""
+        if IEEE:
+            return tl.dot(a, tl.trans(b), input_precision="ieee")
+        return tl.dot(a, tl.trans(b))
 
     @triton.jit
     def _online(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
@@ -313,11 +337,7 @@ if triton is not None:
                         mask=ok[:, None] & (d < D)[None, :], other=0.0)
             v = tl.load(V + b * svb + h * svh + c[:, None] * svc + dv[None, :] * svd,
                         mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+            s = tl.where(ok[None, :], (_dot_t(q, k, IEEE) * scale).to(tl.float32), float("-inf"))
             tl.store(LOGITS + (((b * Hkv + h) * G + g)[:, None] * T + t) * C + c[None, :], s,
                      mask=(g < G)[:, None] & ok[None, :])
             m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
@@ -326,51 +346,50 @@ if triton is not None:
     @triton.jit
     def sparse_kernel(
         Q, K, V, POS, IDX, INV_FREQ, M, LSUM, ACC,
-        sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, spb, spt, sib, sih, sit, sin,
-        T, Hkv, N, window, scale,
+        sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, spb, spt, sib, sih, sit, sij,
+        T, Hkv, N, NW, window, scale,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, ROTARY: tl.constexpr,
-        DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, TILES: tl.constexpr, SPLITS_SEL: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         row, b, h, t, pos = _token(POS, spb, spt, T, Hkv)
-        j = tl.program_id(1)  # selected block j < N, else window tile j - N
-        is_sel = j < N
-        block = tl.load(IDX + b * sib + h * sih + t * sit + tl.minimum(j, N - 1) * sin)
-        start = tl.where(is_sel, block * SEL, pos - window + 1 + (j - N) * SEL)
-        tok = start + tl.arange(0, SEL)
-        ok = (tok >= 0) & (tok <= pos) & tl.where(is_sel, block >= 0, tok > pos - window)
+        split = tl.program_id(1)
+        is_sel = split < SPLITS_SEL  # else window tiles
+        first = tl.where(is_sel, split, split - SPLITS_SEL) * TILES
+        count = tl.where(is_sel, N, NW)
         g = tl.arange(0, GP)
         e = tl.arange(0, HP)
         dv = tl.arange(0, DVP)
         q_rows = Q + b * sqb + (h * G + g)[:, None] * sqh + t * sqt
         q_ok = (g < G)[:, None] & (e < HALF)[None, :]
-        k_rows = K + b * skb + h * skh + tok[:, None] * skl
-        k_ok = ok[:, None] & (e < HALF)[None, :]
         q1 = tl.load(q_rows + e[None, :] * sqd, mask=q_ok, other=0.0)
-        k1 = tl.load(k_rows + e[None, :] * skd, mask=k_ok, other=0.0)
-        # all loads issued before any math: a program has one tile, so nothing else hides their latency
-        v = tl.load(V + b * svb + h * svh + tok[:, None] * svl + dv[None, :] * svd,
-                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-        if ROTARY:  # "rotate half": (k1, k2) -> (k1 cos - k2 sin, k2 cos + k1 sin) at each key's position
+        if ROTARY:  # "rotate half" at the token's position: (q1, q2) -> (q1 cos - q2 sin, q2 cos + q1 sin)
             q2 = tl.load(q_rows + (e + HALF)[None, :] * sqd, mask=q_ok, other=0.0)
-            k2 = tl.load(k_rows + (e + HALF)[None, :] * skd, mask=k_ok, other=0.0)
-            angle = tok.to(tl.float32)[:, None] * tl.load(INV_FREQ + e, mask=e < HALF, other=0.0)[None, :]
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
-            k1 = (k1f * cos - k2f * sin).to(k2.dtype)
-            k2 = (k2f * cos + k1f * sin).to(k2.dtype)
-            if IEEE:
-                s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-            else:
-                s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-        else:
-            if IEEE:
-                s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-            else:
-                s = tl.dot(q1, tl.trans(k1))
-        s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+            angle = pos.to(tl.float32) * tl.load(INV_FREQ + e, mask=e < HALF, other=0.0)
+            cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
+            q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+            q1 = (q1f * cos - q2f * sin).to(q2.dtype)
+            q2 = (q2f * cos + q1f * sin).to(q2.dtype)
         m_i = tl.full((GP,), float("-inf"), tl.float32)
-        m_i, l_i, acc = _online(s, v, m_i, tl.zeros((GP,), tl.float32), tl.zeros((GP, DVP), tl.float32), IEEE)
-        _store_partial(M, LSUM, ACC, row, j, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, DVP), tl.float32)
+        for i in range(TILES):  # selected block (first + i) or window tile (first + i) of this token
+            j = first + i
+            block = tl.load(IDX + b * sib + h * sih + t * sit + tl.minimum(j, N - 1) * sij).to(tl.int32)
+            start = tl.where(is_sel, block * SEL, pos - window + 1 + j * SEL)
+            tok = start + tl.arange(0, SEL)
+            ok = (j < count) & (tok >= 0) & (tok <= pos) & tl.where(is_sel, block >= 0, tok > pos - window)
+            k_rows = K + b * skb + h * skh + tok[:, None] * skl
+            k_ok = ok[:, None] & (e < HALF)[None, :]
+            k1 = tl.load(k_rows + e[None, :] * skd, mask=k_ok, other=0.0)
+            v = tl.load(V + b * svb + h * svh + tok[:, None] * svl + dv[None, :] * svd,
+                        mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+            s = _dot_t(q1, k1, IEEE)
+            if ROTARY:
+                s += _dot_t(q2, tl.load(k_rows + (e + HALF)[None, :] * skd, mask=k_ok, other=0.0), IEEE)
+            s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+            m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
+        _store_partial(M, LSUM, ACC, row, split, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
 
     @triton.jit
     def _merge_splits(M, LSUM, ACC, row, dv, lo, hi, NS: tl.constexpr, NSP: tl.constexpr, G: tl.constexpr,
@@ -423,9 +442,10 @@ if triton is not None:
 
     @triton.jit
     def score_kernel(
-        LOGITS, MC, LC, W, POS, SCORES, sqb, sqt, T, Hkv, C, S,
+        LOGITS, MC, LC, POS, SCORES, sqb, sqt, T, Hkv, C, S,
         G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, STRIDE: tl.constexpr,
-        BLOCK: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+        BLOCK: tl.constexpr, SEL: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, M: tl.constexpr,
+        MP: tl.constexpr,
     ):
         row, b, h, t, pos = _token(POS, sqb, sqt, T, Hkv)
         # the group's log-sum-exps from the compressed split partials (+inf where a head saw nothing: p = 0)
@@ -451,7 +471,11 @@ if triton is not None:
             lse_g = tl.sum(tl.where(g == gi, lse, 0.0))
             logit = tl.load(LOGITS + ((row // T * G + gi) * T + t) * C + c, mask=c_ok, other=float("-inf"))
             p += tl.exp(logit - lse_g)
-        score = tl.sum(p * tl.load(W + j, mask=j < M, other=0.0)[None, :], axis=1)
+        # w[j]: tokens that compressed block j (starting (j - L) * d tokens after the selection block's start)
+        # shares with the selection block, overlap_pattern's integers
+        first = (j - (M - R)) * STRIDE
+        w = tl.maximum(tl.minimum(first + BLOCK, SEL) - tl.maximum(first, 0), 0)
+        score = tl.sum(p * tl.where(j < M, w, 0).to(tl.float32)[None, :], axis=1)
         tl.store(SCORES + row * S + s, score, mask=s < S)
 
     @triton.jit

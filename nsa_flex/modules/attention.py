@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import positive_int, tensor
 from .cache import NSACache
-from .compression import COMPRESSORS, get_compressor
+from .compression import COMPRESSORS, MeanPool, get_compressor
 from .rotary import RotaryEmbedding
 
 __all__ = ["SparseAttention"]
@@ -231,7 +231,10 @@ class SparseAttention(nn.Module):
         p = self.to_qkv.weight
         return NSACache(batch_size, self.kv_heads, self.dim_head, max_len, self.compress_block_size,
                         self.compress_block_sliding_stride, device=p.device if device is None else device,
-                        dtype=p.dtype if dtype is None else dtype)
+                        dtype=p.dtype if dtype is None else dtype, rotary_base=self._rotary_base())
+
+    def _rotary_base(self) -> Optional[float]:
+        return None if self.rotary_emb is None else self.rotary_emb.base
 
     def forward(self, x: Float[Tensor, "B T dim"], cache: Optional[NSACache] = None, return_cache: bool = False,
                 lengths: Optional[Tensor] = None):
@@ -257,9 +260,12 @@ class SparseAttention(nn.Module):
         if not isinstance(cache, NSACache):
             raise TypeError(f"cache must be an NSACache (from init_cache), got {type(cache).__name__}")
         if (cache.kv_heads, cache.dim_head, cache.compress_block_size, cache.compress_stride) != (
-                self.kv_heads, self.dim_head, self.compress_block_size, self.compress_block_sliding_stride):
+                self.kv_heads, self.dim_head, self.compress_block_size, self.compress_block_sliding_stride) or (
+                not cache.is_empty and cache.rotary_base != self._rotary_base()):
             raise ValueError(f"cache {cache!r} was not made for this layer ({self.extra_repr()})")
         cache.check_batch(x)
+        if cache.is_empty:  # an empty cache takes this layer's RoPE: rotated keys (and the raw-key ring) or not
+            cache.set_rotary_base(self._rotary_base())
         out = self._prefill(x, cache, lengths) if cache.is_empty else self._decode(x, cache, lengths)
         return (out, cache) if return_cache else out
 
@@ -271,8 +277,9 @@ class SparseAttention(nn.Module):
         k_cmp, v_cmp = self.k_compress(k), self.v_compress(v)
         config = self.nsa_config()
         config["compress"] = (lambda _: k_cmp, lambda _: v_cmp)  # computed once, also stored in the cache
-        o = F.nsa_attention(q, k, v, gates, fine_qk=self.rotate(q, k), **config)
-        cache.store_prefill(k, v, k_cmp, v_cmp)
+        fine_qk = self.rotate(q, k)
+        o = F.nsa_attention(q, k, v, gates, fine_qk=fine_qk, **config)
+        cache.store_prefill(k, v, k_cmp, v_cmp, lengths=lengths, k_rotated=None if fine_qk is None else fine_qk[1])
         cache.start(lengths)
         return self.project_out(o)
 
@@ -285,16 +292,16 @@ class SparseAttention(nn.Module):
         h = self.norm(x)
         q, k, v = self.project_qkv(h)
         gates = self.compute_gates(h)
-        cache.write(k, v, positions)
-        F.update_compressed(cache.k, cache.v, cache.k_cmp, cache.v_cmp, positions, self.k_compress,
-                            self.v_compress, self.compress_block_size, self.compress_block_sliding_stride)
+        # the parameter-free compressor as "mean": the cache kernels cut, average and store blocks in one launch
+        mean = lambda c: "mean" if type(c) is MeanPool else c  # noqa: E731
+        cache.append(k, v, positions, mean(self.k_compress), mean(self.v_compress))
         decode = F.compiled_nsa_decode() if (self.compile_decode and x.is_cuda) else F.nsa_decode
         o = decode(q, cache.k, cache.v, cache.k_cmp, cache.v_cmp, positions, gates,
                    compress_block_size=self.compress_block_size, compress_stride=self.compress_block_sliding_stride,
                    selection_block_size=self.selection_block_size, num_selected=self.num_selected_blocks,
                    num_initial=self.num_initial_blocks, num_local=self.num_local_blocks,
                    window_size=self.sliding_window_size, scale=self.scale,
-                   rotary_base=None if self.rotary_emb is None else self.rotary_emb.base)
+                   rotary_base=self._rotary_base())
         cache.advance(T)
         return self.project_out(o)
 

@@ -6,11 +6,12 @@ token of sequence ``b`` goes to slot ``lengths[b]``. Exceeding ``max_len`` raise
 ever truncated silently.
 
 * :class:`KVCache`: keys (as the layer attends with them, i.e. rotary-embedded) and values ``[B, Hkv, L, D]``.
-* :class:`NSACache`: position-free keys and values ``[B, Hkv, L, D]`` (the selected and window branches gather
-  a few keys and rotate them at their positions; compression needs them position-free), plus compressed keys
+* :class:`NSACache`: keys and values ``[B, Hkv, L, D]`` for the selected and window branches (keys rotated
+  at their positions when the layer uses RoPE, so that decoding reads them as they are), plus compressed keys
   and values ``[B, Hkv, C + 1, D]`` with ``C = max(0, (L - l) // d + 1)``, the last slot being scratch. A new
   compressed key appears exactly when a compression block completes: at token ``t`` with ``t + 1 >= l`` and
-  ``(t + 1 - l) % d == 0``, i.e. every ``d`` tokens once the first ``l`` are in.
+  ``(t + 1 - l) % d == 0``, i.e. every ``d`` tokens once the first ``l`` are in. The compressor takes
+  position-free keys, so a cache of rotated keys also keeps the last ``l`` raw keys in a ring ``[B, Hkv, l, D]``.
 
 The layer fills a cache in one parallel call (``layer(x, cache=cache, lengths=lengths)`` on an empty cache:
 the prefill; ``x`` holds the prompts left-aligned, ``lengths`` their lengths) and then appends a few tokens per
@@ -118,19 +119,26 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, kv_heads={self.kv_heads}, "
-                f"dim_head={self.dim_head}, max_len={self.max_len}, filled={self.filled})")
+                f"dim_head={self.dim_head}, max_len={self.max_len}, filled={self.filled}{self._extra_repr()})")
+
+    def _extra_repr(self) -> str:
+        return ""
 
 
 class NSACache(KVCache):
-    """:class:`KVCache` of position-free keys plus compressed keys/values ``k_cmp, v_cmp [B, Hkv, C + 1, D]``.
+    """:class:`KVCache` for NSA plus compressed keys/values ``k_cmp, v_cmp [B, Hkv, C + 1, D]``.
 
     ``num_compressed = C = max(0, (max_len - l) // d + 1)``; slot ``C`` is scratch for decode steps that
     complete no block. Compressed slot ``c`` holds block ``c`` once token ``c*d + l - 1`` has been cached.
+    With ``rotary_base``, ``k`` holds keys rotated at their positions (RoPE with that base) and ``k_ring
+    [B, Hkv, l, D]`` the last ``l`` raw keys of each sequence (token ``j`` at slot ``j % l``), which the
+    compressor reads; without, ``k`` holds position-free keys and ``k_ring`` is None. The methods take raw
+    keys and rotate them on the way in.
     """
 
     def __init__(self, batch_size: int, kv_heads: int, dim_head: int, max_len: int, compress_block_size: int,
                  compress_stride: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
-                 dim_value: Optional[int] = None):
+                 dim_value: Optional[int] = None, rotary_base: Optional[float] = None):
         super().__init__(batch_size, kv_heads, dim_head, max_len, device, dtype, dim_value)
         positive_int("compress_block_size", compress_block_size)
         positive_int("compress_stride", compress_stride)
@@ -139,16 +147,63 @@ class NSACache(KVCache):
         C1 = self.num_compressed + 1
         self.k_cmp = torch.zeros(batch_size, kv_heads, C1, dim_head, device=device, dtype=dtype)
         self.v_cmp = torch.zeros(batch_size, kv_heads, C1, self.v.shape[-1], device=device, dtype=dtype)
+        self.k_ring: Optional[Tensor] = None
+        self.rotary_base: Optional[float] = None
+        self.set_rotary_base(rotary_base)
 
-    def store_prefill(self, k: Tensor, v: Tensor, k_cmp: Optional[Tensor] = None,
-                      v_cmp: Optional[Tensor] = None) -> None:
-        super().store_prefill(k, v)
+    def set_rotary_base(self, rotary_base: Optional[float]) -> None:
+        """Hold rotated keys (RoPE with this base) or, with None, position-free ones; only while empty (a
+        layer's prefill sets its own on the cache)."""
+        if rotary_base is not None and (self.dim_head % 2 or not rotary_base > 1):
+            raise ValueError(f"rotary_base needs an even dim_head and a base > 1, got dim_head={self.dim_head}, "
+                             f"rotary_base={rotary_base!r}")
+        if not self.is_empty and rotary_base != self.rotary_base:
+            raise ValueError(f"the cache holds keys rotated with rotary_base={self.rotary_base}; it cannot change "
+                             f"to {rotary_base} before reset()")
+        self.rotary_base = None if rotary_base is None else float(rotary_base)
+        if rotary_base is None:
+            self.k_ring = None
+        elif self.k_ring is None:
+            self.k_ring = self.k.new_zeros(self.batch_size, self.kv_heads, self.compress_block_size, self.dim_head)
+
+    def write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Store raw ``k`` (rotated on the way in, with ``rotary_base``) and ``v`` ``[B, Hkv, T, D]`` at
+        ``positions [B, T]`` (in place); the ring and the compressed keys are :meth:`append`'s."""
+        F.write_cache(self.k, self.v, k, v, positions, rotary_base=self.rotary_base)
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor, k_compress, v_compress) -> None:
+        """A decode step's cache update (:func:`nsa_flex.functional.append_to_cache`): :meth:`write` the new
+        tokens' raw keys and values at ``positions`` (consecutive per sequence, from :meth:`positions`), then
+        compress the blocks they complete with ``k_compress, v_compress`` (compressors or ``"mean"``)."""
+        F.append_to_cache(self.k, self.v, self.k_cmp, self.v_cmp, k, v, positions, k_compress, v_compress,
+                          self.compress_block_size, self.compress_stride, self.rotary_base, self.k_ring)
+
+    def store_prefill(self, k: Tensor, v: Tensor, k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None,
+                      lengths: Optional[Tensor] = None, k_rotated: Optional[Tensor] = None) -> None:
+        """Store a prefill's raw keys and values ``[B, Hkv, T, D]`` (the keys rotated, or ``k_rotated`` if the
+        caller has them), its compressed keys/values, and (with ``rotary_base``) the last ``l`` raw keys of
+        each sequence, ``lengths [B]`` tokens long (default ``T``), in the ring."""
+        T = k.shape[2]
+        if self.rotary_base is not None and k_rotated is None:
+            k_rotated = F.rotary_at(k, torch.arange(T, device=k.device).expand(k.shape[0], T), self.rotary_base)
+        super().store_prefill(k if self.rotary_base is None else k_rotated, v)
         if k_cmp is not None:
             Tc = k_cmp.shape[2]
             self.k_cmp[:, :, :Tc] = k_cmp
             self.v_cmp[:, :, :Tc] = v_cmp
+        if self.k_ring is not None:
+            l = self.compress_block_size
+            n = torch.full((k.shape[0],), T, device=k.device) if lengths is None else lengths.to(k.device)
+            slot = torch.arange(l, device=k.device)
+            tok = n.view(-1, 1) - l + (slot - n.view(-1, 1)) % l  # in [n - l, n), token j at slot j % l
+            idx = tok.clamp(0, max(T - 1, 0)).view(k.shape[0], 1, l, 1).expand(-1, k.shape[1], -1, k.shape[-1])
+            if T > 0:  # tokens before 0 (prompts shorter than l) are never read
+                self.k_ring.copy_(k.gather(2, idx))
 
     def compressed(self) -> tuple[Tensor, Tensor]:
         """The ``C`` compressed slots (without scratch); valid for blocks completed by each sequence."""
         C = self.num_compressed
         return self.k_cmp[:, :, :C], self.v_cmp[:, :, :C]
+
+    def _extra_repr(self) -> str:
+        return "" if self.rotary_base is None else f", rotary_base={self.rotary_base}"

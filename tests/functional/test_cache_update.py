@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 
+BASE = 500.0  # RoPE base of the rotated-key cases
+
 
 class WeightedSum:
     """A compressor with ``compress_blocks`` (a fixed weighting of the block's tokens), as the modules' have."""
@@ -23,15 +25,23 @@ class WeightedSum:
 @st.composite
 def cache_cases(draw):
     """Caches of odd lengths and head sizes, values of another width and dtype, 1-3 new tokens per sequence at
-    per-sequence positions (before, on and after block boundaries), blocks longer and shorter than the cache."""
+    per-sequence positions (before, on and after block boundaries), blocks longer and shorter than the cache;
+    keys stored rotated (with the raw-key ring for the compressor) or position-free; compressors "mean", a
+    plain callable and one with compress_blocks; write_cache + update_compressed, or append_to_cache (with
+    "mean" on the kernel path: one fused kernel)."""
     L = draw(st.integers(1, 70))
     T = draw(st.integers(1, min(3, L)))
     l = draw(st.integers(1, 20))
-    D = draw(st.sampled_from([8, 24, 33]))
+    D = draw(st.sampled_from([8, 24, 34]))
     return dict(B=draw(st.integers(1, 3)), H=draw(st.integers(1, 3)), L=L, T=T, D=D,
                 Dv=draw(st.sampled_from([D, 8])), block_size=l, stride=draw(st.integers(1, l)),
                 new_dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-                mean=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                compressor=draw(st.sampled_from(["mean", "callable", "weighted"])), rotary=draw(st.booleans()),
+                one_call=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def _compressor(kind, l):
+    return {"mean": "mean", "callable": lambda x: F.mean_pool(x, l, l), "weighted": WeightedSum(l)}[kind]
 
 
 def _state(case, device):
@@ -42,47 +52,81 @@ def _state(case, device):
     rand = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g, dtype=dtype).to(device)  # noqa: E731
     return dict(k_cache=rand(B, H, L, D), v_cache=rand(B, H, L, Dv), k_cmp=rand(B, H, C1, D), v_cmp=rand(B, H, C1, Dv),
                 k=rand(B, H, T, D, dtype=case["new_dtype"]), v=rand(B, H, T, Dv, dtype=case["new_dtype"]),
-                positions=(ends.view(B, 1) - T + torch.arange(T)).to(device))
+                k_ring=rand(B, H, l, D), positions=(ends.view(B, 1) - T + torch.arange(T)).to(device))
 
 
 def _step(s, case, use_kernel):
     s = {k: x.clone() for k, x in s.items()}
     l, d = case["block_size"], case["stride"]
-    F.write_cache(s["k_cache"], s["v_cache"], s["k"], s["v"], s["positions"], use_kernel=use_kernel)
-    comp = (lambda x: F.mean_pool(x, l, l)) if case["mean"] else WeightedSum(l)
+    base = BASE if case["rotary"] else None
+    comp = _compressor(case["compressor"], l)
+    if case["one_call"]:
+        F.append_to_cache(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["k"], s["v"], s["positions"], comp,
+                          comp, l, d, base, s["k_ring"] if case["rotary"] else None, use_kernel=use_kernel)
+        return s
+    F.write_cache(s["k_cache"], s["v_cache"], s["k"], s["v"], s["positions"], use_kernel=use_kernel, rotary_base=base)
+    ring = dict(k_ring=s["k_ring"], k_new=s["k"]) if case["rotary"] else {}
     F.update_compressed(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], comp, comp, l, d,
-                        use_kernel=use_kernel)
+                        use_kernel=use_kernel, **ring)
     return s
 
 
 @given(case=cache_cases())
 def test_kernels_move_what_the_torch_ops_move(triton_device, case):
+    """Exactly, but for the rotation (tl.cos/tl.sin against torch's: float32 ulps) and the fused mean (another
+    summation order)."""
     s = _state(case, triton_device)
     got, want = _step(s, case, use_kernel=True), _step(s, case, use_kernel=False)
-    for name in ("k_cache", "v_cache"):
+    close = dict(rtol=1e-6, atol=1e-6)
+    for name in ("v_cache", "k_ring"):
         assert torch.equal(got[name], want[name]), name
+    if case["rotary"]:
+        torch.testing.assert_close(got["k_cache"], want["k_cache"], **close)
+    else:
+        assert torch.equal(got["k_cache"], want["k_cache"])
     for name in ("k_cmp", "v_cmp"):  # all but the scratch slot, which tokens completing nothing share
-        assert torch.equal(got[name][:, :, :-1], want[name][:, :, :-1]), name
+        if case["compressor"] == "mean":
+            torch.testing.assert_close(got[name][:, :, :-1], want[name][:, :, :-1], **close, msg=name)
+        else:
+            assert torch.equal(got[name][:, :, :-1], want[name][:, :, :-1]), name
 
 
-def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_device):
-    """Token by token through a whole sequence, the kernels' compressed slots equal the compressor applied to
-    the full sequence (mean pooling, l=5, d=3: blocks overlap and the last tokens complete none)."""
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("one_call", [True, False])
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_device, use_kernel, one_call, rotary,
+                                                                       step):
+    """Through a whole sequence, ``step`` tokens at a time (7 > l: a step longer than the ring), the compressed
+    slots equal the compressor applied to the full sequence (mean pooling, l=5, d=3: blocks overlap and the
+    last tokens complete none), the cache holds the keys (rotated or not) and the ring the last l raw keys;
+    through append_to_cache (one_call) or write_cache + update_compressed."""
     B, H, L, D, l, d = 2, 3, 23, 16, 5, 3
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(B, H, L, D, generator=g).to(triton_device)
     C = (L - l) // d + 1
     k_cache, k_cmp = torch.zeros_like(keys), torch.zeros(B, H, C + 1, D, device=triton_device)
     v_cache, v_cmp = torch.zeros_like(k_cache), torch.zeros_like(k_cmp)
-    comp = lambda x: F.mean_pool(x, l, l)  # noqa: E731
-    for t in range(L):
-        pos = torch.full((B, 1), t, device=triton_device)
-        F.write_cache(k_cache, v_cache, keys[:, :, t:t + 1], -keys[:, :, t:t + 1], pos, use_kernel=True)
-        F.update_compressed(k_cache, v_cache, k_cmp, v_cmp, pos, comp, comp, l, d, use_kernel=True)
+    ring = dict(k_ring=torch.zeros(B, H, l, D, device=triton_device)) if rotary else {}
+    for first in range(0, L, step):
+        pos = (first + torch.arange(min(step, L - first))).expand(B, -1).to(triton_device)
+        new = keys[:, :, first:first + pos.shape[1]]
+        base = BASE if rotary else None
+        if one_call:
+            F.append_to_cache(k_cache, v_cache, k_cmp, v_cmp, new, -new, pos, "mean", "mean", l, d, base,
+                              ring.get("k_ring"), use_kernel=use_kernel)
+            continue
+        F.write_cache(k_cache, v_cache, new, -new, pos, use_kernel=use_kernel, rotary_base=base)
+        F.update_compressed(k_cache, v_cache, k_cmp, v_cmp, pos, "mean", "mean", l, d, use_kernel=use_kernel,
+                            **(dict(ring, k_new=new) if rotary else {}))
     want = F.mean_pool(keys, l, d)
-    assert torch.equal(k_cache, keys) and torch.equal(v_cache, -keys)
+    positions = torch.arange(L, device=triton_device).expand(B, -1)
+    torch.testing.assert_close(k_cache, F.rotary_at(keys, positions, BASE) if rotary else keys, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, -keys)
     torch.testing.assert_close(k_cmp[:, :, :C], want)
     torch.testing.assert_close(v_cmp[:, :, :C], -want)
+    if rotary:
+        assert torch.equal(ring["k_ring"], keys[:, :, L - l:].roll(L % l, dims=2)), "ring: token j at slot j % l"
 
 
 def test_kernel_write_outside_the_cache_writes_nothing(triton_device):

@@ -60,9 +60,10 @@ def test_decode_rows_equal_full_nsa(case):
     L = T + 5  # the cache is larger than the sequence; slots past each query hold garbage
     k_cache = torch.randn(B, Hkv, L, D, generator=g) * 100
     v_cache = torch.randn(B, Hkv, L, D, generator=g) * 100
+    k_fine = fine_qk[1] if case["rotary"] else k  # the cache holds keys as the fine branches attend with them
     for b in range(B):
         e = int(ends[b])
-        k_cache[b, :, :e], v_cache[b, :, :e] = k[b, :, :e], v[b, :, :e]
+        k_cache[b, :, :e], v_cache[b, :, :e] = k_fine[b, :, :e], v[b, :, :e]
     C = max(0, (L - l) // d + 1)
     k_cmp = torch.randn(B, Hkv, C + 1, D, generator=g) * 100
     v_cmp = torch.randn(B, Hkv, C + 1, D, generator=g) * 100

@@ -4,6 +4,8 @@ On CUDA the kernels run compiled; on a CPU machine with triton installed, under 
 shapes only). Without triton these tests skip, except the argument checks.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -16,7 +18,7 @@ from nsa_flex.functional import fused_decode
 @st.composite
 def decode_cases(draw):
     """Shapes the kernels take (l' a power of two in [16, 128]): GQA 1..16 (also 3), head dims that are not
-    powers of two (also odd halves for RoPE), values of another width, l % d != 0, windows shorter and longer
+    powers of two, values of another width, l % d != 0, windows shorter and longer
     than a block, n beyond the blocks, a few new tokens at per-sequence positions, garbage past them."""
     G = draw(st.sampled_from([1, 2, 3, 4, 16]))
     D = draw(st.sampled_from([16, 24, 32]))
@@ -29,6 +31,7 @@ def decode_cases(draw):
                  num_initial=draw(st.integers(0, 2)), num_local=draw(st.integers(0, 3)),
                  window_size=draw(st.integers(1, 70))),
         rotary=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        sparse_programs=draw(st.sampled_from([1, 10**9])),  # splits of up to 4 key tiles, or of one
     )
 
 
@@ -61,7 +64,8 @@ def _float64_gathered(args, case):
 @given(case=decode_cases())
 def test_kernels_equal_gathered_decode_in_float64(triton_device, case):
     args = _problem(case, triton_device)
-    out, branches = _decode(args, case, use_kernel=True)
+    with mock.patch.object(fused_decode, "_SPARSE_PROGRAMS", case["sparse_programs"]):
+        out, branches = _decode(args, case, use_kernel=True)
     want, want_branches = _float64_gathered(args, case)
     assert torch.equal(branches["block_indices"].cpu(), want_branches["block_indices"])
     for name in ("compressed", "selected", "window"):
