@@ -2,20 +2,22 @@
 
 One attention layer's decode step for one new token per sequence, the cache already holding ``T`` tokens:
 
-* ``sdpa_dense``   write the new k/v into a preallocated cache, then ``F.scaled_dot_product_attention`` of the
-                   new query over the ``T + 1`` cached keys (GQA via ``enable_gqa``; flash/cuDNN/efficient backend).
-* ``nsa_decode``   write the new k/v, compress the block it completes (mean pooling; branch-free, so one block
-                   is compressed every step, the worst case), then :func:`nsa_flex.functional.nsa_decode`:
-                   compressed attention over the cached compressed keys, scoring + top-n, attention over the
-                   selected blocks and the window, gating; the attention in the fused Triton kernels
-                   (:mod:`nsa_flex.functional.fused_decode`).
+* ``sdpa_dense``   write the new k (rotated) and v into a preallocated cache, then
+                   ``F.scaled_dot_product_attention`` of the new query over the ``T + 1`` cached keys (GQA via
+                   ``enable_gqa``; flash/cuDNN/efficient backend).
+* ``nsa_decode``   :meth:`NSACache.append` (write the new k, rotated, and v; compress the block it completes by
+                   mean pooling of raw keys from the ring; branch-free, so one block is compressed every step,
+                   the worst case), then :func:`nsa_flex.functional.nsa_decode`: compressed attention over the
+                   cached compressed keys, scoring + top-n, attention over the selected blocks and the window,
+                   gating; the attention in the fused Triton kernels (:mod:`nsa_flex.functional.fused_decode`).
 * ``nsa_decode_gather``  the same step with ``use_kernel=False``: keys gathered into new tensors by torch ops.
 
 Each runs eagerly and, as ``<method>_graph``, captured whole (cache writes included) in one CUDA graph and
-replayed, which is how a server runs a decode step: launch and Python costs gone, the GPU work left. The NSA
-graphs capture ``nsa_decode`` compiled by ``torch.compile`` (fusing its small elementwise ops; the cache
-writes stay eager); ``--no-compile`` skips the graph variants. Inputs are random (bf16, NSA paper config l=32, d=16, l'=64, n=16, w=512, rotary
-on). Median of CUDA-event timings after warm-up, for ``T`` in 8k/16k/32k/64k and batch 1 and 16. Writes
+replayed, which is how a server runs a decode step: launch and Python costs gone, the GPU work left. The graphs
+capture the attention compiled by ``torch.compile`` (dense: the query's rotation and SDPA; NSA: ``nsa_decode``),
+so that neither replays dozens of small unfused ops; the cache update stays eager. ``--no-compile`` skips the
+graph variants. Inputs are random (bf16, NSA paper config l=32, d=16, l'=64, n=16, w=512, RoPE). Median of
+CUDA-event timings after warm-up, for ``T`` in 8k/16k/32k/64k and batch 1 and 16. Writes
 ``bench/results/decode.json``.
 
 ``--smoke`` runs a tiny CPU version of the same code in seconds (the tests run it so the script cannot rot).
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
+from nsa_flex.modules import NSACache
 
 from .common import RESULTS, cpu_time, cuda_graphed, cuda_time, environment, profile_into, save
 
@@ -42,7 +45,8 @@ ROTARY_BASE = 10000.0
 
 
 def make_state(B: int, T: int, heads: int, kv_heads: int, head_dim: int, cfg: dict, device, dtype, seed: int = 0):
-    """A cache of ``T`` random tokens (room for one more) and one new token per sequence."""
+    """An :class:`NSACache` of ``T`` random tokens (room for one more: keys rotated, the raw-key ring, the
+    compressed keys of the raw ones) and one new token per sequence; the dense baseline reads its keys/values."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     L = T + 1
     l, d = cfg["compress_block_size"], cfg["compress_stride"]
@@ -50,59 +54,58 @@ def make_state(B: int, T: int, heads: int, kv_heads: int, head_dim: int, cfg: di
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    k_cache, v_cache = rand(B, kv_heads, L, head_dim), rand(B, kv_heads, L, head_dim)
-    C = max(0, (L - l) // d + 1)
-    k_cmp = torch.zeros(B, kv_heads, C + 1, head_dim, device=device, dtype=dtype)
-    v_cmp = torch.zeros_like(k_cmp)
-    k_cmp[:, :, :C] = F.mean_pool(k_cache, l, d)
-    v_cmp[:, :, :C] = F.mean_pool(v_cache, l, d)
+    cache = NSACache(B, kv_heads, head_dim, L, l, d, device=device, dtype=dtype, rotary_base=ROTARY_BASE)
+    k, v = rand(B, kv_heads, T, head_dim), rand(B, kv_heads, T, head_dim)
+    cache.store_prefill(k, v, F.mean_pool(k, l, d), F.mean_pool(v, l, d))
+    cache.start(torch.full((B,), T, device=device))
+    del k, v
     return dict(
         q=rand(B, heads, 1, head_dim), k_new=rand(B, kv_heads, 1, head_dim), v_new=rand(B, kv_heads, 1, head_dim),
-        gates=torch.rand(B, heads, 1, 3, generator=gen).to(device=device, dtype=dtype),
-        k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp,
+        gates=torch.rand(B, heads, 1, 3, generator=gen).to(device=device, dtype=dtype), cache=cache,
         # The new token sits at position T. update_compressed is branch-free: it compresses one block per step
         # whether or not the token completes one, so the timing does not depend on T mod d.
-        positions=torch.full((B, 1), T, dtype=torch.long, device=device),
+        positions=cache.positions(1),
         length=T + 1,  # host-side, so the dense baseline slices the cache without a device sync
     )
 
 
-def _write(s: dict) -> None:
-    F.write_cache(s["k_cache"], s["v_cache"], s["k_new"], s["v_new"], s["positions"])
-
-
 def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], object]]]:
     """Each method makes, from a state, the step to time (a closure over the state)."""
-    l, d = cfg["compress_block_size"], cfg["compress_stride"]
 
-    def mean(x):  # a plain compressor [B, H, l, D] -> [B, H, 1, D], as nsa_attention's compress="mean"
-        return F.mean_pool(x, l, d)
-
-    def sdpa_dense(s):
-        _write(s)
-        q = F.rotary_at(s["q"], s["positions"], ROTARY_BASE)
-        T1 = s["length"]  # all sequences have the same length here
-        k, v = s["k_cache"][:, :, :T1], s["v_cache"][:, :, :T1]
+    def dense_attend(q, k_cache, v_cache, positions, length):
+        q = F.rotary_at(q, positions, ROTARY_BASE)
+        k, v = k_cache[:, :, :length], v_cache[:, :, :length]  # all sequences have the same length here
         return torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+
+    def dense_step(compiled=False):
+        attend = torch.compile(dense_attend, dynamic=False) if compiled else dense_attend
+
+        def step(s):
+            c = s["cache"]
+            F.write_cache(c.k, c.v, s["k_new"], s["v_new"], s["positions"], rotary_base=ROTARY_BASE)
+            return attend(s["q"], c.k, c.v, s["positions"], s["length"])
+
+        return step
 
     def nsa_step(use_kernel, compiled=False):
         decode = torch.compile(F.nsa_decode, dynamic=False) if compiled else F.nsa_decode
 
         def step(s):
-            # The cache writes stay eager: compiled, inductor functionalizes an in-place write into a graph
+            # The cache update stays eager: compiled, inductor functionalizes an in-place write into a graph
             # input by copying the whole cache (2 x 1.4 ms at 64k tokens, batch 16).
-            _write(s)
-            F.update_compressed(s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], mean, mean, l, d)
-            return decode(s["q"], s["k_cache"], s["v_cache"], s["k_cmp"], s["v_cmp"], s["positions"], s["gates"],
-                          **cfg, rotary_base=ROTARY_BASE, use_kernel=use_kernel)
+            c = s["cache"]
+            c.append(s["k_new"], s["v_new"], s["positions"], "mean", "mean")
+            return decode(s["q"], c.k, c.v, c.k_cmp, c.v_cmp, s["positions"], s["gates"], **cfg,
+                          rotary_base=ROTARY_BASE, use_kernel=use_kernel)
 
         return step
 
-    steps = {"sdpa_dense": sdpa_dense, "nsa_decode": nsa_step(None), "nsa_decode_gather": nsa_step(False)}
+    steps = {"sdpa_dense": dense_step(), "nsa_decode": nsa_step(None), "nsa_decode_gather": nsa_step(False)}
     out = {name: (lambda step: lambda s: (lambda: step(s)))(step) for name, step in steps.items()}
     if graphs:
-        # NSA's graphs replay nsa_decode compiled (inductor's fused kernels, not ~100 small ops)
-        graphed = {"sdpa_dense": sdpa_dense, "nsa_decode": nsa_step(None, compiled=True),
+        # The graphs replay the attention compiled (inductor's fused kernels, not dozens of small ops: for dense,
+        # the query's rotation; for NSA, the rotation's frequencies and the glue between its kernels)
+        graphed = {"sdpa_dense": dense_step(compiled=True), "nsa_decode": nsa_step(None, compiled=True),
                    "nsa_decode_gather": nsa_step(False, compiled=True)}
         for name, step in graphed.items():
             out[f"{name}_graph"] = (lambda step: lambda s: cuda_graphed(lambda: step(s)))(step)
