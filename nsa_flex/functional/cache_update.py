@@ -116,12 +116,12 @@ def append_mean(k_cache: Float[Tensor, "B H L D"], v_cache: Float[Tensor, "B H L
     B, H, T, D = k.shape
     if k.numel() == 0:
         return
-    ring = k_cache if k_ring is None else k_ring  # a placeholder the kernel never touches
+    old = k_cache if k_ring is None else k_ring  # where the blocks' older keys are
     Dv = v.shape[-1]
     _append_mean_kernel[(B * H,)](
-        k, v, k_cache, v_cache, k_cmp, v_cmp, ring, positions, k if inv_freq is None else inv_freq,
+        k, v, k_cache, v_cache, k_cmp, v_cmp, old, positions, k if inv_freq is None else inv_freq,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *k_cmp.stride(), *v_cmp.stride(),
-        *ring.stride(), *positions.stride(), T, H, k_cache.shape[2], k_cmp.shape[2], stride,
+        *old.stride(), *positions.stride(), T, H, k_cache.shape[2], k_cmp.shape[2], stride,
         BLOCK=block_size, BP=next_pow2(block_size), D=D, DP=next_pow2(D), HP=next_pow2(max(1, D // 2)), DV=Dv,
         DVP=next_pow2(Dv), ROTARY=inv_freq is not None, FROM_RING=k_ring is not None,
     )
@@ -239,7 +239,7 @@ if triton is not None:
 
     @triton.jit
     def _append_mean_kernel(
-        K, V, KC, VC, KM, VM, RING, POS, INV_FREQ, skb, skh, skt, skd, svb, svh, svt, svd,
+        K, V, KC, VC, KM, VM, OLD, POS, INV_FREQ, skb, skh, skt, skd, svb, svh, svt, svd,
         scb, sch, scl, scd, swb, swh, swl, swd, smb, smh, sml, smd, sub, suh, sul, sud, srb, srh, srl, srd,
         spb, spt, T, H, L, ROWS, STRIDE,
         BLOCK: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr,
@@ -250,7 +250,7 @@ if triton is not None:
         b = bh // H
         k_in, v_in = K + b * skb + h * skh, V + b * svb + h * svh
         k_cache, v_cache = KC + b * scb + h * sch, VC + b * swb + h * swh
-        ring = RING + b * srb + h * srh
+        old = OLD + b * srb + h * srh  # the blocks' older keys: the raw-key ring (FROM_RING) or the cache
         first = tl.load(POS + b * spb).to(tl.int64)  # positions are consecutive: first + t
         j = tl.arange(0, BP)
         in_block = j < BLOCK
@@ -265,10 +265,7 @@ if triton is not None:
             tl.store(v_cache + pos * swl + dv * swd, x.to(VC.dtype.element_ty), mask=(dv < DV) & (pos >= 0) & (pos < L))
             # the block ending at pos: older tokens from the ring (raw keys) or the cache, new ones from k, v
             tok = tl.maximum(pos + 1 - BLOCK, 0) + j
-            if FROM_RING:
-                k = _block_of(ring, srl, srd, k_in, skt, skd, tok, first, in_block, D, DP, L, BLOCK, True, True)
-            else:
-                k = _block_of(k_cache, scl, scd, k_in, skt, skd, tok, first, in_block, D, DP, L, BLOCK, False, True)
+            k = _block_of(old, srl, srd, k_in, skt, skd, tok, first, in_block, D, DP, L, BLOCK, FROM_RING, True)
             v = _block_of(v_cache, swl, swd, v_in, svt, svd, tok, first, in_block, DV, DVP, L, BLOCK, False, True)
             slot = _compressed_slot(pos, BLOCK, STRIDE, ROWS)
             tl.store(KM + b * smb + h * smh + slot * sml + d * smd,
@@ -279,4 +276,4 @@ if triton is not None:
             tl.debug_barrier()
             for t in range(tl.maximum(T - BLOCK, 0), T):
                 x = tl.load(k_in + t * skt + d * skd, mask=d < D)
-                tl.store(ring + ((first + t) % BLOCK) * srl + d * srd, x.to(RING.dtype.element_ty), mask=d < D)
+                tl.store(old + ((first + t) % BLOCK) * srl + d * srd, x.to(OLD.dtype.element_ty), mask=d < D)

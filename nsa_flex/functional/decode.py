@@ -316,7 +316,13 @@ def write_cache(
     writing); the check is not repeated here because it would need a host sync (``scatter_`` fails on one
     outside; the kernel skips it rather than write out of bounds).
     """
-    B, H, L, D, T = _check_write(k_cache, v_cache, k, v, positions, rotary_base)
+    _check_write(k_cache, v_cache, k, v, positions, rotary_base)
+    _write(k_cache, v_cache, k, v, positions, use_kernel, rotary_base)
+
+
+def _write(k_cache, v_cache, k, v, positions, use_kernel, rotary_base) -> None:
+    """:func:`write_cache` on checked arguments."""
+    B, H, T = k.shape[:3]
     if _use_cache_kernels(k_cache, use_kernel):
         cache_update.write_rows(k_cache, v_cache, k, v, positions, _cache_frequencies(k_cache, rotary_base))
         return
@@ -327,7 +333,7 @@ def write_cache(
     v_cache.scatter_(2, idx.expand(B, H, T, v_cache.shape[-1]), v.to(v_cache.dtype))
 
 
-def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> tuple[int, int, int, int, int]:
+def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> None:
     B, H, L, D = tensor("k_cache", k_cache, ndim=4, floating=True).shape
     tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, H, L, None))
     T = tensor("k", k, ndim=4, floating=True, shape=(B, H, None, D)).shape[2]
@@ -335,7 +341,6 @@ def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> tuple[int, i
     _check_positions(positions, B, T)
     if rotary_base is not None and D % 2:
         raise ValueError(f"rotary_base needs an even head dim, got k_cache of shape {list(k_cache.shape)}")
-    return B, H, L, D, T
 
 
 def _cache_frequencies(k_cache: Tensor, rotary_base: Optional[float]) -> Optional[Tensor]:
@@ -379,9 +384,9 @@ def append_to_cache(
         cache_update.append_mean(k_cache, v_cache, k_cmp, v_cmp, k, v, positions, block_size, stride,
                                  _cache_frequencies(k_cache, rotary_base), k_ring)
         return
-    write_cache(k_cache, v_cache, k, v, positions, use_kernel, rotary_base)
-    update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
-                      use_kernel, k_ring, None if k_ring is None else k)
+    _write(k_cache, v_cache, k, v, positions, use_kernel, rotary_base)
+    _update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
+                       use_kernel, k_ring, None if k_ring is None else k)
 
 
 def _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, k_new) -> None:
@@ -426,10 +431,16 @@ def update_compressed(
     cache hands them out). The key blocks are then cut from those two, and ``k_ring`` moves on to the ``l``
     raw keys ending at the last new token.
     """
+    _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, k_new)
+    _update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
+                       use_kernel, k_ring, k_new)
+
+
+def _update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, l, stride, use_kernel,
+                       k_ring, k_new) -> None:
+    """:func:`update_compressed` on checked arguments."""
     B, Hkv, L, D = k_cache.shape
     T = positions.shape[1]
-    l = block_size
-    _check_compression(k_cache, positions, k_compress, v_compress, l, k_ring, k_new)
     if T == 0:
         return
     kernels = _use_cache_kernels(k_cache, use_kernel)

@@ -98,9 +98,12 @@ class KVCache:
         """Absolute positions ``[B, num_new]`` of the next ``num_new`` tokens of each sequence."""
         return self.lengths.unsqueeze(1) + torch.arange(num_new, device=self.lengths.device)
 
+    rotary_base: Optional[float] = None  # keys are stored as given (a KVCache's are already rotated)
+
     def write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
-        """Store ``k, v [B, Hkv, T, D]`` at ``positions [B, T]`` (in place)."""
-        F.write_cache(self.k, self.v, k, v, positions)
+        """Store ``k, v [B, Hkv, T, D]`` at ``positions [B, T]`` (in place), the keys rotated on the way in
+        with ``rotary_base`` if the cache has one (:class:`NSACache`)."""
+        F.write_cache(self.k, self.v, k, v, positions, rotary_base=self.rotary_base)
 
     def store_prefill(self, k: Tensor, v: Tensor) -> None:
         T = k.shape[2]
@@ -148,7 +151,6 @@ class NSACache(KVCache):
         self.k_cmp = torch.zeros(batch_size, kv_heads, C1, dim_head, device=device, dtype=dtype)
         self.v_cmp = torch.zeros(batch_size, kv_heads, C1, self.v.shape[-1], device=device, dtype=dtype)
         self.k_ring: Optional[Tensor] = None
-        self.rotary_base: Optional[float] = None
         self.set_rotary_base(rotary_base)
 
     def set_rotary_base(self, rotary_base: Optional[float]) -> None:
@@ -165,11 +167,6 @@ class NSACache(KVCache):
             self.k_ring = None
         elif self.k_ring is None:
             self.k_ring = self.k.new_zeros(self.batch_size, self.kv_heads, self.compress_block_size, self.dim_head)
-
-    def write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
-        """Store raw ``k`` (rotated on the way in, with ``rotary_base``) and ``v`` ``[B, Hkv, T, D]`` at
-        ``positions [B, T]`` (in place); the ring and the compressed keys are :meth:`append`'s."""
-        F.write_cache(self.k, self.v, k, v, positions, rotary_base=self.rotary_base)
 
     def append(self, k: Tensor, v: Tensor, positions: Tensor, k_compress, v_compress) -> None:
         """A decode step's cache update (:func:`nsa_flex.functional.append_to_cache`): :meth:`write` the new
