@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import nsa
 
 
@@ -50,3 +52,13 @@ def test_profile_reports_where_the_time_goes(tmp_path):
     assert rows and all(r["ops_per_step"] > 0 and r["profile_top"][0]["self_us_per_step"] > 0 for r in rows)
     ours = [r for r in nsa.main(["--smoke", "--profile", "--out", str(tmp_path)])["rows"] if r["method"] == "nsa_flex"]
     assert ours and all(r["ops_per_step"] > 0 and r["profile_top"] for r in ours)
+
+
+def test_decode_sweep_grid_names_fused_decode_settings():
+    from bench import decode_sweep
+
+    assert decode_sweep.parse_grid(["_TARGET_PROGRAMS=256,512", "_SPARSE_STAGES=2"]) == {
+        "_TARGET_PROGRAMS": [256, 512], "_SPARSE_STAGES": [2]}
+    for bad in ("_TARGET_PROGRAMS", "_TARGET_PROGRAMS=", "MAX_BLOCK=1", "merge=1"):
+        with pytest.raises(SystemExit, match="--grid"):
+            decode_sweep.parse_grid([bad])

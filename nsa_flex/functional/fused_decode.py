@@ -45,24 +45,26 @@ try:
 except ImportError:  # CPU-only installs: nsa_decode never asks for the kernels there
     triton = None
 
-# Launch settings, measured on an H100 (64k tokens, paper config, batch 16, in a CUDA graph): the compressed
-# kernel is within 10% over tiles of 64/128 keys, 4/8 warps, 1-3 stages and 1k-8k programs (56-65 us; its
-# splits are sized for about _TARGET_PROGRAMS programs). The sparse kernel (keys rotated in the cache) took
-# 29 us at one tile per program and 22.6 us at four (8 warps, 3 stages) at batch 16, where four tiles leave
-# 384 programs; at batch 1 (96 programs at one tile) one tile per program was fastest.
-_TARGET_PROGRAMS = 1024
+# Launch settings, measured on an H100 (64k tokens, paper config, batch 16, CUDA graphs; bench.decode_sweep
+# times a step per setting and each kernel in it). The compressed kernel is within 10% over tiles of 64/128 keys,
+# 4/8 warps, 2-3 stages and 256-2048 programs (55-65 us); about 256 programs leave 4 splits per token, whose
+# partials the merge reads in 7.6 us instead of 10.4 at 1024. The sparse kernel (keys rotated in the cache) took
+# 29 us at one tile per program and 25 us at four, where four tiles leave 384 programs; 2 stages were 1 us faster
+# than 3; at batch 1 (96 programs at one tile) one tile per program was fastest.
+_TARGET_PROGRAMS = 256
 _COMPRESSED_TILE = 64  # compressed keys per loop step
 _COMPRESSED_WARPS = 4
 _COMPRESSED_STAGES = 2
 _SPARSE_WARPS = 8
-_SPARSE_STAGES = 3
+_SPARSE_STAGES = 2
 _SPARSE_PROGRAMS = 384
 # Block scoring and the merge run one program per token and chunk (of selection blocks, of value columns): one
 # program per token alone left most of the GPU idle (64 programs at batch 16: 250 us to score 64k tokens' blocks).
 # Swept at 64k tokens, batch 16 and 1, each kernel timed alone: scoring is fastest with about 512 programs
 # (chunks of 16-256 blocks), the merge with 16 columns, one warp once there are a few hundred programs and 4
-# warps below. In the step that took scoring from 15.0 to 15.2 us at batch 16 (its logits come from HBM there;
-# alone, hot in L2, 9 us) and from 6.5 to 3.9 us at batch 1, the merge from 18.5 to 13.0 us at batch 16.
+# warps below. Folding the choice (top-n) and the merge into the scoring and sparse kernels, the last program of
+# a token doing them (arrival counters), was slower: 18.7 us for scoring and choice (13.5 + 5.4 apart), 44-50 us
+# for sparse and merge (25 + 7.6 apart), as those last programs run one per token, after the rest.
 _SCORE_PROGRAMS = 512
 _COMBINE_COLUMNS = 16
 MAX_BLOCKS = 4096  # selection blocks a choose_blocks program ranks in registers (256k tokens at l' = 64)
@@ -467,7 +469,7 @@ if triton is not None:
         c = s[:, None] * R + j[None, :] - (M - R)
         c_ok = (c >= 0) & (c < visible) & (j < M)[None, :] & (s < S)[:, None]
         p = tl.zeros((SB, MP), tl.float32)
-        for gi in range(G):
+        for gi in tl.static_range(G):  # unrolled: the heads' loads are independent (15.3 -> 13.5 us)
             lse_g = tl.sum(tl.where(g == gi, lse, 0.0))
             logit = tl.load(LOGITS + ((row // T * G + gi) * T + t) * C + c, mask=c_ok, other=float("-inf"))
             p += tl.exp(logit - lse_g)

@@ -115,6 +115,10 @@ def test_use_kernel_rejects_what_the_kernels_cannot_take():
     assert not fused_decode.supported(args["q"], args["k_cache"], 16)  # CPU tensors: never by default
 
 
+PAPER = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16, num_initial=1,
+             num_local=2, window_size=512)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 16])
 def test_gpu_paper_config_bf16_equals_gathered_path_and_compiles(B):
@@ -122,9 +126,7 @@ def test_gpu_paper_config_bf16_equals_gathered_path_and_compiles(B):
     tokens in bf16: the default (kernel) path, eagerly and in a fullgraph compile, against the gather path on
     the same inputs in float32 (bf16 products are exact there, so scores agree up to summation order: rows
     whose choices differ by a near-tie are left out of the output comparison)."""
-    case = dict(B=B, G=16, Hkv=4, D=128, Dv=128, L=8192, num_new=1, rotary=True, seed=1,
-                cfg=dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
-                         num_initial=1, num_local=2, window_size=512))
+    case = dict(B=B, G=16, Hkv=4, D=128, Dv=128, L=8192, num_new=1, rotary=True, seed=1, cfg=PAPER)
     args = _problem(case, "cuda", torch.bfloat16)
     assert fused_decode.supported(args["q"], args["k_cache"], 64)
     out, branches = _decode(args, case)
@@ -138,3 +140,16 @@ def test_gpu_paper_config_bf16_equals_gathered_path_and_compiles(B):
                                    msg=name)
     compiled = torch.compile(lambda *a: _decode(dict(zip(args, a)), case)[0], fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(*args.values()), out, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_steps_repeat_bitwise():
+    """A decode step is deterministic (no atomics; the partials are merged in a fixed order): at 32k tokens,
+    batch 16 (paper configuration, bf16), 100 eager steps and 100 CUDA-graph replays of the compiled step each
+    give bitwise their first output."""
+    case = dict(B=16, G=16, Hkv=4, D=128, Dv=128, L=32768, num_new=1, rotary=True, seed=2, cfg=PAPER)
+    args = _problem(case, "cuda", torch.bfloat16)
+    for step in (F.nsa_decode, F.compiled_nsa_decode()):
+        first = step(*args.values(), **PAPER, rotary_base=500.0).clone()  # graph outputs are overwritten
+        for i in range(100):
+            assert torch.equal(step(*args.values(), **PAPER, rotary_base=500.0), first), f"step {i} differs"
