@@ -48,9 +48,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--grid", nargs="*", default=[], help="NAME=V1,V2 of fused_decode's launch constants")
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args(argv)
+    grid = parse_grid(args.grid)
     if not torch.cuda.is_available():
         raise SystemExit("bench.decode_sweep needs CUDA")
-    grid = parse_grid(args.grid)
     print(environment(), flush=True)
     state = make_state(args.batch, args.context, **CONFIGS[args.config], cfg=PAPER_NSA, device="cuda",
                        dtype=torch.bfloat16)
