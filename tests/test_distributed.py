@@ -56,14 +56,15 @@ def worker(mode: str, corpus: str, out: str) -> int:
 
     # One process group for the three phases (the script uses an existing group and leaves it alone).
     dist.init_process_group("gloo")
+    train_lm = load_example("train_lm")
     try:
-        return _worker(mode, corpus, out)
+        return _worker(train_lm, mode, corpus, out)
     finally:
+        train_lm.release_before_teardown()
         dist.destroy_process_group()
 
 
-def _worker(mode: str, corpus: str, out: str) -> int:
-    train_lm = load_example("train_lm")
+def _worker(train_lm, mode: str, corpus: str, out: str) -> int:
     loss, grads = one_step_gradients(train_lm, train_lm.parse_args(tiny(corpus, out, "--dist", mode)))
     if int(os.environ["RANK"]) == 0:
         torch.save({"loss": loss, "grads": grads}, Path(out) / "grads.pt")
