@@ -15,6 +15,11 @@ from nsa_flex import functional as F
 from nsa_flex.functional import fused_decode
 
 
+# The NSA paper's configuration (l=32, d=16, l'=64, n=16, w=512), for the GPU tests.
+PAPER = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16, num_initial=1,
+             num_local=2, window_size=512)
+
+
 @st.composite
 def decode_cases(draw):
     """Shapes the kernels take (l' a power of two in [16, 128]): GQA 1..16 (also 3), head dims that are not
@@ -113,10 +118,6 @@ def test_use_kernel_rejects_what_the_kernels_cannot_take():
     with pytest.raises(ValueError, match="float64|needs triton"):
         _decode(_problem(case, "cpu", torch.float64), case, use_kernel=True)
     assert not fused_decode.supported(args["q"], args["k_cache"], 16)  # CPU tensors: never by default
-
-
-PAPER = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16, num_initial=1,
-             num_local=2, window_size=512)
 
 
 @pytest.mark.gpu
