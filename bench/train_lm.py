@@ -12,7 +12,9 @@ median of CUDA-event timings gives tokens/s. Also peak memory. Writes ``bench/re
 
 ``--smoke`` runs a tiny CPU version (eager, fp32) of the same code so the script cannot rot.
 
-Usage: ``python -m bench.train_lm [--contexts 4096 16384 32768] [--attn nsa dense window]``
+``--profile`` adds each step's top kernels and its kernel launches to the JSON (and prints the table).
+
+Usage: ``python -m bench.train_lm [--contexts 4096 16384 32768] [--attn nsa dense window] [--profile]``
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex.modules import TransformerLM
 
-from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
+from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile_into, save
 
 MODEL = dict(vocab_size=256, dim=512, depth=6, heads=8, kv_heads=2, mlp_mult=4, sliding_window_size=128,
              compress_block_size=32, compress_block_sliding_stride=16, selection_block_size=64,
@@ -63,6 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attn", nargs="+", default=["nsa", "dense", "window"], choices=["nsa", "dense", "window"])
     p.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens // context)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each step: its top kernels (operators on CPU) and launches (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -93,6 +97,8 @@ def main(argv=None) -> dict:
                 row["tokens_per_s"] = batch * context / row["ms"] * 1e3
                 print(f"{attn:<8}{context:>9}{batch:>7}{row['ms']:>10.1f}{row['tokens_per_s']:>12.0f}"
                       f"{row.get('peak_bytes', 0) / 2**30:>10.2f}", flush=True)
+                if args.profile:
+                    profile_into(row, f"{attn}, context {context}", step, steps=3, rows=25)
             except Exception as err:  # one failing configuration must not hide the others
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 print(f"{attn:<8}{context:>9}{batch:>7}  ERROR {row['error']}", flush=True)

@@ -52,6 +52,10 @@ def test_profile_reports_where_the_time_goes(tmp_path):
     assert rows and all(r["ops_per_step"] > 0 and r["profile_top"][0]["self_us_per_step"] > 0 for r in rows)
     ours = [r for r in nsa.main(["--smoke", "--profile", "--out", str(tmp_path)])["rows"] if r["method"] == "nsa_flex"]
     assert ours and all(r["ops_per_step"] > 0 and r["profile_top"] for r in ours)
+    from bench import train_lm
+
+    rows = train_lm.main(["--smoke", "--profile", "--attn", "nsa", "--out", str(tmp_path)])["rows"]
+    assert rows and all(r["ops_per_step"] > 0 and r["profile_top"][0]["self_us_per_step"] > 0 for r in rows)
 
 
 def test_decode_sweep_grid_names_fused_decode_settings():
