@@ -3,6 +3,11 @@
 Feature pair ``(i, i + D/2)`` of the token at position ``p`` is rotated by the angle ``p * base**(-2i/D)``.
 The angles are computed on the fly in float32 (float64 for float64 inputs), so casting the module to bf16 does
 not round them, and ``offset`` shifts the positions (a decoding step's first position).
+
+The ``[T, D/2]`` cosine and sine table is made by a custom op (``nsa_flex::rotary_table``), which
+``torch.compile`` keeps whole: traced as plain torch ops, inductor inlined the angles, ``pow``, ``sin`` and
+``cos`` into the rotation kernel and computed them for every element of ``q`` and ``k``. At ``[16, 8, 4096,
+64]`` in bf16 on an H100 that kernel took 0.62 ms, and 0.09 ms with the table as an input.
 """
 
 from __future__ import annotations
@@ -16,6 +21,21 @@ from .._checks import positive_int, tensor
 __all__ = ["RotaryEmbedding", "apply_rotary"]
 
 
+@torch.library.custom_op("nsa_flex::rotary_table", mutates_args=())
+def rotary_table(T: int, D: int, offset: int, base: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, sin) [T, D/2]`` of the angles ``(offset + t) * base**(-2i/D)``, computed in ``dtype``."""
+    inv_freq = base ** (-torch.arange(0, D, 2, device=device, dtype=dtype) / D)
+    pos = torch.arange(T, device=device, dtype=dtype) + offset
+    angles = pos[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+@rotary_table.register_fake
+def _(T, D, offset, base, device, dtype):
+    return (torch.empty(T, D // 2, device=device, dtype=dtype), torch.empty(T, D // 2, device=device, dtype=dtype))
+
+
 def apply_rotary(x: Float[Tensor, "B H T D"], offset: int = 0, base: float = 10000.0) -> Float[Tensor, "B H T D"]:
     """Rotate ``x [B, H, T, D]`` (``D`` even) for positions ``offset, ..., offset + T - 1``."""
     tensor("x", x, ndim=4, floating=True)
@@ -23,10 +43,7 @@ def apply_rotary(x: Float[Tensor, "B H T D"], offset: int = 0, base: float = 100
     if D % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got x of shape {list(x.shape)}")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=work) / D)
-    pos = torch.arange(T, device=x.device, dtype=work) + offset
-    angles = pos[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = rotary_table(T, D, int(offset), float(base), x.device, work)
     x1, x2 = x.to(work).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
