@@ -158,6 +158,18 @@ def test_rotary_is_relative():
     torch.testing.assert_close(apply_rotary(q.expand(1, 1, 5, 8)), manual_rotary(q.expand(1, 1, 5, 8)))
 
 
+def test_rotary_compiles_whole_with_its_table_op():
+    """The cos/sin table is the custom op ``nsa_flex::rotary_table`` (made once per call, not per element of
+    the input): a fullgraph compile traces it without a break and gives the eager result, at an offset too."""
+    from nsa_flex.modules import apply_rotary
+
+    x = torch.randn(2, 3, 9, 16)
+    compiled = torch.compile(apply_rotary, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, 5), apply_rotary(x, 5), rtol=0, atol=1e-6)
+    shifted = manual_rotary(torch.cat([torch.zeros(2, 3, 5, 16), x], dim=2))[:, :, 5:]  # positions 5..13
+    torch.testing.assert_close(apply_rotary(x, 5), shifted, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_shorter_than_one_compression_block(T):
     model = make(kv_heads=2)
