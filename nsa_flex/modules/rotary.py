@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._checks import positive_int, tensor
+from ..functional.decode import rotary_frequencies
 
 __all__ = ["RotaryEmbedding", "apply_rotary"]
 
@@ -25,9 +26,8 @@ __all__ = ["RotaryEmbedding", "apply_rotary"]
 def rotary_table(T: int, D: int, offset: int, base: float, device: torch.device,
                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(cos, sin) [T, D/2]`` of the angles ``(offset + t) * base**(-2i/D)``, computed in ``dtype``."""
-    inv_freq = base ** (-torch.arange(0, D, 2, device=device, dtype=dtype) / D)
     pos = torch.arange(T, device=device, dtype=dtype) + offset
-    angles = pos[:, None] * inv_freq[None, :]
+    angles = pos[:, None] * rotary_frequencies(D, base, device, dtype)[None, :]
     return angles.cos(), angles.sin()
 
 
