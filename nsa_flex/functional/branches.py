@@ -23,7 +23,7 @@ from ..masks.mask import build_block_mask
 from ..masks.static import sliding_window_mod
 from .._checks import positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
-from . import selected_kernel
+from . import compressed_sdpa, selected_kernel
 from .flex import flex, needs_dense_path
 
 # FlexAttention tile for the static (window, compressed) masks; 128 has valid forward and backward kernels.
@@ -57,16 +57,14 @@ _BLOCK_MASKS: "collections.OrderedDict[tuple, BlockMask]" = collections.OrderedD
 _BLOCK_MASK_CACHE_SIZE = 64
 
 
-def _static_block_mask(key: tuple, mask_mod, q_len: int, kv_len: int, device: torch.device,
-                       batch: Optional[int] = None) -> BlockMask:
-    """A window/compressed BlockMask, cached per (mask, shape, device); built in-graph inside torch.compile.
-    ``batch``: the mask depends on the batch index (else it broadcasts over it)."""
+def _static_block_mask(key: tuple, mask_mod, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    """A window/compressed BlockMask, cached per (mask, shape, device); built in-graph inside torch.compile."""
     if torch.compiler.is_compiling():
         # Traced into the caller's graph (fused, no Q x KV tensor); Python-side caches can't be traced.
-        return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device, BLOCK_SIZE=STATIC_BLOCK)
-    full_key = (*key, batch, q_len, kv_len, str(device))
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, BLOCK_SIZE=STATIC_BLOCK)
+    full_key = (*key, q_len, kv_len, str(device))
     if full_key not in _BLOCK_MASKS:
-        _BLOCK_MASKS[full_key] = build_block_mask(mask_mod, q_len, kv_len, batch, None, device, (STATIC_BLOCK,) * 2)
+        _BLOCK_MASKS[full_key] = build_block_mask(mask_mod, q_len, kv_len, None, None, device, (STATIC_BLOCK,) * 2)
         if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASKS.popitem(last=False)
     _BLOCK_MASKS.move_to_end(full_key)
@@ -108,6 +106,10 @@ def compressed_attention(
 
     ``Tc`` may be 0 (``T < block_size``): the output is then all zeros (and ``lse = -inf``). Rows that see no
     compressed key yet (``t < block_size - 1``) give exactly 0. Returns ``out`` or ``(out, lse [B, Hq, T])``.
+
+    On CUDA in fp16/bf16 (see :func:`.compressed_sdpa.supported`) the stride is folded into the heads and the
+    branch is one causal cuDNN attention (:mod:`.compressed_sdpa`); otherwise FlexAttention over the
+    compressed mask, or on CPU with gradients the dense path.
     """
     B, Hq, _, T = check_qkv(q, k_cmp, v_cmp, same_length=False)
     masks.compressed.check_compression(block_size, stride)
@@ -117,46 +119,13 @@ def compressed_attention(
         out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + 0 * (q.sum() + k_cmp.sum() + v_cmp.sum())
         lse = q.new_full((B, Hq, T), float("-inf"))
         return (out, lse) if return_lse else out
+    if compressed_sdpa.supported(q, k_cmp, v_cmp, block_size, stride):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        out, lse = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
+        return (out, lse) if return_lse else out
     mod = compressed_causal_mod(block_size, stride)
-    if not needs_dense_path(q, k_cmp, v_cmp) and T >= 2 * COMPRESSED_QUERY_CHUNK:
-        return _chunked_compressed_attention(q, k_cmp, v_cmp, mod, block_size, stride, scale, return_lse)
     key = ("compressed", block_size, stride)
     return _attend(q, k_cmp, v_cmp, mod, lambda: _static_block_mask(key, mod, T, Tc, q.device), scale, return_lse)
-
-
-# Query rows per batch entry of the chunked compressed attention. FlexAttention's backward runs one program
-# per (kv tile, kv head) for dk/dv, each looping over every query row of its head group: with 4096 compressed
-# keys that is 32 x Hkv programs walking 64k x G rows (52 ms at 64k in the paper configuration, 4x its forward).
-# Cutting the queries into chunks, each its own batch entry over all compressed keys, gives that kernel
-# C times the programs; the chunks' dk, dv sum in autograd. H100, paper configuration, fwd+bwd of this branch:
-# 76.6 -> 60.9 ms at 64k, 15.0 -> 10.0 ms at 16k, for 1.1 GiB more at 64k (chunks of 2048 to 16384 all
-# within 4% at 64k; docs/results/compressed_chunk_h100.log).
-COMPRESSED_QUERY_CHUNK = 4096
-
-
-def _chunked_compressed_attention(q, k_cmp, v_cmp, mod, block_size, stride, scale, return_lse):
-    """:func:`compressed_attention` on the flex path with the queries in ``C`` chunks of ``COMPRESSED_QUERY_CHUNK``
-    rows (the last padded), moved into the batch dimension; each chunk's mask is the compressed causal mask
-    shifted by the chunk's first position, so fully masked tiles are skipped as before."""
-    B, Hq, T, _ = q.shape
-    Tc = k_cmp.shape[2]
-    C = -(-T // COMPRESSED_QUERY_CHUNK)
-    Tq = COMPRESSED_QUERY_CHUNK
-    q = torch.nn.functional.pad(q, (0, 0, 0, C * Tq - T))
-    q = rearrange(q, "b h (c t) d -> (b c) h t d", c=C)
-    k_cmp, v_cmp = (x.repeat_interleave(C, dim=0) for x in (k_cmp, v_cmp))  # small: Tc = T / stride rows
-
-    def shifted(b, h, q_idx, kv_idx):
-        return mod(b, h, q_idx + (b % C) * Tq, kv_idx)
-
-    block_mask = lambda: _static_block_mask(("compressed", block_size, stride, "chunked", C, Tq), shifted,  # noqa: E731
-                                            Tq, Tc, q.device, batch=B * C)
-    out = _attend(q, k_cmp, v_cmp, shifted, block_mask, scale, return_lse)
-    out, lse = out if return_lse else (out, None)
-    out = rearrange(out, "(b c) h t d -> b h (c t) d", c=C)[:, :, :T]
-    if not return_lse:
-        return out
-    return out, rearrange(lse, "(b c) h t -> b h (c t)", c=C)[:, :, :T]
 
 
 def selected_attention(

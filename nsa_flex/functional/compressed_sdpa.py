@@ -1,0 +1,217 @@
+"""Compressed attention as one causal cuDNN attention call, the stride folded into the heads.
+
+Query ``t`` sees compressed key ``c`` iff ``c*d + l - 1 <= t`` (block size ``l``, stride ``d``). Write the
+tokens that see any key as ``t = l - 1 + i*d + r`` with ``0 <= r < d``: then ``t`` sees exactly the keys
+``c <= i``, for every ``r``. So the tokens of offset ``r`` form an ordinary causal attention over the
+compressed keys, query row ``i`` against keys ``0..i``. With ``q`` stored ``[B, T, H, D]`` (as a projection
+gives it), the ``d`` offsets of a row are ``d * H`` consecutive head vectors: a plain *view* of ``q`` with
+``d * H`` heads and one row per group of ``d`` tokens, head ``r*H + h`` on kv head ``r*Hkv + h // G`` (keys
+repeated ``d`` times, small: ``T / d`` rows). cuDNN runs it as one causal GQA attention and writes its output
+in the same layout, which is again the tokens in order. Around that: tokens ``t < l - 1`` see nothing
+(``o = 0``, ``lse = -inf``), and the last ``(T - l + 1) % d`` tokens (a partial group) see every key, a few
+rows done in float32 by :func:`attention_math`.
+
+cuDNN runs this at the rate of dense causal attention; FlexAttention over the compressed mask was about half
+as fast, and its dk/dv backward had only ``Tc / 128`` tiles per kv head to spread over the GPU (64k tokens,
+paper configuration, H100, in a whole NSA step: cuDNN's kernels 7.3 ms forward and 20.5 ms backward, where
+FlexAttention's took about 12 and 32.6 ms; ``docs/results/compressed_cudnn_ab_h100_session10.log``). The private
+``aten._scaled_dot_product_cudnn_attention`` (and its backward) is called because it returns the
+log-sum-exp, which block selection needs. Forward and backward are custom ops (``nsa_flex::
+compressed_cudnn``, ``..._backward``), so compiled models call them as they are: no compiler sees the
+strided views, whose layouts torch's fake kernels describe only approximately.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int) -> bool:
+    """Whether :func:`compressed_attention_cudnn` can run on cuDNN: CUDA with cuDNN attention enabled
+    (sm80 or newer), fp16/bf16, equal q/k and v head dims of at most 128 that are multiples of 8, and the
+    ``Tc = ceil((T - l + 1) / d)`` compressed keys that NSA's compressors give (other ``Tc`` keep the flex path)."""
+    T = q.shape[2]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v_cmp.shape[-1]
+            and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and T >= block_size
+            and k_cmp.shape[2] == -(-(T - block_size + 1) // stride) and _cudnn_attention_ready(q.device.index))
+
+
+@torch._dynamo.assume_constant_result  # evaluated once while tracing, not traced into
+def _cudnn_attention_ready(device_index: Optional[int]) -> bool:
+    return (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(device_index) >= (8, 0))
+
+
+def compressed_attention_cudnn(
+    q: Float[Tensor, "B Hq T D"],
+    k_cmp: Float[Tensor, "B Hkv Tc D"],
+    v_cmp: Float[Tensor, "B Hkv Tc Dv"],
+    block_size: int,
+    stride: int,
+    scale: float,
+) -> tuple[Float[Tensor, "B Hq T Dv"], Float[Tensor, "B Hq T"]]:
+    """``(out, lse)`` of the compressed-causal attention through the fold above (``T >= block_size``,
+    ``Tc = ceil((T - l + 1) / d)``; gradients to q, k, v; ``lse`` float32, not differentiable). ``q`` is
+    copied to ``[B, T, H, D]`` storage unless it has it; ``out`` and the gradient of ``q`` have that storage."""
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    return torch.ops.nsa_flex.compressed_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
+
+
+def _groups(T: int, block_size: int, stride: int) -> tuple[int, int, int]:
+    """(first token that sees a key ``l - 1``, whole groups of ``d`` tokens after it, tokens in a last partial group)."""
+    start = block_size - 1
+    return start, (T - start) // stride, (T - start) % stride
+
+
+def _fold_rows(x_t: Tensor, start: int, full: int, stride: int) -> Tensor:
+    """``[B, T, H, E]`` -> the view ``[B, d*H, full, E]``: row ``i`` of head ``r*H + h`` is token ``start + i*d + r``."""
+    B, _, H, E = x_t.shape
+    return x_t[:, start:start + full * stride].view(B, full, stride * H, E).transpose(1, 2)
+
+
+def _unfold_rows(x: Tensor, stride: int) -> Tensor:
+    """The inverse of :func:`_fold_rows`: ``[B, d*H, full, E] -> [B, full*d, H, E]`` (a view where cuDNN kept
+    the layout, a copy otherwise)."""
+    B, dH, full, E = x.shape
+    return x.transpose(1, 2).reshape(B, full * stride, dH // stride, E)
+
+
+def _repeat_keys(x: Tensor, rows: int, stride: int) -> Tensor:
+    """``[B, Hkv, Tc, E] -> [B, d*Hkv, rows, E]``, kv head ``r*Hkv + j`` = ``x[:, j, :rows]`` for each offset ``r``."""
+    B, Hkv, _, E = x.shape
+    return x[:, :, :rows].unsqueeze(1).expand(B, stride, Hkv, rows, E).reshape(B, stride * Hkv, rows, E)
+
+
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal (top-left, square) GQA attention on cuDNN: ``(out, lse [B, H, L, 1] float32)``."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+    return out, lse
+
+
+def _cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    seed = offset = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: never read
+    L = q.shape[2]
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse, seed, offset, None, None, None, L, L, 0.0, True, scale=scale)
+
+
+# The folded causal attention; tests replace these with float64 math on CPU to check everything around them.
+causal_forward, causal_backward = _cudnn_forward, _cudnn_backward
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Explicit GQA attention ``(out, lse [B, H, L, 1])`` in float32 (float64 stays float64), top-left causal
+    or full. For a few rows (the partial last group) and as the CPU stand-in for cuDNN in tests."""
+    s, vr = _scores(q, k, v, scale, causal)
+    lse = s.logsumexp(-1, keepdim=True)
+    return (s - lse).exp().matmul(vr).to(q.dtype), lse
+
+
+def attention_math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                            causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_math` from its output and lse: ``(dq, dk, dv)``."""
+    s, vr = _scores(q, k, v, scale, causal)
+    p = (s - lse).exp()
+    do32 = do.to(p.dtype)
+    ds = p * (do32.matmul(vr.transpose(-1, -2)) - (do32 * out.to(p.dtype)).sum(-1, keepdim=True))
+    G = q.shape[1] // k.shape[1]
+    dq = ds.matmul(k.to(p.dtype).repeat_interleave(G, 1)) * scale
+    dk = (ds.transpose(-1, -2).matmul(q.to(p.dtype)) * scale).unflatten(1, (-1, G)).sum(2)
+    dv = p.transpose(-1, -2).matmul(do32).unflatten(1, (-1, G)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _scores(q, k, v, scale, causal):
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    G = q.shape[1] // k.shape[1]
+    kr, vr = (x.to(dtype).repeat_interleave(G, 1) for x in (k, v))
+    s = q.to(dtype).matmul(kr.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s, vr
+
+
+@torch.library.custom_op("nsa_flex::compressed_cudnn", mutates_args=())
+def _compressed_cudnn(q: Tensor, k: Tensor, v: Tensor, block_size: int, stride: int,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    B, H, T, _ = q.shape
+    d, Dv = stride, v.shape[-1]
+    s, full, tail = _groups(T, block_size, d)
+    q_t = q.transpose(1, 2)
+    out = q.new_empty(B, T, H, Dv)
+    lse = q.new_empty(B, H, T, dtype=torch.promote_types(q.dtype, torch.float32))
+    out[:, :s] = 0
+    lse[:, :, :s] = float("-inf")
+    if full:
+        o_m, lse_m = causal_forward(_fold_rows(q_t, s, full, d), _repeat_keys(k, full, d), _repeat_keys(v, full, d),
+                                    scale)
+        out[:, s:s + full * d] = _unfold_rows(o_m, d)
+        lse[:, :, s:s + full * d] = lse_m.reshape(B, d, H, full).permute(0, 2, 3, 1).flatten(2)
+    if tail:
+        o_t, lse_t = attention_math(q[:, :, T - tail:], k, v, scale, causal=False)
+        out[:, T - tail:] = o_t.transpose(1, 2)
+        lse[:, :, T - tail:] = lse_t.squeeze(-1)
+    return out.transpose(1, 2), lse
+
+
+@_compressed_cudnn.register_fake
+def _(q, k, v, block_size, stride, scale):
+    B, H, T, _ = q.shape
+    return (q.new_empty(B, T, H, v.shape[-1]).transpose(1, 2),
+            q.new_empty(B, H, T, dtype=torch.promote_types(q.dtype, torch.float32)))
+
+
+@torch.library.custom_op("nsa_flex::compressed_cudnn_backward", mutates_args=())
+def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                               block_size: int, stride: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, T, D = q.shape
+    d = stride
+    s, full, tail = _groups(T, block_size, d)
+    q_t, out_t, do_t = (x.transpose(1, 2) for x in (q, out, do))
+    do_t = do_t.contiguous()  # a copy unless do already has out's [B, T, H, Dv] storage
+    dq = q.new_empty(B, T, H, D)
+    dq[:, :s] = 0
+    acc = torch.promote_types(k.dtype, torch.float32)
+    dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    if full:
+        lse_m = lse[:, :, s:s + full * d].unflatten(2, (full, d)).permute(0, 3, 1, 2).reshape(B, d * H, full, 1)
+        dq_m, dk_m, dv_m = causal_backward(
+            _fold_rows(do_t, s, full, d), _fold_rows(q_t, s, full, d), _repeat_keys(k, full, d),
+            _repeat_keys(v, full, d), _fold_rows(out_t, s, full, d), lse_m.contiguous(), scale)
+        dq[:, s:s + full * d] = _unfold_rows(dq_m, d)
+        dk[:, :, :full] = dk_m.unflatten(1, (d, -1)).sum(1, dtype=acc)
+        dv[:, :, :full] = dv_m.unflatten(1, (d, -1)).sum(1, dtype=acc)
+    if tail:
+        rows = slice(T - tail, T)
+        dq_t, dk_t, dv_t = attention_math_backward(do[:, :, rows], q[:, :, rows], k, v, out[:, :, rows],
+                                                   lse[:, :, rows, None], scale, causal=False)
+        dq[:, rows] = dq_t.transpose(1, 2)
+        dk += dk_t
+        dv += dv_t
+    return dq.transpose(1, 2), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_compressed_cudnn_backward.register_fake
+def _(do, q, k, v, out, lse, block_size, stride, scale):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ctx.block_size, ctx.stride, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*torch.ops.nsa_flex.compressed_cudnn_backward(do, q, k, v, out, lse, ctx.block_size, ctx.stride,
+                                                          ctx.scale), None, None, None)
+
+
+_compressed_cudnn.register_autograd(_backward, setup_context=_setup_context)
