@@ -29,9 +29,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+
 def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int) -> bool:
     """Whether :func:`compressed_attention_cudnn` can run on cuDNN: CUDA with cuDNN attention enabled
-    (sm80 or newer), fp16/bf16, equal q/k and v head dims of at most 128 that are multiples of 8, and the
+    (sm80 or newer) and deterministic algorithms not required (cuDNN's attention is not deterministic; torch's
+    SDPA avoids it then too), fp16/bf16, equal q/k and v head dims of at most 128 that are multiples of 8, and the
     ``Tc = ceil((T - l + 1) / d)`` compressed keys that NSA's compressors give (other ``Tc`` keep the flex path)."""
     T = q.shape[2]
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v_cmp.shape[-1]
@@ -42,6 +44,8 @@ def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: 
 @torch._dynamo.assume_constant_result  # evaluated once while tracing, not traced into
 def _cudnn_attention_ready(device_index: Optional[int]) -> bool:
     return (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
+            and not (torch.are_deterministic_algorithms_enabled()
+                     and not torch.is_deterministic_algorithms_warn_only_enabled())
             and torch.cuda.get_device_capability(device_index) >= (8, 0))
 
 

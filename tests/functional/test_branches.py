@@ -96,3 +96,20 @@ def _assert_close_bf16(out, lse, grads, want_out, want_lse, want_grads):
         # (T = 40) dq is exactly 0 and the paths differ only by rounding noise
         scale = b.float().abs().max().clamp(min=1.0)
         torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=0, atol=1e-2, msg=name)
+
+
+def test_cudnn_path_not_taken_when_determinism_is_required(monkeypatch):
+    """Like torch's SDPA: cuDNN attention is not deterministic, so torch.use_deterministic_algorithms(True)
+    keeps the FlexAttention path (checked through the readiness probe, which needs no GPU to say no)."""
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert compressed_sdpa._cudnn_attention_ready(0)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not compressed_sdpa._cudnn_attention_ready(0)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert compressed_sdpa._cudnn_attention_ready(0)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
