@@ -9,7 +9,9 @@
 #            all side by side on the one GPU: their losses and accuracies are the results, not their speed;
 #            then examples/generate.py with the trained NSA checkpoint; ~9 min
 #   kernels  bench.nsa (64k then 16k; ours vs SDPA, flex causal, fla; memory, stages; 64k alone with both
-#            kinds of input took 250 s on an H100, 16k about 130 s; PROFILE=--profile adds a profile)
+#            kinds of input took 250 s on a warm H100, 16k about 130 s; on a fresh machine the tenth
+#            session's call only got through 64k random and one 16k row: split it with SEQ_LENS and INPUTS;
+#            PROFILE=--profile adds a profile)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
@@ -88,9 +90,9 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_kernels() {  # environment overrides: SEQ_LENS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT
+phase_kernels() {  # environment overrides: SEQ_LENS, INPUTS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT
     timeout ${NSA_TIMEOUT:-560} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-65536 16384} --configs paper \
-        --inputs random structured --methods ${METHODS:-sdpa_causal nsa_flex fla_nsa flex_causal} ${PROFILE-} \
+        --inputs ${INPUTS:-random structured} --methods ${METHODS:-sdpa_causal nsa_flex fla_nsa flex_causal} ${PROFILE-} \
         --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
 }
 
