@@ -110,7 +110,9 @@ causal_forward, causal_backward = _cudnn_forward, _cudnn_backward
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """Explicit GQA attention ``(out, lse [B, H, L, 1])`` in float32 (float64 stays float64), top-left causal
-    or full. For a few rows (the partial last group) and as the CPU stand-in for cuDNN in tests."""
+    or full. For a few rows (the partial last group) and as the CPU stand-in for cuDNN in tests. Its backward
+    is written out (:func:`attention_math_backward`) because autograd records nothing inside a custom op's
+    kernel, so :mod:`.dense`'s autograd-based path cannot serve here."""
     s, vr = _scores(q, k, v, scale, causal)
     lse = s.logsumexp(-1, keepdim=True)
     return (s - lse).exp().matmul(vr).to(q.dtype), lse
