@@ -71,9 +71,10 @@ def _groups(T: int, block_size: int, stride: int) -> tuple[int, int, int]:
 
 
 def _fold_rows(x_t: Tensor, start: int, full: int, stride: int) -> Tensor:
-    """``[B, T, H, E]`` -> the view ``[B, d*H, full, E]``: row ``i`` of head ``r*H + h`` is token ``start + i*d + r``."""
+    """``[B, T, H, E]`` -> ``[B, d*H, full, E]``: row ``i`` of head ``r*H + h`` is token ``start + i*d + r``; a
+    view when ``x_t`` is contiguous (always so here: a copy only if a compiler handed the op other strides)."""
     B, _, H, E = x_t.shape
-    return x_t[:, start:start + full * stride].view(B, full, stride * H, E).transpose(1, 2)
+    return x_t[:, start:start + full * stride].reshape(B, full, stride * H, E).transpose(1, 2)
 
 
 def _unfold_rows(x: Tensor, stride: int) -> Tensor:
