@@ -180,7 +180,8 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     d = stride
     s, full, tail = _groups(T, block_size, d)
     q_t, out_t, do_t = (x.transpose(1, 2) for x in (q, out, do))
-    do_t = do_t.contiguous()  # a copy unless do already has out's [B, T, H, Dv] storage
+    # a copy unless do already has out's [B, T, H, Dv] storage: cuDNN then gets do folded with out's strides
+    do_t = do_t.contiguous()
     dq = q.new_empty(B, T, H, D)
     dq[:, :s] = 0
     acc = torch.promote_types(k.dtype, torch.float32)
