@@ -158,7 +158,7 @@ def _compressed_cudnn(q: Tensor, k: Tensor, v: Tensor, block_size: int, stride: 
         o_m, lse_m = causal_forward(_fold_rows(q_t, s, full, d), _repeat_keys(k, full, d), _repeat_keys(v, full, d),
                                     scale)
         out[:, s:s + full * d] = _unfold_rows(o_m, d)
-        lse[:, :, s:s + full * d] = lse_m.reshape(B, d, H, full).permute(0, 2, 3, 1).flatten(2)
+        lse[:, :, s:s + full * d] = _unfold_rows(lse_m.reshape(B, d * H, full, 1), d).squeeze(-1).transpose(1, 2)
     if tail:
         o_t, lse_t = attention_math(q[:, :, T - tail:], k, v, scale, causal=False)
         out[:, T - tail:] = o_t.transpose(1, 2)
@@ -187,7 +187,7 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     acc = torch.promote_types(k.dtype, torch.float32)
     dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     if full:
-        lse_m = lse[:, :, s:s + full * d].unflatten(2, (full, d)).permute(0, 3, 1, 2).reshape(B, d * H, full, 1)
+        lse_m = _fold_rows(lse.transpose(1, 2).unsqueeze(-1), s, full, d)  # cuDNN's [B, d*H, full, 1]
         dq_m, dk_m, dv_m = causal_backward(
             _fold_rows(do_t, s, full, d), _fold_rows(q_t, s, full, d), _repeat_keys(k, full, d),
             _repeat_keys(v, full, d), _fold_rows(out_t, s, full, d), lse_m.contiguous(), scale)
