@@ -8,7 +8,8 @@ FlexAttention runs NSA's selection branch over a BlockMask whose index lists tor
 * forward: online softmax over each block's keys ``<= t``; writes ``o`` and the log-sum-exp;
 * backward, ``dq``: the same walk, recomputing ``p = exp(s - lse)``;
 * backward, ``dk, dv``: one program per (kv block, kv head, chunk of the tokens that selected it) walks those
-  tokens (lists from one sort of the O(T*n) (block, token) pairs) and accumulates the block's ``dk = ds^T q``,
+  tokens, a few at a time with their query rows stacked into one tile (lists from one sort of the O(T*n)
+  (block, token) pairs), and accumulates the block's ``dk = ds^T q``,
   ``dv = p^T do`` in registers, added to float32 buffers once per chunk (block 0, which every token selects,
   is split into ``T / 256`` chunks; atomics per token would serialize on it).
 
@@ -62,11 +63,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale
 
 
 _CHUNK = 256  # tokens per dk/dv program
+_DKV_ROWS = 64  # query rows per dk/dv step: the G rows of 64 // G tokens
 # Launch settings, the best of num_warps in {2, 4, 8} x num_stages in {1, 2, 3} at 64k tokens in the paper
-# configuration on an H100 (docs/results/kernel_tune_h100.log): a token's G x block tile needs few warps.
+# configuration on an H100 (docs/results/kernel_tune_h100.log): a token's G x block tile needs few warps. The
+# dk/dv step's rows and launch: the best of {32, 64, 128} rows x {4, 8} warps x {2, 3} stages
+# (docs/results/selected_dkv_rows_h100_session11.log; backward 39.3 ms with one token per step, 36.7 with four).
 _FWD_LAUNCH = dict(num_warps=2, num_stages=2)
 _DQ_LAUNCH = dict(num_warps=2, num_stages=2)
-_DKV_LAUNCH = dict(num_warps=4, num_stages=3)
+_DKV_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
@@ -90,7 +94,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     S = counts.shape[-1]
     selected_dkv_kernel[(B * Hkv * S, triton.cdiv(T, _CHUNK))](
         q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, *strides, *dk.stride(), *dv.stride(),
-        T, Hkv, S, scale, CHUNK=_CHUNK, **meta, **_DKV_LAUNCH)
+        T, Hkv, S, scale, CHUNK=_CHUNK, TB=max(1, _DKV_ROWS // meta["GP"]), **meta, **_DKV_LAUNCH)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -214,8 +218,8 @@ if triton is not None:
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
         rows = (g < G)[:, None]
-        q, do, lse = _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-                                 G, GP, DP, D, DVP, DV)
+        q, do, lse = _token_rows(Q, DO, LSE, b, h * G + g, t, g < G, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+                                 slb, slh, slt, DP, D, DVP, DV)
         o = tl.load(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod,
                     mask=rows & (dv < DV)[None, :], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -235,8 +239,8 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, DK, DV_, OFFSETS, COUNTS, TOKENS,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, scale,
-        CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+        CHUNK: tl.constexpr, TB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
     ):
         seg = tl.program_id(0)  # (b, h, block)
         blk = seg % S
@@ -247,10 +251,8 @@ if triton is not None:
         lo = tl.program_id(1) * CHUNK
         if lo < count:
             hi = tl.minimum(lo + CHUNK, count)
-            g = tl.arange(0, GP)
             d = tl.arange(0, DP)
             dv = tl.arange(0, DVP)
-            rows = (g < G)[:, None]
             tok = blk * BS + tl.arange(0, BS)
             in_seq = tok < T
             k = tl.load(K + b * skb + h * skh + tok[:, None] * skt + d[None, :] * skd,
@@ -259,12 +261,19 @@ if triton is not None:
                         mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
             dk = tl.zeros((BS, DP), tl.float32)
             dvb = tl.zeros((BS, DVP), tl.float32)
-            for i in range(lo, hi):
-                t = tl.load(TOKENS + first + i)
-                q, do, lse = _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb,
-                                         slh, slt, G, GP, DP, D, DVP, DV)
-                delta = tl.load(DELTA + b * sdlb + (h * G + g) * sdlh + t * sdlt, mask=g < G, other=0.0)
-                p, ds = _probs(q, do, k, v, lse, delta, (tok <= t)[None, :] & rows, scale, IEEE)
+            # TB tokens per step, their G query rows each stacked into one TB * GP row tile: a tile of one
+            # token's 16 rows left the tensor cores mostly idle
+            r = tl.arange(0, TB * GP)
+            g = r % GP
+            head = h * G + g
+            for i in range(lo, hi, TB):
+                row_ok = (i + r // GP < hi) & (g < G)
+                t = tl.load(TOKENS + first + i + r // GP, mask=row_ok, other=0)
+                q, do, lse = _token_rows(Q, DO, LSE, b, head, t, row_ok, sqb, sqh, sqt, sqd, sdob, sdoh, sdot,
+                                         sdod, slb, slh, slt, DP, D, DVP, DV)
+                delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=row_ok, other=0.0)
+                p, ds = _probs(q, do, k, v, lse, delta, (tok[None, :] <= t[:, None]) & row_ok[:, None], scale,
+                               IEEE)
                 dk += (_dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale).to(tl.float32)
                 dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
@@ -273,21 +282,19 @@ if triton is not None:
                           mask=in_seq[:, None] & (dv < DV)[None, :])
 
     @triton.jit
-    def _token_rows(Q, DO, LSE, b, h, t, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-                    G: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr,
-                    DV: tl.constexpr):
-        """Token ``t``'s ``G`` query rows of kv head ``h``: q, do and lse (``+inf`` where the row saw nothing,
-        so its ``p`` is 0)."""
-        g = tl.arange(0, GP)
+    def _token_rows(Q, DO, LSE, b, head, t, row_ok, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, slb, slh, slt,
+                    DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr):
+        """The query rows of heads ``head`` at tokens ``t`` (``[R]`` each, or ``t`` one token for all rows):
+        q, do and lse (``+inf`` where the row saw nothing or is not ``row_ok``, so its ``p`` is 0)."""
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
-        head = h * G + g
-        rows = (g < G)[:, None]
-        q = tl.load(Q + b * sqb + head[:, None] * sqh + t * sqt + d[None, :] * sqd, mask=rows & (d < D)[None, :],
-                    other=0.0)
-        do = tl.load(DO + b * sdob + head[:, None] * sdoh + t * sdot + dv[None, :] * sdod,
+        rows = row_ok[:, None]
+        t = t + tl.zeros_like(head)  # one token for all rows, or one per row
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                    mask=rows & (d < D)[None, :], other=0.0)
+        do = tl.load(DO + b * sdob + head[:, None] * sdoh + t[:, None] * sdot + dv[None, :] * sdod,
                      mask=rows & (dv < DV)[None, :], other=0.0)
-        lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=g < G, other=float("-inf"))
+        lse = tl.load(LSE + b * slb + head * slh + t * slt, mask=row_ok, other=float("-inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         return q, do, lse
 
