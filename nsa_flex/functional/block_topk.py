@@ -37,6 +37,7 @@ except ImportError:  # CPU-only installs: select_blocks never asks for the kerne
 INDEX_BITS = 24
 FORCED_KEY = 1 << 62
 _ROWS = 128  # query rows (tokens x padded group) per program: one tensor-core tile
+LOG2E = math.log2(math.e)
 _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
 
@@ -100,7 +101,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32, W2=W2,
+        IEEE=q.dtype == torch.float32, W2=W2, LOG2E=LOG2E,
         num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,  # 8 once the logits tile reaches 128 x 128
     )
     return out
@@ -149,6 +150,7 @@ if triton is not None:
         STRIDE: tl.constexpr, BLOCK: tl.constexpr, SEL: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
         CH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
         INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, W2: tl.constexpr,
+        LOG2E: tl.constexpr,
     ):
         BC: tl.constexpr = CH * R  # compressed keys per step
         pid_t = tl.program_id(0)
@@ -163,8 +165,11 @@ if triton is not None:
         d = tl.arange(0, DP)
         q = tl.load(Q + b * sqb + (h * G + row_g)[:, None] * sqh + row_pos[:, None] * sqt + d[None, :] * sqd,
                     mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-        lse = tl.load(LSE + b * slb + (h * G + row_g) * slh + row_pos * slt, mask=row_ok, other=0.0)
-        lse = tl.where((lse == float("inf")) | (lse == float("-inf")), 0.0, lse)  # rows seeing nothing: p = 0
+        # base-2 exponent: p = exp2(logits * scale * log2(e) - lse * log2(e)); rows seeing nothing, and padding
+        # rows, get lse = +inf, so p = 0 without a mask
+        lse = tl.load(LSE + b * slb + (h * G + row_g) * slh + row_pos * slt, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+        qk_scale = scale * LOG2E
         pos = pid_t * BT + tl.arange(0, BT)
         own = pos // SEL
 
@@ -183,6 +188,8 @@ if triton is not None:
         last = pid_t * BT + BT - 1
         last = tl.where(last < T, last, T - 1)
         num_chunks = (last // SEL) // CH + 1
+        # chunks before this one hold only compressed blocks complete before the program's first token
+        first_masked = ((pid_t * BT - BLOCK + 1) // STRIDE + 1) // BC
         for chunk in range(0, num_chunks):
             c = chunk * BC + tl.arange(0, BC)
             k = tl.load(K + b * skb + h * skh + c[:, None] * skt + d[None, :] * skd,
@@ -191,9 +198,10 @@ if triton is not None:
                 logits = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 logits = tl.dot(q, tl.trans(k))
-            visible = (c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None]) & row_ok[:, None]
             # float32 throughout (inductor may pass `scale` as a double)
-            p = tl.where(visible, tl.exp((logits * scale).to(tl.float32) - lse[:, None]), 0.0)
+            p = tl.exp2((logits * qk_scale).to(tl.float32) - lse[:, None])
+            if chunk >= first_masked:
+                p = tl.where(c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None], p, 0.0)
             p = tl.sum(tl.reshape(p, (BT, GP, BC)), axis=1)  # [BT, BC], summed over the group
             p = tl.reshape(p, (BT, CH, R))
             own_part = tl.sum(p * w_own[None, None, :], axis=2)  # [BT, CH]
