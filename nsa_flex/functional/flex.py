@@ -56,7 +56,8 @@ def enable_small_block_kernels() -> bool:
     takes ``kernel_options`` before its filter: :func:`forward_tiles` handles it.) This appends tiles that
     fit to inductor's backward candidate list (``torch._inductor.config.inductor_choices_class``). The
     defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
-    valid tile gain one. Called automatically on the first CUDA call; returns False if this torch lacks the hook.
+    valid tile gain one. Called automatically on the first CUDA call, and effective also after earlier compiles
+    in the process; returns False if this torch lacks the hook.
     """
     try:
         from torch._inductor import config as inductor_config
@@ -87,6 +88,12 @@ def enable_small_block_kernels() -> bool:
     NSAFlexChoices.__module__, NSAFlexChoices.__qualname__ = __name__, "NSAFlexChoices"
     globals()["NSAFlexChoices"] = NSAFlexChoices
     inductor_config.inductor_choices_class = NSAFlexChoices
+    # Inductor builds its choices object from the config once per thread, at its first compile: if something
+    # compiled before this call (a user's model, our compiled gate), replace the plain default it built.
+    from torch._inductor.virtualized import V
+
+    if type(V.choices) is base:
+        V.set_choices_handler(NSAFlexChoices())
     return True
 
 

@@ -1,5 +1,8 @@
 """Kernel options nsa_flex passes to compiled FlexAttention on CUDA (pure logic, checked on CPU)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -37,3 +40,21 @@ def test_decode_kernel_options_for_the_case_found_on_torch_2_11():
     q, k = torch.empty(1, 4, 120, 8), torch.empty(1, 2, 120, 8)
     assert decode_kernel_options(q, k, None) == {"FORCE_USE_FLEX_ATTENTION": True}
     assert decode_kernel_options(q[:, :, :1], k, None) == {}  # one-token decoding keeps torch's decoding kernel
+
+
+def test_small_block_tiles_reach_inductor_even_after_an_earlier_compile():
+    """Inductor builds its choices object once per thread, at its first compile; tiles installed later must
+    still reach it (a GPU test found the selection backward failing to lower after an unrelated compile). A
+    fresh process, so that the state this checks is not left over from other tests."""
+    script = (
+        "import torch\n"
+        "from torch._inductor.virtualized import V\n"
+        "before = type(V.choices)\n"  # what the first compile initializes
+        "import importlib\n"
+        "flex = importlib.import_module('nsa_flex.functional.flex')\n"
+        "assert flex.enable_small_block_kernels()\n"
+        "assert type(V.choices).__name__ == 'NSAFlexChoices', type(V.choices)\n"
+        "assert issubclass(type(V.choices), before)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
