@@ -19,6 +19,8 @@ without triton this module defines no kernels.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -53,13 +55,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale
     """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32)``; rows that see no key give ``o = 0``, ``lse = -inf``."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
-    o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    o = _rows_like(q, v.shape[-1])
+    lse = _rows_like(q, None, torch.float32)
     if o.numel():
         selected_fwd_kernel[(T, B * Hkv)](
             q, k, v, idx, o, lse, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
             *lse.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
     return o, lse
+
+
+def _rows_like(q: Tensor, width: Optional[int], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty ``[B, H, T, width]`` (``[B, H, T]`` for ``None``) stored token-major (``[B, T, H, ...]``) when
+    ``q`` is, as an attention layer's projections give it: the kernels then read and write a token's ``G``
+    heads as one contiguous run, and gradients summed with the other branches' need no layout change."""
+    B, H, T = q.shape[:3]
+    tail = () if width is None else (width,)
+    dtype = q.dtype if dtype is None else dtype
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(B, T, H, *tail, dtype=dtype).transpose(1, 2)
+    return q.new_empty(B, H, T, *tail, dtype=dtype)
 
 
 _CHUNK = 256  # tokens per dk/dv program
@@ -79,14 +93,15 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     meta = _meta(q, v, Hkv, block_size)
-    do = do.contiguous()
+    if do.stride(-1) != 1:
+        do = do.contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if q.numel() == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     # rowsum(do * o), the softmax backward's correction: written by the dq kernel, read by the dk/dv kernel
-    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    delta = _rows_like(q, None, torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride())
     selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, *strides, *o.stride(), *idx.stride(),
                                      *dq.stride(), Hkv, idx.shape[-1], scale, **meta, **_DQ_LAUNCH)
