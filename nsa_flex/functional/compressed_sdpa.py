@@ -182,18 +182,24 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     q_t, out_t, do_t = (x.transpose(1, 2) for x in (q, out, do))
     # a copy unless do already has out's [B, T, H, Dv] storage: cuDNN then gets do folded with out's strides
     do_t = do_t.contiguous()
-    dq = q.new_empty(B, T, H, D)
-    dq[:, :s] = 0
     acc = torch.promote_types(k.dtype, torch.float32)
     dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    dq_m = None
     if full:
         lse_m = _fold_rows(lse.transpose(1, 2).unsqueeze(-1), s, full, d)  # cuDNN's [B, d*H, full, 1]
         dq_m, dk_m, dv_m = causal_backward(
             _fold_rows(do_t, s, full, d), _fold_rows(q_t, s, full, d), _repeat_keys(k, full, d),
             _repeat_keys(v, full, d), _fold_rows(out_t, s, full, d), lse_m.contiguous(), scale)
-        dq[:, s:s + full * d] = _unfold_rows(dq_m, d)
         dk[:, :, :full] = dk_m.unflatten(1, (d, -1)).sum(1, dtype=acc)
         dv[:, :, :full] = dv_m.unflatten(1, (d, -1)).sum(1, dtype=acc)
+    del do_t
+    # allocated only after cuDNN has freed its float32 dq workspace (twice q's size), so that the two are
+    # never alive together: this backward holds a training step's peak memory
+    dq = q.new_empty(B, T, H, D)
+    dq[:, :s] = 0
+    if dq_m is not None:
+        dq[:, s:s + full * d] = _unfold_rows(dq_m, d)
+        del dq_m
     if tail:
         rows = slice(T - tail, T)
         dq_t, dk_t, dv_t = attention_math_backward(do[:, :, rows], q[:, :, rows], k, v, out[:, :, rows],
