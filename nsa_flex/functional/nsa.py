@@ -99,13 +99,14 @@ def gate(gates: Float[Tensor, "B Hq T 3"], o_cmp: Float[Tensor, "B Hq T Dv"], o_
          o_win: Float[Tensor, "B Hq T Dv"]) -> Float[Tensor, "B Hq T Dv"]:
     """``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``, in the branches' dtype.
 
-    Called eagerly on CUDA it runs compiled: five elementwise passes over ``[B, Hq, T, Dv]`` tensors (and their
-    backward) become one each way (64k tokens, paper config: the forward went from 82.1 to 77.4 ms and
-    forward+backward from 275 to 262 ms on an H100).
+    Called eagerly on CUDA it runs as two compiled kernels, one each way (64k tokens, paper config, H100: the
+    five elementwise passes over ``[B, Hq, T, Dv]`` tensors and their backward took the forward from 82.1 to
+    77.4 ms and forward+backward from 275 to 262 ms), writing into tensors laid out as ``o_cmp``: the output,
+    and each branch's gradient as its branch output, so the cuDNN compressed backward gets its gradient
+    token-major without a copy (left to the compiler, the gradients came out ``[B, H, T, D]``-contiguous).
     """
     if o_cmp.is_cuda and not torch.compiler.is_compiling():
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one compile per shape, as flex
-            return _compiled_gate()(gates, o_cmp, o_sel, o_win)
+        return _Gate.apply(gates, o_cmp, o_sel, o_win)
     return _gate(gates, o_cmp, o_sel, o_win)
 
 
@@ -114,6 +115,37 @@ def _gate(gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor) -> Tensor:
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win
 
 
+def _gate_into(out: Tensor, gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor) -> None:
+    out.copy_(_gate(gates, o_cmp, o_sel, o_win))
+
+
+def _gate_backward_into(d_cmp: Tensor, d_sel: Tensor, d_win: Tensor, gates: Tensor, o_cmp: Tensor, o_sel: Tensor,
+                        o_win: Tensor, dy: Tensor) -> Tensor:
+    g = gates.to(dy.dtype)
+    for i, (d, o) in enumerate(((d_cmp, o_cmp), (d_sel, o_sel), (d_win, o_win))):
+        d.copy_(g[..., i:i + 1] * dy)
+    dg = torch.stack([(dy.float() * o.float()).sum(-1) for o in (o_cmp, o_sel, o_win)], dim=-1)
+    return dg.to(gates.dtype)
+
+
+class _Gate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates, o_cmp, o_sel, o_win):
+        out = torch.empty_like(o_cmp)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one compile per shape, as flex
+            _compiled(_gate_into)(out, gates, o_cmp, o_sel, o_win)
+        ctx.save_for_backward(gates, o_cmp, o_sel, o_win)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        gates, o_cmp, o_sel, o_win = ctx.saved_tensors
+        grads = [torch.empty_like(o) for o in (o_cmp, o_sel, o_win)]
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            dg = _compiled(_gate_backward_into)(*grads, gates, o_cmp, o_sel, o_win, dy)
+        return (dg, *grads)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_gate() -> Callable:
-    return torch.compile(_gate, dynamic=False)
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)

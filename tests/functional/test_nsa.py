@@ -193,3 +193,27 @@ def test_bad_shapes_raise():
         F.selected_attention(q, k, v, torch.full((1, 2, 20, 2), 5), 8)
     with pytest.raises(TypeError, match="dtype"):
         F.sliding_window_attention(q, k.double(), v, 4)
+
+
+def test_gate_function_gradients_and_layouts(monkeypatch):
+    """The CUDA gate (an autograd Function around two compiled kernels, run here uncompiled): float64
+    gradcheck, and its output and each branch's gradient laid out as that branch's output (token-major here,
+    so that the cuDNN compressed backward needs no copy of its gradient)."""
+    from nsa_flex.functional import nsa
+
+    monkeypatch.setattr(nsa, "_compiled", lambda fn: fn)
+    gen = torch.Generator().manual_seed(0)
+
+    def token_major(*shape):
+        B, H, T, D = shape
+        return torch.randn(B, T, H, D, generator=gen, dtype=torch.float64).transpose(1, 2).requires_grad_()
+
+    g = torch.rand(2, 3, 5, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    outs = [token_major(2, 3, 5, 4) for _ in range(3)]
+    assert torch.autograd.gradcheck(nsa._Gate.apply, (g, *outs))
+    y = nsa._Gate.apply(g, *outs)
+    torch.testing.assert_close(y, nsa._gate(g, *outs))
+    assert y.stride() == outs[0].stride()
+    y.backward(torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64).transpose(1, 2))
+    for o in outs:
+        assert o.grad.stride() == o.stride()
