@@ -56,8 +56,8 @@ def enable_small_block_kernels() -> bool:
     takes ``kernel_options`` before its filter: :func:`forward_tiles` handles it.) This appends tiles that
     fit to inductor's backward candidate list (``torch._inductor.config.inductor_choices_class``). The
     defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
-    valid tile gain one. Called automatically on the first CUDA call, and effective also after earlier compiles
-    in the process; returns False if this torch lacks the hook.
+    valid tile gain one. Called when this module is imported on a machine with CUDA, and again by each CUDA
+    call (a no-op then); returns False if this torch lacks the hook.
     """
     try:
         from torch._inductor import config as inductor_config
@@ -89,7 +89,8 @@ def enable_small_block_kernels() -> bool:
     globals()["NSAFlexChoices"] = NSAFlexChoices
     inductor_config.inductor_choices_class = NSAFlexChoices
     # Inductor builds its choices object from the config once per thread, at its first compile: if something
-    # compiled before this call (a user's model, our compiled gate), replace the plain default it built.
+    # compiled in this thread before this call, replace the plain default it built (other threads' objects,
+    # such as autograd's, are out of reach: hence the call on import below).
     from torch._inductor.virtualized import V
 
     if type(V.choices) is base:
@@ -201,3 +202,10 @@ def _direct_cpu_flex():
 def needs_dense_path(*tensors: Tensor) -> bool:
     """True when gradients are needed on a device whose FlexAttention has no backward (the CPU)."""
     return torch.is_grad_enabled() and any(t.requires_grad and t.device.type != "cuda" for t in tensors)
+
+
+# Installed on import where CUDA is present: inductor builds its choices object once per thread, and compiled
+# backward passes are lowered on autograd's device threads, which a later call cannot reach (on an H100 the
+# selection backward failed to lower after a compile that ran before the first flex call).
+if torch.cuda.is_available():
+    enable_small_block_kernels()
