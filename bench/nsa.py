@@ -11,13 +11,19 @@ Methods (each states exactly what it computes):
 
 Inputs: ``random`` (independent normal q, k, v: every token's selection is independent, the worst case for
 block-sparse kernels) and ``structured`` (a slowly varying random walk along the sequence plus noise, so
-neighbouring tokens attend alike, as in trained models). For each T: forward and forward+backward time
-(median of CUDA-event timings after warm-up), peak memory, and a per-stage breakdown of our forward.
+neighbouring tokens attend alike, as in trained models). Every method gets the same tensors, laid out
+(``--layout``) as an attention layer's projections give them, ``[B, T, H, D]`` storage viewed as
+``[B, H, T, D]`` (``bthd``, the default: our ``SparseAttention``, fla and flash-attn all work on it), or
+contiguous ``[B, H, T, D]`` (``bhtd``). For each T: forward, and forward + ``out.backward(do)`` with one fixed
+``do`` in the inputs' layout (the usual attention benchmark; until the eleventh session the step backpropagated
+a ``.float().pow(2).mean()`` loss, whose elementwise passes added about 10 ms to every method at 64k), as
+medians of CUDA-event timings after warm-up; peak memory; and a per-stage breakdown of our forward.
 Writes ``bench/results/nsa.json`` and ``bench/results/nsa.png``.
 
 ``--smoke`` runs a tiny CPU version of the same code (CI runs it so the script cannot rot).
 
-Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs paper small] [--smoke]``
+Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs paper small] [--layout bthd]
+[--smoke]``
 """
 
 from __future__ import annotations
@@ -133,6 +139,8 @@ def main(argv=None) -> dict:
     p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_causal flex_causal fla_nsa nsa_flex")
+    p.add_argument("--layout", choices=["bthd", "bhtd"], default="bthd",
+                   help="storage of q, k, v, gates and do: [B, T, H, D] as projections give it, or [B, H, T, D]")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--profile", action="store_true",
                    help="also profile ours (forward+backward): top kernels and launches per step (in the JSON)")
@@ -161,10 +169,14 @@ def main(argv=None) -> dict:
         for inputs in args.inputs:
             for T in seq_lens:
                 q, k, v, g = nsa_inputs(T, **shape, kind=inputs, device=device, dtype=dtype)
+                if args.layout == "bthd":
+                    q, k, v, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
+                do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+                do = torch.empty_like(q).copy_(do)  # q's layout
                 for name, fn in methods(fla if shape["heads"] // shape["kv_heads"] >= 16 else None).items():
                     if args.methods and name not in args.methods:
                         continue
-                    row = dict(config=config, inputs=inputs, T=T, method=name, **shape)
+                    row = dict(config=config, inputs=inputs, T=T, method=name, layout=args.layout, **shape)
                     try:
                         with torch.no_grad():
                             row["fwd_ms"] = timer(lambda: fn(q, k, v, g))
@@ -173,7 +185,7 @@ def main(argv=None) -> dict:
                         leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
 
                         def step():
-                            fn(*leaves).float().pow(2).mean().backward()
+                            fn(*leaves).backward(do)
 
                         row["fwd_bwd_ms"] = timer(step)
                         if device.type == "cuda":
