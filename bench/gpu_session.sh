@@ -11,7 +11,8 @@
 #   kernels  bench.nsa (64k then 16k; ours vs SDPA, flex causal, fla; memory, stages; 64k alone with both
 #            kinds of input took 250 s on a warm H100, 16k about 130 s; on a fresh machine the tenth
 #            session's call only got through 64k random and one 16k row: split it with SEQ_LENS and INPUTS;
-#            PROFILE=--profile adds a profile)
+#            in the eleventh, 64k random with METHODS="sdpa_causal nsa_flex fla_nsa" and PROFILE=--profile took
+#            385 s on a fresh machine, flex_causal added would not fit; CONFIGS=small for the second config)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
@@ -90,8 +91,8 @@ phase_train() {
     cp -r --no-preserve=mode $runs "$out/" && find "$out" -name '*.pt' -delete
 }
 
-phase_kernels() {  # environment overrides: SEQ_LENS, INPUTS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT
-    timeout ${NSA_TIMEOUT:-560} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-65536 16384} --configs paper \
+phase_kernels() {  # environment overrides: SEQ_LENS, CONFIGS, INPUTS, METHODS, PROFILE (--profile or empty), NSA_TIMEOUT
+    timeout ${NSA_TIMEOUT:-560} python3 -m bench.nsa --seq-lens ${SEQ_LENS:-65536 16384} --configs ${CONFIGS:-paper} \
         --inputs ${INPUTS:-random structured} --methods ${METHODS:-sdpa_causal nsa_flex fla_nsa flex_causal} ${PROFILE-} \
         --out "$out" 2>&1 | quiet | tee "$out/nsa.log"
 }
