@@ -7,9 +7,11 @@ import pytest
 from bench import nsa
 
 
-def test_nsa_benchmark_smoke(tmp_path):
-    payload = nsa.main(["--smoke", "--out", str(tmp_path)])
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_nsa_benchmark_smoke(tmp_path, layout):
+    payload = nsa.main(["--smoke", "--layout", layout, "--out", str(tmp_path)])
     rows = payload["rows"]
+    assert {r["layout"] for r in rows} == {layout}
     assert json.loads((tmp_path / "nsa_smoke.json").read_text())["rows"] == rows
     ours = [r for r in rows if r["method"] == "nsa_flex"]
     assert ours and all("error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in ours)
