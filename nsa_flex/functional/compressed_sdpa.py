@@ -191,7 +191,8 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         keys = [_repeat_keys(x, full, d) for x in (k, v)]
         # The offsets in `parts` calls: cuDNN's float32 workspace (twice q's size for one call) and its dq
         # scale with the call, and this backward holds a training step's peak memory (64k tokens, paper
-        # configuration: 1.5 GiB less with two calls; dq is allocated after the first returns).
+        # configuration, H100: the step's peak 9.47 -> 8.21 GiB with two calls; dq is allocated after the
+        # first returns).
         parts = 2 if d % 2 == 0 else 1
         qh, kh = d * H // parts, d * k.shape[1] // parts
         for part in range(parts):
