@@ -16,6 +16,7 @@
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
+#   memory   bench.peak_memory (the tensors alive at the peak of SDPA's and our fwd+bwd step; SEQ_LEN)
 #   decode   bench.decode (per-token latency at 8k-64k, batch 16 and 1, with profiles; ~4.5 min)
 # Timed phases run alone on the GPU; their JSON is written after every row, so a phase cut short keeps what it
 # measured. Compilation dominates: every new shape compiles its own kernels (about a minute for NSA fwd+bwd).
@@ -32,7 +33,7 @@ phase=${1:-}
 dest=${OUT:-bench/results}
 out=/tmp/gpu_session/$phase
 mkdir -p /tmp/gpu_session
-case "$phase" in kernels|scoring|lm|decode) out=$dest ;; esac  # files land there one by one: a cut call returns them
+case "$phase" in kernels|scoring|lm|decode|memory) out=$dest ;; esac  # files land there one by one: a cut call returns them
 mkdir -p "$out" "$dest"
 if ls .whl/*.whl >/dev/null 2>&1; then
     # phases started side by side install once (flock), the later ones only wait for it
@@ -111,13 +112,18 @@ phase_lm() {  # environment overrides: TOY_TIMEOUT (0: skip), LM_TIMEOUT, LM_CON
         --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
 }
 
+phase_memory() {  # environment override: SEQ_LEN (default 65536)
+    timeout 300 python3 -m bench.peak_memory --seq-len ${SEQ_LEN:-65536} --out "$out" 2>&1 | quiet \
+        | tee "$out/peak_memory.log"
+}
+
 phase_decode() {  # the four contexts at batch 16 and 1 with profiles took 261 s on an H100
     timeout 540 python3 -m bench.decode --contexts 65536 32768 16384 8192 --batches 16 1 --configs paper \
         --repeats 20 --profile --out "$out" 2>&1 | quiet | tee "$out/decode.log"
 }
 
 case "$phase" in
-    tests|train|kernels|scoring|lm|decode) shift; "phase_$phase" "$@" ;;
-    *) echo "usage: bash bench/gpu_session.sh {tests|train|kernels|scoring|lm|decode} [ARGS]" >&2; exit 2 ;;
+    tests|train|kernels|scoring|lm|decode|memory) shift; "phase_$phase" "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh {tests|train|kernels|scoring|lm|decode|memory} [ARGS]" >&2; exit 2 ;;
 esac
 [ "$out" = "$dest" ] || tar czf "$dest/$phase.tar.gz" -C /tmp/gpu_session "$phase"

@@ -6,7 +6,8 @@ Subcommands::
     nsa-flex check "causal() & sliding_window(64)" [--examples 8]
     nsa-flex demo
     nsa-flex train [--attn nsa|dense|window] [--context 1024] [--steps 2000] ... (examples/train_lm.py)
-    nsa-flex bench {nsa,decode,decode_sweep,train_lm,block_mask,block_topk,train_toy} [ARGS]  (python -m bench.NAME)
+    nsa-flex bench {nsa,decode,decode_sweep,train_lm,block_mask,block_topk,train_toy,peak_memory} [ARGS]
+        (python -m bench.NAME)
 
 A mask expression is parsed *safely*, never ``eval``-ed: :func:`parse_mask` walks its syntax tree and accepts
 only calls of the mask generators of :mod:`nsa_flex.masks` that take plain values (``causal``,
@@ -761,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = CHECKOUT / "examples" / "train_lm.py"
-BENCHMARKS = ("nsa", "decode", "decode_sweep", "train_lm", "block_mask", "block_topk", "train_toy")
+BENCHMARKS = ("nsa", "decode", "decode_sweep", "train_lm", "block_mask", "block_topk", "train_toy", "peak_memory")
 
 
 def _run_main(call) -> int:

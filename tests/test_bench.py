@@ -68,3 +68,18 @@ def test_decode_sweep_grid_names_fused_decode_settings():
     for bad in ("_TARGET_PROGRAMS", "_TARGET_PROGRAMS=", "MAX_BLOCK=1", "merge=1"):
         with pytest.raises(SystemExit, match="--grid"):
             decode_sweep.parse_grid([bad])
+
+
+def test_peak_memory_replay_finds_what_is_alive_at_the_peak(tmp_path):
+    """The replay on a trace where a freed block is larger than either of a later pair: the pair is the peak,
+    named by this project's innermost frame where it has one; the steps themselves run on CPU."""
+    from bench import peak_memory
+
+    peak, blocks = peak_memory.live_at_peak(peak_memory.SMOKE_TRACE)
+    assert peak == 130 and [b["bytes"] for b in blocks] == [70, 60]
+    assert blocks[0]["where"] == "x.py:9 g"
+    assert peak_memory.where([{"filename": "torch/y.py", "line": 1, "name": "h"},
+                              {"filename": "/r/nsa_flex/functional/a.py", "line": 5, "name": "f"}]) == "a.py:5 f"
+    assert peak_memory.live_at_peak(peak_memory.SMOKE_TRACE, min_bytes=65)[1] == [blocks[0]]
+    rows = peak_memory.main(["--smoke", "--out", str(tmp_path)])["rows"]
+    assert [r["method"] for r in rows] == ["sdpa_causal", "nsa_flex"]
