@@ -180,13 +180,13 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     d = stride
     s, full, tail = _groups(T, block_size, d)
     q_t, out_t, do_t = (x.transpose(1, 2) for x in (q, out, do))
-    # a copy unless do already has out's [B, T, H, Dv] storage: cuDNN then gets do folded with out's strides
-    do_t = do_t.contiguous()
     acc = torch.promote_types(k.dtype, torch.float32)
     dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     dq = None
     if full:
-        folded = [_fold_rows(x, s, full, d) for x in (do_t, q_t, out_t)]
+        # do is copied unless it already has out's [B, T, H, Dv] storage: cuDNN then gets it folded with out's
+        # strides
+        folded = [_fold_rows(x, s, full, d) for x in (do_t.contiguous(), q_t, out_t)]
         lse_m = _fold_rows(lse.transpose(1, 2).unsqueeze(-1), s, full, d)  # cuDNN's [B, d*H, full, 1]
         keys = [_repeat_keys(x, full, d) for x in (k, v)]
         # The offsets in `parts` calls: cuDNN's float32 workspace (twice q's size for one call) and its dq
@@ -205,7 +205,7 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                 dq = q.new_empty(B, T, H, D)
             _fold_rows(dq, s, full, d)[:, rows] = dq_p  # a view of the fresh, contiguous dq
             del dq_p
-    del do_t
+        del folded  # with it the copy of do, if one was made
     if dq is None:
         dq = q.new_empty(B, T, H, D)
     dq[:, :s] = 0
