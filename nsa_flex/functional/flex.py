@@ -162,7 +162,7 @@ def flex(
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
-        enable_small_block_kernels()  # inside a trace it must already be installed (SparseAttention does)
+        enable_small_block_kernels()  # a no-op after the install on import (below)
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         # Inside a user's torch.compile the call is traced into their graph and fused there.
         if q.device.type == "cuda":

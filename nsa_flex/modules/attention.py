@@ -112,9 +112,6 @@ class SparseAttention(nn.Module):
         scale: Optional[float] = None,
     ):
         super().__init__()
-        if torch.cuda.is_available():
-            # Outside any trace, so a later torch.compile(model) finds the 64-token-block kernels installed.
-            F.enable_small_block_kernels()
         kv_heads = check_head_layout(dim, dim_head, heads, kv_heads, use_rotary, scale)
         positive_int("sliding_window_size", sliding_window_size)
         positive_int("compress_block_size", compress_block_size)
