@@ -78,6 +78,16 @@ def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
     return out
 
 
+def bench_inputs(T: int, shape: dict, kind: str, layout: str, device, dtype) -> tuple:
+    """``q, k, v, gates`` of :func:`nsa_inputs` stored as ``layout`` says (``bthd``: ``[B, T, H, D]`` storage
+    viewed ``[B, H, T, D]``, as projections give it; ``bhtd``: contiguous), and one fixed ``do`` in q's layout."""
+    q, k, v, g = nsa_inputs(T, **shape, kind=kind, device=device, dtype=dtype)
+    if layout == "bthd":
+        q, k, v, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
+    do = torch.empty_like(q).copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)))
+    return q, k, v, g, do
+
+
 def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
     """Our forward, stage by stage (each timed on its own, inputs from the previous stage)."""
     cfg = PAPER_NSA
@@ -168,11 +178,7 @@ def main(argv=None) -> dict:
     for config, shape in configs.items():
         for inputs in args.inputs:
             for T in seq_lens:
-                q, k, v, g = nsa_inputs(T, **shape, kind=inputs, device=device, dtype=dtype)
-                if args.layout == "bthd":
-                    q, k, v, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
-                do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-                do = torch.empty_like(q).copy_(do)  # q's layout
+                q, k, v, g, do = bench_inputs(T, shape, inputs, args.layout, device, dtype)
                 for name, fn in methods(fla if shape["heads"] // shape["kv_heads"] >= 16 else None).items():
                     if args.methods and name not in args.methods:
                         continue

@@ -22,10 +22,8 @@ from typing import Callable
 
 import torch
 
-from nsa_flex.testing import nsa_inputs
-
 from .common import RESULTS, environment, save
-from .nsa import CONFIGS, load_fla, methods
+from .nsa import CONFIGS, bench_inputs, load_fla, methods
 
 OURS = ("nsa_flex", "bench")  # path fragments of frames worth naming
 
@@ -103,10 +101,7 @@ def main(argv=None) -> dict:
         device, dtype, T, shape = torch.device("cuda"), torch.bfloat16, args.seq_len, CONFIGS[args.config]
     env = environment()
     print(env, flush=True)
-    q, k, v, g = nsa_inputs(T, **shape, kind=args.inputs, device=device, dtype=dtype)
-    if args.layout == "bthd":
-        q, k, v, g = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
-    do = torch.empty_like(q).normal_(generator=torch.Generator(device).manual_seed(1))
+    q, k, v, g, do = bench_inputs(T, shape, args.inputs, args.layout, device, dtype)
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
     fla = load_fla() if "fla_nsa" in args.methods and not args.smoke else None
     rows = []
