@@ -16,7 +16,7 @@ def cases(draw):
     return dict(B=draw(st.integers(1, 2)), G=G, Hkv=draw(st.integers(1, 2)) if G < 16 else 1,
                 T=draw(st.integers(1, 130)), D=draw(st.sampled_from([16, 24])), Dv=draw(st.sampled_from([16, 8])),
                 block=draw(st.sampled_from([16, 32])), n=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**16)),
-                token_major=draw(st.booleans()))
+                token_major=draw(st.booleans()), forced=draw(st.booleans()))
 
 
 def _problem(case, device):
@@ -28,6 +28,9 @@ def _problem(case, device):
     S = -(-T // bs)
     # Any block index, also repeated, later than the token or -1: the kernel must mask what the mask masks.
     idx = torch.randint(-1, S, (B, Hkv, T, n), generator=gen)
+    if case["forced"]:  # NSA's forced blocks: the first and the token's own, listed alike by neighbouring tokens
+        idx[..., 0] = 0
+        idx[..., -1] = torch.arange(T) // bs
     do = torch.randn(B, G * Hkv, T, Dv, generator=gen)
     if case["token_major"]:  # [B, T, H, D] storage, as an attention layer's projections give it
         q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do))
