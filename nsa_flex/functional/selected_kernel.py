@@ -77,11 +77,14 @@ def _rows_like(q: Tensor, width: Optional[int], dtype: Optional[torch.dtype] = N
 
 
 _CHUNK = 256  # tokens per dk/dv program
-_DKV_ROWS = 64  # query rows per dk/dv step: the G rows of 64 // G tokens
+_DKV_ROWS = 64  # query rows per dk/dv step: the G rows of 64 // G tokens, unpadded (G = 4: 16 tokens)
 # Launch settings, the best of num_warps in {2, 4, 8} x num_stages in {1, 2, 3} at 64k tokens in the paper
 # configuration on an H100 (docs/results/kernel_tune_h100.log): a token's G x block tile needs few warps. The
 # dk/dv step's rows and launch: the best of {32, 64, 128} rows x {4, 8} warps x {2, 3} stages
 # (docs/results/selected_dkv_rows_h100_session11.log; backward 39.3 ms with one token per step, 36.7 with four).
+# Rows were padded to 16 per token until the twelfth session; unpadded, the backward at G = 4 (the LM of
+# bench.train_lm, B=16, T=4096) went 4.60 -> 3.60 ms and at G = 1 (B=4, T=8192, 16 heads) 18.0 -> 11.9 ms
+# (docs/results/selected_dkv_unpadded_h100_session12.log).
 _FWD_LAUNCH = dict(num_warps=2, num_stages=2)
 _DQ_LAUNCH = dict(num_warps=2, num_stages=2)
 _DKV_LAUNCH = dict(num_warps=4, num_stages=2)
@@ -109,7 +112,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     S = counts.shape[-1]
     selected_dkv_kernel[(B * Hkv * S, triton.cdiv(T, _CHUNK))](
         q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, *strides, *dk.stride(), *dv.stride(),
-        T, Hkv, S, scale, CHUNK=_CHUNK, TB=max(1, _DKV_ROWS // meta["GP"]), **meta, **_DKV_LAUNCH)
+        T, Hkv, S, scale, CHUNK=_CHUNK, ROWS=max(_DKV_ROWS, meta["GP"]), **meta, **_DKV_LAUNCH)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -254,7 +257,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, DK, DV_, OFFSETS, COUNTS, TOKENS,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, scale,
-        CHUNK: tl.constexpr, TB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
     ):
         seg = tl.program_id(0)  # (b, h, block)
@@ -276,14 +279,16 @@ if triton is not None:
                         mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
             dk = tl.zeros((BS, DP), tl.float32)
             dvb = tl.zeros((BS, DVP), tl.float32)
-            # TB tokens per step, their G query rows each stacked into one TB * GP row tile: a tile of one
-            # token's 16 rows left the tensor cores mostly idle
-            r = tl.arange(0, TB * GP)
-            g = r % GP
+            # TB tokens per step, their G query rows stacked into one ROWS-row tile with no padding between
+            # tokens: a tile of one token's rows (16, or G padded to 16) left the tensor cores mostly idle
+            TB: tl.constexpr = ROWS // G
+            r = tl.arange(0, ROWS)
+            slot = r // G  # the row's token among the step's TB
+            g = r % G
             head = h * G + g
             for i in range(lo, hi, TB):
-                row_ok = (i + r // GP < hi) & (g < G)
-                t = tl.load(TOKENS + first + i + r // GP, mask=row_ok, other=0)
+                row_ok = (slot < TB) & (i + slot < hi)
+                t = tl.load(TOKENS + first + i + slot, mask=row_ok, other=0)
                 q, do, lse = _token_rows(Q, DO, LSE, b, head, t, row_ok, sqb, sqh, sqt, sqd, sdob, sdoh, sdot,
                                          sdod, slb, slh, slt, DP, D, DVP, DV)
                 delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=row_ok, other=0.0)
