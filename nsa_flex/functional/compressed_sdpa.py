@@ -8,8 +8,9 @@ gives it), the ``d`` offsets of a row are ``d * H`` consecutive head vectors: a 
 ``d * H`` heads and one row per group of ``d`` tokens, head ``r*H + h`` on kv head ``r*Hkv + h // G`` (keys
 repeated ``d`` times, small: ``T / d`` rows). cuDNN runs it as one causal GQA attention and writes its output
 in the same layout, which is again the tokens in order. Around that: tokens ``t < l - 1`` see nothing
-(``o = 0``, ``lse = -inf``), and the last ``(T - l + 1) % d`` tokens (a partial group) see every key, a few
-rows done in float32 by :func:`attention_math`.
+(``o = 0``, ``lse = -inf``), and the last ``(T - l + 1) % d`` tokens (a partial group) see every key: a
+second, non-causal cuDNN call of a few rows (until the twelfth session a float32 torch path of about ten
+kernels each way, a fixed cost that showed at short contexts).
 
 cuDNN runs this at the rate of dense causal attention; FlexAttention over the compressed mask was about half
 as fast, and its dk/dv backward had only ``Tc / 128`` tiles per kv head to spread over the GPU (64k tokens,
@@ -90,30 +91,30 @@ def _repeat_keys(x: Tensor, rows: int, stride: int) -> Tensor:
     return x[:, :, :rows].unsqueeze(1).expand(B, stride, Hkv, rows, E).reshape(B, stride * Hkv, rows, E)
 
 
-def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Causal (top-left, square) GQA attention on cuDNN: ``(out, lse [B, H, L, 1] float32)``."""
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """GQA attention on cuDNN, top-left causal (square) or full: ``(out, lse [B, H, L, 1] float32)``."""
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+        q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
     return out, lse
 
 
-def _cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                    causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     seed = offset = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: never read
-    L = q.shape[2]
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, out, lse, seed, offset, None, None, None, L, L, 0.0, True, scale=scale)
+        do, q, k, v, out, lse, seed, offset, None, None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
 
 
-# The folded causal attention; tests replace these with float64 math on CPU to check everything around them.
-causal_forward, causal_backward = _cudnn_forward, _cudnn_backward
+# The attention calls (the folded causal one and the partial group's full one); tests replace these with
+# float64 math (:func:`attention_math`, :func:`attention_math_backward`) to check everything around them on CPU.
+attention_forward, attention_backward = _cudnn_forward, _cudnn_backward
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """Explicit GQA attention ``(out, lse [B, H, L, 1])`` in float32 (float64 stays float64), top-left causal
-    or full. For a few rows (the partial last group) and as the CPU stand-in for cuDNN in tests. Its backward
-    is written out (:func:`attention_math_backward`) because autograd records nothing inside a custom op's
-    kernel, so :mod:`.dense`'s autograd-based path cannot serve here."""
+    or full: the CPU stand-in for cuDNN in tests. Its backward is written out (:func:`attention_math_backward`)
+    because autograd records nothing inside a custom op's kernel, so :mod:`.dense`'s autograd-based path
+    cannot serve here."""
     s, vr = _scores(q, k, v, scale, causal)
     lse = s.logsumexp(-1, keepdim=True)
     return (s - lse).exp().matmul(vr).to(q.dtype), lse
@@ -155,12 +156,14 @@ def _compressed_cudnn(q: Tensor, k: Tensor, v: Tensor, block_size: int, stride: 
     out[:, :s] = 0
     lse[:, :, :s] = float("-inf")
     if full:
-        o_m, lse_m = causal_forward(_fold_rows(q_t, s, full, d), _repeat_keys(k, full, d), _repeat_keys(v, full, d),
-                                    scale)
+        o_m, lse_m = attention_forward(_fold_rows(q_t, s, full, d), _repeat_keys(k, full, d),
+                                       _repeat_keys(v, full, d), scale, causal=True)
         out[:, s:s + full * d] = _unfold_rows(o_m, d)
         lse[:, :, s:s + full * d] = _unfold_rows(lse_m.reshape(B, d * H, full, 1), d).squeeze(-1).transpose(1, 2)
     if tail:
-        o_t, lse_t = attention_math(q[:, :, T - tail:], k, v, scale, causal=False)
+        # a few rows, copied: cuDNN's backward returned wrong dv for these rows as strided views of
+        # [B, T, H, D] storage (H100, torch 2.11; the folded call's views are fine)
+        o_t, lse_t = attention_forward(q[:, :, T - tail:].contiguous(), k, v, scale, causal=False)
         out[:, T - tail:] = o_t.transpose(1, 2)
         lse[:, :, T - tail:] = lse_t.squeeze(-1)
     return out.transpose(1, 2), lse
@@ -197,8 +200,8 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         qh, kh = d * H // parts, d * k.shape[1] // parts
         for part in range(parts):
             rows, kv = slice(part * qh, (part + 1) * qh), slice(part * kh, (part + 1) * kh)
-            dq_p, dk_p, dv_p = causal_backward(*(x[:, rows] for x in folded[:2]), *(x[:, kv] for x in keys),
-                                               folded[2][:, rows], lse_m[:, rows].contiguous(), scale)
+            dq_p, dk_p, dv_p = attention_backward(*(x[:, rows] for x in folded[:2]), *(x[:, kv] for x in keys),
+                                                  folded[2][:, rows], lse_m[:, rows].contiguous(), scale, causal=True)
             dk[:, :, :full] += dk_p.unflatten(1, (d // parts, -1)).sum(1, dtype=acc)
             dv[:, :, :full] += dv_p.unflatten(1, (d // parts, -1)).sum(1, dtype=acc)
             if dq is None:
@@ -211,8 +214,9 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dq[:, :s] = 0
     if tail:
         rows = slice(T - tail, T)
-        dq_t, dk_t, dv_t = attention_math_backward(do[:, :, rows], q[:, :, rows], k, v, out[:, :, rows],
-                                                   lse[:, :, rows, None], scale, causal=False)
+        dq_t, dk_t, dv_t = attention_backward(*(x[:, :, rows].contiguous() for x in (do, q)), k, v,
+                                              out[:, :, rows].contiguous(), lse[:, :, rows, None].contiguous(),
+                                              scale, causal=False)
         dq[:, rows] = dq_t.transpose(1, 2)
         dk += dk_t
         dv += dv_t

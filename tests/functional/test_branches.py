@@ -11,11 +11,9 @@ from nsa_flex.functional import compressed_sdpa
 
 
 def _math_in_place_of_cudnn(monkeypatch):
-    """The folded causal attention as float64 math, so everything around cuDNN is checked on CPU."""
-    monkeypatch.setattr(compressed_sdpa, "causal_forward",
-                        lambda q, k, v, scale: compressed_sdpa.attention_math(q, k, v, scale, causal=True))
-    monkeypatch.setattr(compressed_sdpa, "causal_backward",
-                        lambda *args: compressed_sdpa.attention_math_backward(*args, causal=True))
+    """The cuDNN calls as float64 math, so everything around them is checked on CPU."""
+    monkeypatch.setattr(compressed_sdpa, "attention_forward", compressed_sdpa.attention_math)
+    monkeypatch.setattr(compressed_sdpa, "attention_backward", compressed_sdpa.attention_math_backward)
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 300), G=st.sampled_from([1, 2, 16]), Hkv=st.integers(1, 2),
