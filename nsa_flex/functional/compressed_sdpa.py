@@ -106,42 +106,8 @@ def _cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 
 # The attention calls (the folded causal one and the partial group's full one); tests replace these with
-# float64 math (:func:`attention_math`, :func:`attention_math_backward`) to check everything around them on CPU.
+# float64 math (``nsa_flex.testing.reference.attention_math``) to check everything around them on CPU.
 attention_forward, attention_backward = _cudnn_forward, _cudnn_backward
-
-
-def attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Explicit GQA attention ``(out, lse [B, H, L, 1])`` in float32 (float64 stays float64), top-left causal
-    or full: the CPU stand-in for cuDNN in tests. Its backward is written out (:func:`attention_math_backward`)
-    because autograd records nothing inside a custom op's kernel, so :mod:`.dense`'s autograd-based path
-    cannot serve here."""
-    s, vr = _scores(q, k, v, scale, causal)
-    lse = s.logsumexp(-1, keepdim=True)
-    return (s - lse).exp().matmul(vr).to(q.dtype), lse
-
-
-def attention_math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                            causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_math` from its output and lse: ``(dq, dk, dv)``."""
-    s, vr = _scores(q, k, v, scale, causal)
-    p = (s - lse).exp()
-    do32 = do.to(p.dtype)
-    ds = p * (do32.matmul(vr.transpose(-1, -2)) - (do32 * out.to(p.dtype)).sum(-1, keepdim=True))
-    G = q.shape[1] // k.shape[1]
-    dq = ds.matmul(k.to(p.dtype).repeat_interleave(G, 1)) * scale
-    dk = (ds.transpose(-1, -2).matmul(q.to(p.dtype)) * scale).unflatten(1, (-1, G)).sum(2)
-    dv = p.transpose(-1, -2).matmul(do32).unflatten(1, (-1, G)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _scores(q, k, v, scale, causal):
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    G = q.shape[1] // k.shape[1]
-    kr, vr = (x.to(dtype).repeat_interleave(G, 1) for x in (k, v))
-    s = q.to(dtype).matmul(kr.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return s, vr
 
 
 @torch.library.custom_op("nsa_flex::compressed_cudnn", mutates_args=())
