@@ -5,12 +5,14 @@ and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compr
 
 1. ``p = exp(scale * q . k_cmp - lse)`` for the chunk's compressed keys (``lse`` from the compressed branch, so
    the probabilities are recomputed, never stored), zero where a compressed block is not yet complete;
-2. summed over the group's ``G`` rows, then folded into selection-block scores with the banded overlap weights
-   ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L`` before it,
-   which belong to the previous block (within the chunk a shift, across chunks a carried column);
+2. summed over the group's ``G`` rows, then through a small per-program scratch row (this step's sums after
+   the previous step's last selection block) folded into selection-block scores with the banded overlap
+   weights ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L``
+   before it, which belong to the previous block (read from the row shifted by one selection block);
 3. ranked as int64 keys (forced blocks above every score, then score bits, then the reversed block index, so ties
-   go to the lower block as in :func:`select_blocks`) and merged into a running top-``n`` (a bitonic top-k of
-   the running list and the step's keys, side by side in a small per-program scratch row).
+   go to the lower block as in :func:`select_blocks`) and merged into a running top-``n`` held in registers
+   (the step's keys sorted, folded into the ascending running list by an elementwise maximum, which leaves a
+   bitonic sequence of the ``n`` largest, then one bitonic merge).
 
 Memory is the ``[B, Hkv, T, n]`` output and the scratch rows (both linear in ``T``); HBM traffic is reading
 ``q``, ``k_cmp`` and ``lse`` (the unfused path wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). The kernel
@@ -91,9 +93,8 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     NP = next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
     grid = (math.ceil(T / BT), B * Hkv)
-    W2 = next_pow2(NP + CH)
-    # per program, BT rows of [running top-n | this step's keys | -1 padding]: linear in T (64 MiB at 64k)
-    scratch = torch.empty(grid[0] * grid[1] * BT * W2, dtype=torch.long, device=q.device)
+    # per program, BT rows of [previous step's last r sums | this step's CH * r sums]: linear in T (68 MiB at 64k)
+    scratch = torch.empty(grid[0] * grid[1] * BT * (r + CH * r), dtype=torch.float32, device=q.device)
     wrap(block_topk_kernel)[grid](
         q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
@@ -101,7 +102,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32, W2=W2, LOG2E=LOG2E,
+        IEEE=q.dtype == torch.float32, LOG2E=LOG2E,
         num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,  # 8 once the logits tile reaches 128 x 128
     )
     return out
@@ -141,6 +142,40 @@ if triton is not None:
         """The block of a :func:`ranking_keys` key, ``-1`` for a ``-1`` key."""
         return tl.where(key >= 0, S - 1 - (key & ((1 << INDEX_BITS) - 1)), -1)
 
+    @triton.constexpr_function
+    def _log2(x):
+        return x.bit_length() - 1
+
+    @triton.constexpr_function
+    def _hypercube(rows, log):
+        return [rows] + [2] * log
+
+    @triton.constexpr_function
+    def _axis_indicator(log, i):
+        return [1] * (1 + i) + [2] + [1] * (log - 1 - i)
+
+    @triton.jit
+    def block_sum(x, R: tl.constexpr):
+        """``[rows, m * R] -> [rows, m]``: sums of ``R`` adjacent columns as a tree of adjacent pairs, the order in
+        which a reduction over the dot's accumulator layout adds them (within a thread, then across lanes), so
+        the scores have the same float32 bits whichever layout they are folded in."""
+        for _ in tl.static_range(_log2(R)):
+            x = tl.sum(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)), axis=2)
+        return x
+
+    @triton.jit
+    def bitonic_merge(x, NP: tl.constexpr):
+        """Sort each row of ``x`` (``[rows, NP]``, every row bitonic) ascending: ``log2(NP)`` compare-exchange
+        rounds at halving distances, on the row viewed as a hypercube (the trick of ``tl.sort``)."""
+        LOG: tl.constexpr = _log2(NP)
+        h = tl.reshape(x, _hypercube(x.shape[0], LOG))
+        for i in tl.static_range(LOG):
+            # partner along axis 1 + i (distance NP >> (i + 1)): the xor of the pair, xor-ed back out
+            other = h ^ tl.xor_sum(h, 1 + i, keep_dims=True)
+            right = tl.reshape(tl.arange(0, 2), _axis_indicator(LOG, i)) == 1
+            h = tl.where((h > other) != right, other, h)  # the smaller of the pair on the left
+        return tl.reshape(h, x.shape)
+
     @triton.jit
     def block_topk_kernel(
         Q, K, LSE, W, OUT, SCRATCH,
@@ -149,8 +184,7 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         STRIDE: tl.constexpr, BLOCK: tl.constexpr, SEL: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
         CH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
-        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, W2: tl.constexpr,
-        LOG2E: tl.constexpr,
+        INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, LOG2E: tl.constexpr,
     ):
         BC: tl.constexpr = CH * R  # compressed keys per step
         pid_t = tl.program_id(0)
@@ -170,30 +204,33 @@ if triton is not None:
         lse = tl.load(LSE + b * slb + (h * G + row_g) * slh + row_pos * slt, mask=row_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
         qk_scale = scale * LOG2E
-        pos = pid_t * BT + tl.arange(0, BT)
+        tok = tl.arange(0, BT)
+        pos = pid_t * BT + tok
         own = pos // SEL
 
-        # overlap weights: own[i] = w[L + i] (compressed block i of the selection block), halo[i] = w[i - (R - L)]
-        # (the last L compressed blocks of a selection block reach into the next one)
-        i = tl.arange(0, R)
-        w_own = tl.load(W + L + i)
-        w_halo = tl.load(W + i - (R - L), mask=i >= R - L, other=0.0)
-        shift = (tl.arange(0, CH)[:, None] + 1) == tl.arange(0, CH)[None, :]  # [from, to]: to = from + 1
+        # overlap weights per compressed key of a step: own = w[L + i] for compressed block i of its selection
+        # block, halo = w[i - (R - L)] (the last L compressed blocks of a selection block reach into the next)
+        col = tl.arange(0, BC)
+        w_own = tl.load(W + L + col % R)
+        w_halo = tl.load(W + col % R - (R - L), mask=col % R >= R - L, other=0.0)
 
-        n = tl.arange(0, NP)
-        tok = tl.arange(0, BT)
-        scr = SCRATCH + ((tl.program_id(1) * tl.num_programs(0) + pid_t) * BT + tok[:, None]) * W2
-        tl.store(scr + tl.arange(0, W2)[None, :], tl.full((BT, W2), -1, tl.int64))
-        carry = tl.zeros((BT,), tl.float32)
+        # The group sums come out of the reduction replicated across the threads that held the group's rows;
+        # folding and ranking them there cost more than a round trip through the program's scratch rows, which
+        # hand them back compact. A row holds the previous step's last selection block, then this step's sums,
+        # so the halo of each block's predecessor is the same row read R columns to the left.
+        scr = SCRATCH + ((tl.program_id(1) * tl.num_programs(0) + pid_t) * BT + tok[:, None]) * (R + BC)
+        tl.store(scr + tl.arange(0, R)[None, :], tl.zeros((BT, R), tl.float32))
+        s_local = tl.arange(0, CH)
+        top = tl.full((BT, NP), -1, tl.int64)  # running top-n keys, ascending
         last = pid_t * BT + BT - 1
         last = tl.where(last < T, last, T - 1)
         num_chunks = (last // SEL) // CH + 1
         # chunks before this one hold only compressed blocks complete before the program's first token
         first_masked = ((pid_t * BT - BLOCK + 1) // STRIDE + 1) // BC
+        k_ptr = K + b * skb + h * skh + col[:, None] * skt + d[None, :] * skd
         for chunk in range(0, num_chunks):
-            c = chunk * BC + tl.arange(0, BC)
-            k = tl.load(K + b * skb + h * skh + c[:, None] * skt + d[None, :] * skd,
-                        mask=(c < Tc)[:, None] & (d < D)[None, :], other=0.0)
+            c = chunk * BC + col
+            k = tl.load(k_ptr + chunk * BC * skt, mask=(c < Tc)[:, None] & (d < D)[None, :], other=0.0)
             if IEEE:
                 logits = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -203,27 +240,20 @@ if triton is not None:
             if chunk >= first_masked:
                 p = tl.where(c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None], p, 0.0)
             p = tl.sum(tl.reshape(p, (BT, GP, BC)), axis=1)  # [BT, BC], summed over the group
-            p = tl.reshape(p, (BT, CH, R))
-            own_part = tl.sum(p * w_own[None, None, :], axis=2)  # [BT, CH]
-            halo = tl.sum(p * w_halo[None, None, :], axis=2)  # goes to the next selection block
-            moved = tl.sum(halo[:, :, None] * shift[None, :, :].to(tl.float32), axis=1)
-            s_local = tl.arange(0, CH)
-            scores = own_part + moved + tl.where(s_local[None, :] == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.where(s_local[None, :] == CH - 1, halo, 0.0), axis=1)
-
+            tl.store(scr + R + col[None, :], p)
+            tl.debug_barrier()  # the sums, and the previous step's last block, visible to the whole program
+            p = tl.load(scr + R + col[None, :])
+            before = tl.load(scr + col[None, :])  # shifted one selection block: the predecessor's sums
+            scores = block_sum(p * w_own[None, :], R) + block_sum(before * w_halo[None, :], R)
             s = chunk * CH + s_local
             key = ranking_keys(scores, s[None, :], own[:, None], S, NUM_INITIAL, NUM_LOCAL, INDEX_BITS, FORCED)
-            # The running top-n and this step's keys side by side in the program's scratch rows, one bitonic
-            # top-k of both. (Kept in registers, the loop-carried top-n made Triton 3.6's layout pass fail to
-            # compile the sort; picking n maxima one at a time compiled but was 5x slower at 64k.)
-            tl.store(scr + NP + s_local[None, :], key)
-            tl.debug_barrier()
-            both = tl.load(scr + tl.arange(0, W2)[None, :])
-            tl.debug_barrier()
-            tl.store(scr + n[None, :], tl.topk(both, NP))
-        tl.debug_barrier()
-        top = tl.load(scr + n[None, :])
+            # the step's n largest keys, descending, against the ascending running list: the pairwise maxima are
+            # the n largest of both, in bitonic order
+            top = bitonic_merge(tl.maximum(top, tl.topk(key, NP)), NP)
+            tl.debug_barrier()  # every row read before the last selection block moves to the front
+            tl.store(scr + col[None, :] - (BC - R), p, mask=col[None, :] >= BC - R)
 
-        index = block_index(top, S, INDEX_BITS)
+        index = block_index(tl.sort(top, descending=True), S, INDEX_BITS)
+        n = tl.arange(0, NP)
         tl.store(OUT + b * sob + h * soh + pos[:, None] * sot + n[None, :] * son, index,
                  mask=(pos < T)[:, None] & (n < N)[None, :])
