@@ -12,7 +12,10 @@
 #            kinds of input took 250 s on a warm H100, 16k about 130 s; on a fresh machine the tenth
 #            session's call only got through 64k random and one 16k row: split it with SEQ_LENS and INPUTS;
 #            in the eleventh, 64k random with METHODS="sdpa_causal nsa_flex fla_nsa" and PROFILE=--profile took
-#            385 s on a fresh machine, flex_causal added would not fit; CONFIGS=small for the second config)
+#            385 s on a fresh machine, flex_causal added would not fit; in the twelfth, 64k random and structured
+#            with those three methods and --profile took 426 s on a fresh machine, and SEQ_LENS="8192 16384
+#            32768" INPUTS=random METHODS="sdpa_causal nsa_flex" 227 s on a warm one; CONFIGS=small for the
+#            second config)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
