@@ -127,8 +127,9 @@ def _compressed_cudnn(q: Tensor, k: Tensor, v: Tensor, block_size: int, stride: 
         out[:, s:s + full * d] = _unfold_rows(o_m, d)
         lse[:, :, s:s + full * d] = _unfold_rows(lse_m.reshape(B, d * H, full, 1), d).squeeze(-1).transpose(1, 2)
     if tail:
-        # a few rows, copied: cuDNN's backward returned wrong dv for these rows as strided views of
-        # [B, T, H, D] storage (H100, torch 2.11; the folded call's views are fine)
+        # a few rows, given to cuDNN contiguous here and in the backward: as strided views of [B, T, H, D]
+        # storage its backward returned wrong dv for them (H100, torch 2.11; out, lse, dq, dk were right, and
+        # the folded call's views are fine)
         o_t, lse_t = attention_forward(q[:, :, T - tail:].contiguous(), k, v, scale, causal=False)
         out[:, T - tail:] = o_t.transpose(1, 2)
         lse[:, :, T - tail:] = lse_t.squeeze(-1)
