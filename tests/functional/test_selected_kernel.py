@@ -57,6 +57,17 @@ def test_kernels_equal_dense_selected_attention_with_gradients(triton_device, ca
         torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=2e-5, msg=name)
 
 
+@given(counts=st.lists(st.integers(0, 600), min_size=1, max_size=40), chunk=st.sampled_from([1, 16, 256]))
+def test_dkv_work_list_covers_every_chunk_once(counts, chunk):
+    from nsa_flex.functional.selected_kernel import _chunks
+
+    work = _chunks(torch.tensor(counts, dtype=torch.int32), sum(counts), chunk)
+    seg, first = work.tolist()
+    want = [(s, c) for s, count in enumerate(counts) for c in range(0, count, chunk)]
+    assert [(s, c) for s, c in zip(seg, first) if s >= 0] == want  # in segment order, each once
+    assert all(s == -1 and c == 0 for s, c in zip(seg[len(want):], first[len(want):]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["random", "structured"])
 def test_gpu_kernels_equal_flex_path_bf16_paper_config(kind, monkeypatch):
