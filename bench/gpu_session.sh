@@ -14,8 +14,10 @@
 #            in the eleventh, 64k random with METHODS="sdpa_causal nsa_flex fla_nsa" and PROFILE=--profile took
 #            385 s on a fresh machine, flex_causal added would not fit; in the twelfth, 64k random and structured
 #            with those three methods and --profile took 426 s on a fresh machine, and SEQ_LENS="8192 16384
-#            32768" INPUTS=random METHODS="sdpa_causal nsa_flex" 227 s on a warm one; CONFIGS=small for the
-#            second config)
+#            32768" INPUTS=random METHODS="sdpa_causal nsa_flex" 227 s on a warm one; in the thirteenth, 64k
+#            random with all four methods (no --profile) 566 s on a fresh machine (flex_causal's compile and
+#            autotune are most of it: run it alone with NSA_TIMEOUT=560), and CONFIGS=small INPUTS=random
+#            with three methods about 110 s warm)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
