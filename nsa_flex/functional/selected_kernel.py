@@ -113,10 +113,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
+    rows = max(_DKV_ROWS, meta.pop("GP"))  # the dk/dv tile stacks tokens' G rows unpadded: at least one token
     if work.shape[1]:
         selected_dkv_kernel[(work.shape[1],)](
             q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, work, *strides, *dk.stride(), *dv.stride(),
-            T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=max(_DKV_ROWS, meta["GP"]), **meta, **_DKV_LAUNCH)
+            T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=rows, **meta, **_DKV_LAUNCH)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -282,8 +283,8 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, DK, DV_, OFFSETS, COUNTS, TOKENS, WORK,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, W, scale,
-        CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-        DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+        CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
     ):
         seg = tl.load(WORK + tl.program_id(0))  # (b, h, block), -1 past the last chunk
         lo = tl.load(WORK + W + tl.program_id(0))
