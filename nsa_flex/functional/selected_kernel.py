@@ -11,7 +11,7 @@ FlexAttention runs NSA's selection branch over a BlockMask whose index lists tor
   tokens, a few at a time with their query rows stacked into one tile (lists from one sort of the O(T*n)
   (block, token) pairs), and accumulates the block's ``dk = ds^T q``,
   ``dv = p^T do`` in registers, added to float32 buffers once per chunk (block 0, which every token selects,
-  is split into ``T / 256`` chunks; atomics per token would serialize on it). The programs are exactly the
+  is split into ``T / 1024`` chunks; atomics per token would serialize on it). The programs are exactly the
   non-empty chunks, listed on the GPU (:func:`_chunks`; 64k tokens, paper configuration, H100: backward
   36.3 -> 34.2 ms against a grid with a program for every block and possible chunk, nearly all empty).
 
@@ -78,7 +78,10 @@ def _rows_like(q: Tensor, width: Optional[int], dtype: Optional[torch.dtype] = N
     return q.new_empty(B, H, T, *tail, dtype=dtype)
 
 
-_CHUNK = 256  # tokens per dk/dv program
+# Tokens per dk/dv program: 1024 against 256 took the backward at 64k tokens, paper configuration, H100, from
+# 34.5 to 32.8 ms on random inputs and 31.9 to 31.6 on structured ones, and was neutral at the LM's shapes
+# (docs/results/selected_dkv_chunk_sweep_h100_session14.log).
+_CHUNK = 1024
 _DKV_ROWS = 64  # query rows per dk/dv step: the G rows of 64 // G tokens, unpadded (G = 4: 16 tokens)
 # Launch settings, the best of num_warps in {2, 4, 8} x num_stages in {1, 2, 3} at 64k tokens in the paper
 # configuration on an H100 (docs/results/kernel_tune_h100.log): a token's G x block tile needs few warps. The

@@ -2,6 +2,8 @@
 dense path: outputs and gradients. On CUDA the kernels run compiled; on a CPU machine with triton installed,
 under Triton's interpreter (small shapes); without triton these tests skip."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -16,7 +18,8 @@ def cases(draw):
     return dict(B=draw(st.integers(1, 2)), G=G, Hkv=draw(st.integers(1, 2)) if G < 16 else 1,
                 T=draw(st.integers(1, 130)), D=draw(st.sampled_from([16, 24])), Dv=draw(st.sampled_from([16, 8])),
                 block=draw(st.sampled_from([16, 32])), n=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**16)),
-                token_major=draw(st.booleans()), forced=draw(st.booleans()))
+                token_major=draw(st.booleans()), forced=draw(st.booleans()),
+                chunk=draw(st.sampled_from([16, None])))  # dk/dv programs of 16 tokens: many chunks per block
 
 
 def _problem(case, device):
@@ -50,7 +53,9 @@ def test_kernels_equal_dense_selected_attention_with_gradients(triton_device, ca
 
     q, k, v, idx, do = _problem(case, triton_device)
     bs, scale = case["block"], case["D"] ** -0.5
-    got = _grads(lambda q, k, v: selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale), q, k, v, do)
+    chunk = case["chunk"] or selected_kernel._CHUNK
+    with mock.patch.object(selected_kernel, "_CHUNK", chunk):
+        got = _grads(lambda q, k, v: selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale), q, k, v, do)
     cpu = [x.cpu().double() for x in (q, k, v, do)]
     want = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx.cpu(), bs, scale), *cpu[:3], cpu[3])
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
