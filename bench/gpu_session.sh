@@ -4,7 +4,8 @@
 #   tests    the gpu-marked tests and the Triton kernel tests (six processes side by side; compilation is
 #            CPU-bound), ~8 min;
 #            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
-#            TEST_TIMEOUT (seconds, default 480) bounds each
+#            TEST_TIMEOUT (seconds, default 480) bounds each (tests/functional/test_gpu.py alone did not finish
+#            in 300 s: give its six fast_path cases their own processes, about 140 s for each 8192 one)
 #   train    examples/train_lm.py (nsa, dense, window; context 4096, ~21M tokens each) and examples/needle.py,
 #            all side by side on the one GPU: their losses and accuracies are the results, not their speed;
 #            then examples/generate.py with the trained NSA checkpoint; ~9 min
@@ -17,7 +18,9 @@
 #            32768" INPUTS=random METHODS="sdpa_causal nsa_flex" 227 s on a warm one; in the thirteenth, 64k
 #            random with all four methods (no --profile) 566 s on a fresh machine (flex_causal's compile and
 #            autotune are most of it: run it alone with NSA_TIMEOUT=560), and CONFIGS=small INPUTS=random
-#            with three methods about 110 s warm)
+#            with three methods about 110 s warm; in the fourteenth, all four at 64k random 527 s on a warm
+#            machine, then 64k structured with three methods and --profile 66 s: the compiled kernels are
+#            cached on the machine while it stays held)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
