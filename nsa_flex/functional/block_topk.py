@@ -4,7 +4,9 @@ One program takes ``BT`` tokens of one kv head, the ``G`` query heads of the gro
 and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compressed keys, ``r = l' / d``):
 
 1. ``p = exp(scale * q . k_cmp - lse)`` for the chunk's compressed keys (``lse`` from the compressed branch, so
-   the probabilities are recomputed, never stored), zero where a compressed block is not yet complete;
+   the probabilities are recomputed, never stored), zero where a compressed block is not yet complete; the
+   dot takes the keys as its rows and the query rows as its columns, which leaves a token's heads mostly in
+   one thread for the next step (64k tokens, paper configuration, H100: 9.2 -> 8.0 ms against query rows, 128 of them);
 2. summed over the group's ``G`` rows, then through a small per-program scratch row (this step's sums after
    the previous step's last selection block) folded into selection-block scores with the banded overlap
    weights ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L``
@@ -38,7 +40,12 @@ except ImportError:  # CPU-only installs: select_blocks never asks for the kerne
 # INDEX_BITS bits of reversed block index; forced blocks above every score.
 INDEX_BITS = 24
 FORCED_KEY = 1 << 62
-_ROWS = 128  # query rows (tokens x padded group) per program: one tensor-core tile
+# Query rows (tokens x padded group) per program: as many as keep a step's logits tile at 64 x 256 float32 (the
+# accumulator of 4 warps). 64k tokens, paper configuration (64 keys a step), H100, ms: 256 rows 7.17, 128 rows
+# 8.21, 64 rows 10.44; 8 warps 8.79 at 128 rows, 10.1 at 256; with n = 32 (128 keys a step) 128 rows 8.73, 256
+# rows 21.7 (docs/results/block_topk_transposed_h100_session15.log).
+_LOGITS = 64 * 256
+_MAX_ROWS = 256
 LOG2E = math.log2(math.e)
 _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
@@ -89,9 +96,9 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     if T == 0:
         return out
     GP = next_pow2(G)
-    BT = max(1, _ROWS // GP)
     NP = next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
+    BT = max(1, min(_MAX_ROWS, _LOGITS // (CH * r)) // GP)
     grid = (math.ceil(T / BT), B * Hkv)
     # per program, BT rows of [previous step's last r sums | this step's CH * r sums]: linear in T (68 MiB at 64k)
     scratch = torch.empty(grid[0] * grid[1] * BT * (r + CH * r), dtype=torch.float32, device=q.device)
@@ -103,7 +110,7 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
         IEEE=q.dtype == torch.float32, LOG2E=LOG2E,
-        num_warps=8 if GP * BT * CH * r >= 128 * 128 else 4,  # 8 once the logits tile reaches 128 x 128
+        num_warps=4,
     )
     return out
 
@@ -219,6 +226,7 @@ if triton is not None:
         # hand them back compact. A row holds the previous step's last selection block, then this step's sums,
         # so the halo of each block's predecessor is the same row read R columns to the left.
         scr = SCRATCH + ((tl.program_id(1) * tl.num_programs(0) + pid_t) * BT + tok[:, None]) * (R + BC)
+        scr_t = tl.trans(scr)  # the same rows, as the transposed sums come
         tl.store(scr + tl.arange(0, R)[None, :], tl.zeros((BT, R), tl.float32))
         s_local = tl.arange(0, CH)
         top = tl.full((BT, NP), -1, tl.int64)  # running top-n keys, ascending
@@ -231,16 +239,18 @@ if triton is not None:
         for chunk in range(0, num_chunks):
             c = chunk * BC + col
             k = tl.load(k_ptr + chunk * BC * skt, mask=(c < Tc)[:, None] & (d < D)[None, :], other=0.0)
+            # keys as the dot's rows: a thread then holds several of a token's G heads, so most of the group
+            # sum stays inside it (rows of query heads needed 3 shuffle rounds per value)
             if IEEE:
-                logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+                logits = tl.dot(k, tl.trans(q), input_precision="ieee")
             else:
-                logits = tl.dot(q, tl.trans(k))
+                logits = tl.dot(k, tl.trans(q))
             # float32 throughout (inductor may pass `scale` as a double)
-            p = tl.exp2((logits * qk_scale).to(tl.float32) - lse[:, None])
+            p = tl.exp2((logits * qk_scale).to(tl.float32) - lse[None, :])
             if chunk >= first_masked:
-                p = tl.where(c[None, :] * STRIDE + (BLOCK - 1) <= row_pos[:, None], p, 0.0)
-            p = tl.sum(tl.reshape(p, (BT, GP, BC)), axis=1)  # [BT, BC], summed over the group
-            tl.store(scr + R + col[None, :], p)
+                p = tl.where(c[:, None] * STRIDE + (BLOCK - 1) <= row_pos[None, :], p, 0.0)
+            p = tl.sum(tl.reshape(p, (BC, BT, GP)), axis=2)  # [BC, BT], summed over the group
+            tl.store(scr_t + R + col[:, None], p)
             tl.debug_barrier()  # the sums, and the previous step's last block, visible to the whole program
             p = tl.load(scr + R + col[None, :])
             before = tl.load(scr + col[None, :])  # shifted one selection block: the predecessor's sums
