@@ -135,11 +135,15 @@ def selected_attention(
     block_indices: Int[Tensor, "B Hkv T n"],
     block_size: int,
     scale: Optional[float] = None,
-) -> Float[Tensor, "B Hq T Dv"]:
+    return_query: bool = False,
+):
     """Attention over each token's selected key blocks (all ``G`` query heads of a kv head share them).
 
     Query ``t`` sees key ``j`` iff ``j // block_size`` is in ``block_indices[b, kv_head, t]`` and ``j <= t``
-    (``-1`` = unused slot). Gradients flow to ``q, k, v``; the indices are not differentiable.
+    (``-1`` = unused slot). Gradients flow to ``q, k, v``; the indices are not differentiable. Returns
+    ``out [B, Hq, T, Dv]``, or with ``return_query`` ``(out, q)``: where the kernels run, that ``q`` is a view
+    whose gradient (from other attention given it) the kernels' backward adds into their own ``dq`` in
+    place, sparing autograd a sum over a q-sized tensor; elsewhere it is ``q`` itself.
 
     On CUDA (see :func:`.selected_kernel.supported`) Triton kernels walk each token's block list; otherwise
     FlexAttention runs over a BlockMask built from the indices (GQA folded into query rows), or on CPU a
@@ -147,10 +151,21 @@ def selected_attention(
     """
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
-    G = Hq // Hkv
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if selected_kernel.supported(q, k, v, block_size):
-        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale)
+        # under torch.compile the compiler fuses the sum itself: no view to trace
+        pass_query = return_query and not torch.compiler.is_compiling()
+        out = selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, pass_query)
+        return out if pass_query or not return_query else (out, q)
+    out = _selected_attention_reference(q, k, v, block_indices, block_size, scale)
+    return (out, q) if return_query else out
+
+
+def _selected_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_size: int,
+                                  scale: float) -> Tensor:
+    """:func:`selected_attention` without the kernels: dense on CPU with gradients, FlexAttention otherwise."""
+    B, Hq, T = q.shape[:3]
+    G = Hq // k.shape[1]
     if needs_dense_path(q, k, v):
         mask = masks.fine_selection(block_indices, block_size, G)
         mask.check(T, T)

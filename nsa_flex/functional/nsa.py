@@ -87,8 +87,10 @@ def nsa_attention(
     q_fine, k_fine = (q, k) if fine_qk is None else fine_qk
     if fine_qk is not None and (q_fine.shape != q.shape or k_fine.shape != k.shape):
         raise ValueError(f"fine_qk must have the shapes of q and k, got {list(q_fine.shape)}, {list(k_fine.shape)}")
-    o_sel = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale)
-    o_win = sliding_window_attention(q_fine, k_fine, v, window_size, scale)
+    # the window branch takes the selected branch's q, whose kernels then sum the two gradients of q
+    o_sel, q_win = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale,
+                                      return_query=True)
+    o_win = sliding_window_attention(q_win, k_fine, v, window_size, scale)
     out = gate(gates, o_cmp, o_sel, o_win)
     if return_branches:
         return out, {"compressed": o_cmp, "selected": o_sel, "window": o_win, "block_indices": block_indices}

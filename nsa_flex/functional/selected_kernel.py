@@ -96,14 +96,16 @@ _DKV_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
-             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` in the inputs' dtypes (``dk, dv`` accumulated in float32)."""
+             scale: float, dq_other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtypes (``dk, dv`` accumulated in float32). ``dq_other``, another
+    gradient of ``q`` (q's shape and dtype), is added into by the dq kernel and returned as ``dq``: one pass over
+    a q-sized tensor instead of a separate sum."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     meta = _meta(q, v, Hkv, block_size)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q) if dq_other is None else dq_other
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if q.numel() == 0:
@@ -112,7 +114,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     delta = _rows_like(q, None, torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride())
     selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, *strides, *o.stride(), *idx.stride(),
-                                     *dq.stride(), Hkv, idx.shape[-1], scale, **meta, **_DQ_LAUNCH)
+                                     *dq.stride(), Hkv, idx.shape[-1], scale, ADD=dq_other is not None, **meta,
+                                     **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
@@ -166,29 +169,39 @@ def _chunks(counts: Tensor, pairs: int, chunk: int) -> Tensor:
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, block_size, scale):
+    def forward(ctx, q, k, v, idx, block_size, scale, pass_query):
         o, lse = forward(q, k, v, idx, block_size, scale)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.block_size, ctx.scale = block_size, scale
+        if pass_query:  # q goes out again (as a view): other attention's gradients of it come back here
+            ctx.set_materialize_grads(False)
+            return o, q
         return o
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dq_other=None):
         q, k, v, idx, o, lse = ctx.saved_tensors
-        dq, dk, dv = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None
+        if do is None:  # only the passed-on q was used
+            return dq_other, None, None, None, None, None, None
+        if dq_other is not None and (dq_other.dtype != q.dtype or dq_other.stride() != q.stride()):
+            # a buffer of q's layout to add into (in nsa_attention the window's dq already has it)
+            dq_other = torch.empty_like(q).copy_(dq_other)
+        dq, dk, dv = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale, dq_other)
+        return dq, dk, dv, None, None, None, None
 
 
 def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
                               v: Float[Tensor, "B Hkv T Dv"], block_indices: Int[Tensor, "B Hkv T n"],
-                              block_size: int, scale: float) -> Float[Tensor, "B Hq T Dv"]:
+                              block_size: int, scale: float, pass_query: bool = False):
     """:func:`selected_attention`'s output (and gradients) from the kernels; ``block_size`` a power of two >= 16.
 
-    A block listed twice for a token counts once (the list is a set, as in ``fine_selection``)."""
+    A block listed twice for a token counts once (the list is a set, as in ``fine_selection``). With ``pass_query``, returns ``(out, q_view)``: attention that takes ``q_view`` for ``q`` has its gradient
+    of ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass of its
+    own (1 GiB read twice and written at 64k tokens, paper configuration)."""
     idx = block_indices.sort(dim=-1).values
     idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
     idx = idx.to(torch.int32)
-    return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale))
+    return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale), pass_query)
 
 
 if triton is not None:
@@ -256,7 +269,7 @@ if triton is not None:
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd, Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr,
     ):
         t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
@@ -278,8 +291,10 @@ if triton is not None:
                                    sin, BS, DP, D, DVP, DV)
             p, ds = _probs(q, do, k, v, lse, delta, ok[None, :] & rows, scale, IEEE)
             dq += (_dot(ds.to(k.dtype), k, IEEE) * scale).to(tl.float32)  # inductor may pass a double scale
-        tl.store(DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd,
-                 dq.to(DQ.dtype.element_ty), mask=rows & (d < D)[None, :])
+        dq_ptr = DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd
+        if ADD:  # another branch's gradient of q, summed into in place
+            dq += tl.load(dq_ptr, mask=rows & (d < D)[None, :], other=0.0).to(tl.float32)
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rows & (d < D)[None, :])
 
     @triton.jit
     def selected_dkv_kernel(

@@ -19,7 +19,8 @@ def cases(draw):
                 T=draw(st.integers(1, 130)), D=draw(st.sampled_from([16, 24])), Dv=draw(st.sampled_from([16, 8])),
                 block=draw(st.sampled_from([16, 32])), n=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**16)),
                 token_major=draw(st.booleans()), forced=draw(st.booleans()),
-                chunk=draw(st.sampled_from([16, None])))  # dk/dv programs of 16 tokens: many chunks per block
+                chunk=draw(st.sampled_from([16, None])),  # dk/dv programs of 16 tokens: many chunks per block
+                pass_query=draw(st.booleans()))  # q handed on to other math, its gradient summed by the dq kernel
 
 
 def _problem(case, device):
@@ -54,10 +55,25 @@ def test_kernels_equal_dense_selected_attention_with_gradients(triton_device, ca
     q, k, v, idx, do = _problem(case, triton_device)
     bs, scale = case["block"], case["D"] ** -0.5
     chunk = case["chunk"] or selected_kernel._CHUNK
+
+    def plus_other_use(attention):
+        """``attention``'s output, plus (with ``pass_query``) a function of the q it hands on, as the window
+        branch of nsa_attention uses it: dq then sums both gradients."""
+        def fn(q, k, v):
+            if not case["pass_query"]:
+                return attention(q, k, v)
+            o, q_on = attention(q, k, v, return_query=True)
+            return o + q_on.square().mean(-1, keepdim=True)
+        return fn
+
+    def kernel(q, k, v, return_query=False):
+        return selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale, pass_query=return_query)
+
     with mock.patch.object(selected_kernel, "_CHUNK", chunk):
-        got = _grads(lambda q, k, v: selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale), q, k, v, do)
+        got = _grads(plus_other_use(kernel), q, k, v, do)
     cpu = [x.cpu().double() for x in (q, k, v, do)]
-    want = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx.cpu(), bs, scale), *cpu[:3], cpu[3])
+    want = _grads(plus_other_use(lambda q, k, v, **kw: F.selected_attention(q, k, v, idx.cpu(), bs, scale, **kw)),
+                  *cpu[:3], cpu[3])
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=2e-5, msg=name)
 
