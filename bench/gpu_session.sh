@@ -20,7 +20,9 @@
 #            autotune are most of it: run it alone with NSA_TIMEOUT=560), and CONFIGS=small INPUTS=random
 #            with three methods about 110 s warm; in the fourteenth, all four at 64k random 527 s on a warm
 #            machine, then 64k structured with three methods and --profile 66 s: the compiled kernels are
-#            cached on the machine while it stays held)
+#            cached on the machine while it stays held; in the fifteenth, all four at 64k random 242 s on a
+#            machine that had compiled our step, SEQ_LENS="8192 16384 32768" INPUTS=random METHODS="sdpa_causal
+#            nsa_flex" 257 s, and a fresh machine's first 64k NSA step compiles for about 190 s)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
