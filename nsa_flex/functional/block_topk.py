@@ -6,7 +6,8 @@ and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compr
 1. ``p = exp(scale * q . k_cmp - lse)`` for the chunk's compressed keys (``lse`` from the compressed branch, so
    the probabilities are recomputed, never stored), zero where a compressed block is not yet complete; the
    dot takes the keys as its rows and the query rows as its columns, which leaves a token's heads mostly in
-   one thread for the next step (64k tokens, paper configuration, H100: 9.2 -> 8.0 ms against query rows, 128 of them);
+   one thread for the next step (64k tokens, paper configuration, H100: 9.2 -> 8.0 ms against query rows,
+   128 of them);
 2. summed over the group's ``G`` rows, then through a small per-program scratch row (this step's sums after
    the previous step's last selection block) folded into selection-block scores with the banded overlap
    weights ``w`` (:func:`overlap_pattern`): each selection block's own ``r`` compressed blocks, plus the ``L``

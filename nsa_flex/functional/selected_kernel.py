@@ -195,9 +195,10 @@ def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B 
                               block_size: int, scale: float, pass_query: bool = False):
     """:func:`selected_attention`'s output (and gradients) from the kernels; ``block_size`` a power of two >= 16.
 
-    A block listed twice for a token counts once (the list is a set, as in ``fine_selection``). With ``pass_query``, returns ``(out, q_view)``: attention that takes ``q_view`` for ``q`` has its gradient
-    of ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass of its
-    own (1 GiB read twice and written at 64k tokens, paper configuration)."""
+    A block listed twice for a token counts once (the list is a set, as in ``fine_selection``). With
+    ``pass_query``, returns ``(out, q_view)``: attention that takes ``q_view`` for ``q`` has its gradient of
+    ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass of its own
+    (1 GiB read twice and written at 64k tokens, paper configuration)."""
     idx = block_indices.sort(dim=-1).values
     idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
     idx = idx.to(torch.int32)
