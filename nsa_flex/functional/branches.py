@@ -101,11 +101,14 @@ def compressed_attention(
     stride: int,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    return_query: bool = False,
 ):
     """Attention over compressed keys: query ``t`` sees compressed key ``c`` iff ``c*stride + block_size - 1 <= t``.
 
     ``Tc`` may be 0 (``T < block_size``): the output is then all zeros (and ``lse = -inf``). Rows that see no
-    compressed key yet (``t < block_size - 1``) give exactly 0. Returns ``out`` or ``(out, lse [B, Hq, T])``.
+    compressed key yet (``t < block_size - 1``) give exactly 0. Returns ``out`` or ``(out, lse [B, Hq, T])``,
+    with ``return_query`` one more item, ``q``: on the cuDNN path a view whose gradient (from other attention
+    given it) the backward adds its own ``dq`` into in place, as :func:`selected_attention`'s; elsewhere ``q``.
 
     On CUDA in fp16/bf16 (see :func:`.compressed_sdpa.supported`) the stride is folded into the heads and the
     branch is one causal cuDNN attention (:mod:`.compressed_sdpa`); otherwise FlexAttention over the
@@ -118,14 +121,18 @@ def compressed_attention(
         # No compressed key at all; keep the graph connected so gradients are zeros, not None.
         out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + 0 * (q.sum() + k_cmp.sum() + v_cmp.sum())
         lse = q.new_full((B, Hq, T), float("-inf"))
-        return (out, lse) if return_lse else out
-    if compressed_sdpa.supported(q, k_cmp, v_cmp, block_size, stride):
+    elif compressed_sdpa.supported(q, k_cmp, v_cmp, block_size, stride):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        out, lse = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
-        return (out, lse) if return_lse else out
-    mod = compressed_causal_mod(block_size, stride)
-    key = ("compressed", block_size, stride)
-    return _attend(q, k_cmp, v_cmp, mod, lambda: _static_block_mask(key, mod, T, Tc, q.device), scale, return_lse)
+        out, lse, *passed = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block_size, stride, scale,
+                                                                       return_query)
+        q = passed[0] if return_query else q
+    else:
+        mod = compressed_causal_mod(block_size, stride)
+        key = ("compressed", block_size, stride)
+        res = _attend(q, k_cmp, v_cmp, mod, lambda: _static_block_mask(key, mod, T, Tc, q.device), scale, return_lse)
+        out, lse = res if return_lse else (res, None)
+    extra = ((lse,) if return_lse else ()) + ((q,) if return_query else ())
+    return (out, *extra) if extra else out
 
 
 def selected_attention(

@@ -57,12 +57,23 @@ def compressed_attention_cudnn(
     block_size: int,
     stride: int,
     scale: float,
-) -> tuple[Float[Tensor, "B Hq T Dv"], Float[Tensor, "B Hq T"]]:
+    return_query: bool = False,
+):
     """``(out, lse)`` of the compressed-causal attention through the fold above (``T >= block_size``,
     ``Tc = ceil((T - l + 1) / d)``; gradients to q, k, v; ``lse`` float32, not differentiable). ``q`` is
-    copied to ``[B, T, H, D]`` storage unless it has it; ``out`` and the gradient of ``q`` have that storage."""
+    copied to ``[B, T, H, D]`` storage unless it has it; ``out`` and the gradient of ``q`` have that storage.
+
+    With ``return_query``, ``(out, lse, q_view)``: called eagerly, ``q_view`` is ``q`` as an output of this
+    branch's autograd node, so the gradient of ``q`` from attention given ``q_view`` comes back here and the
+    backward adds cuDNN's ``dq`` into it in place, where it would copy that ``dq`` into a fresh tensor and
+    autograd would then sum the two (two passes over q-sized tensors fewer: 1 GiB each at 64k tokens, paper
+    configuration). Inside ``torch.compile`` it is ``q`` (the compiler fuses the sum)."""
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    return torch.ops.nsa_flex.compressed_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
+    if not return_query:
+        return torch.ops.nsa_flex.compressed_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
+    if torch.compiler.is_compiling():
+        return (*torch.ops.nsa_flex.compressed_cudnn(q, k_cmp, v_cmp, block_size, stride, scale), q)
+    return _CompressedPassingQuery.apply(q, k_cmp, v_cmp, block_size, stride, scale)
 
 
 def _groups(T: int, block_size: int, stride: int) -> tuple[int, int, int]:
@@ -146,13 +157,21 @@ def _(q, k, v, block_size, stride, scale):
 @torch.library.custom_op("nsa_flex::compressed_cudnn_backward", mutates_args=())
 def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                block_size: int, stride: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, out, lse, block_size, stride, scale)
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_size: int, stride: int,
+              scale: float, dq_into: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``; with ``dq_into`` (q's shape and dtype, ``[B, T, H, D]``-contiguous storage) the
+    gradient of ``q`` is added into it, which is returned as ``dq``."""
     B, H, T, D = q.shape
     d = stride
     s, full, tail = _groups(T, block_size, d)
     q_t, out_t, do_t = (x.transpose(1, 2) for x in (q, out, do))
     acc = torch.promote_types(k.dtype, torch.float32)
     dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-    dq = None
+    add = dq_into is not None
+    dq = dq_into.transpose(1, 2) if add else None
     if full:
         # do is copied unless it already has out's [B, T, H, Dv] storage: cuDNN then gets it folded with out's
         # strides
@@ -173,21 +192,29 @@ def _compressed_cudnn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
             dv[:, :, :full] += dv_p.unflatten(1, (d // parts, -1)).sum(1, dtype=acc)
             if dq is None:
                 dq = q.new_empty(B, T, H, D)
-            _fold_rows(dq, s, full, d)[:, rows] = dq_p  # a view of the fresh, contiguous dq
+            _write(_fold_rows(dq, s, full, d)[:, rows], dq_p, add)  # a view of dq's contiguous storage
             del dq_p
         del folded  # with it the copy of do, if one was made
     if dq is None:
         dq = q.new_empty(B, T, H, D)
-    dq[:, :s] = 0
+    if not add:
+        dq[:, :s] = 0
     if tail:
         rows = slice(T - tail, T)
         dq_t, dk_t, dv_t = attention_backward(*(x[:, :, rows].contiguous() for x in (do, q)), k, v,
                                               out[:, :, rows].contiguous(), lse[:, :, rows, None].contiguous(),
                                               scale, causal=False)
-        dq[:, rows] = dq_t.transpose(1, 2)
+        _write(dq[:, rows], dq_t.transpose(1, 2), add)
         dk += dk_t
         dv += dv_t
     return dq.transpose(1, 2), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _write(into: Tensor, x: Tensor, add: bool) -> None:
+    if add:
+        into.add_(x)
+    else:
+        into.copy_(x)
 
 
 @_compressed_cudnn_backward.register_fake
@@ -202,10 +229,32 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, do, _dlse):
+def _op_backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     return (*torch.ops.nsa_flex.compressed_cudnn_backward(do, q, k, v, out, lse, ctx.block_size, ctx.stride,
                                                           ctx.scale), None, None, None)
 
 
-_compressed_cudnn.register_autograd(_backward, setup_context=_setup_context)
+_compressed_cudnn.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _CompressedPassingQuery(torch.autograd.Function):
+    """The op above, eagerly, with ``q`` passed on as an output (see :func:`compressed_attention_cudnn`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_size, stride, scale):
+        out, lse = torch.ops.nsa_flex.compressed_cudnn(q, k, v, block_size, stride, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (block_size, stride, scale)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse, q
+
+    @staticmethod
+    def backward(ctx, do, _dlse, dq_other):
+        q, k, v, out, lse = ctx.saved_tensors
+        if do is None:  # only the passed-on q was used
+            return dq_other, None, None, None, None, None
+        if dq_other is not None and (dq_other.dtype != q.dtype or not dq_other.transpose(1, 2).is_contiguous()):
+            dq_other = torch.empty_like(q).copy_(dq_other)  # q's [B, T, H, D] storage, to add into
+        return (*_backward(do, q, k, v, out, lse, *ctx.args, dq_into=dq_other), None, None, None)

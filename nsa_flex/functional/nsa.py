@@ -81,13 +81,16 @@ def nsa_attention(
             raise ValueError(f"compress must return [B, Hkv, Tc, D] = [{B}, {k.shape[1]}, {Tc}, *] for {name}, "
                              f"got {list(x.shape)}")
 
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, compress_block_size, compress_stride, scale, return_lse=True)
+    if fine_qk is not None and (fine_qk[0].shape != q.shape or fine_qk[1].shape != k.shape):
+        raise ValueError(f"fine_qk must have the shapes of q and k, got {list(fine_qk[0].shape)}, "
+                         f"{list(fine_qk[1].shape)}")
+    # q goes from branch to branch (compressed -> selected -> window) as each one's passed-on view, so in the
+    # backward each branch adds its gradient of q into the next one's instead of autograd summing them
+    o_cmp, lse, q_next = compressed_attention(q, k_cmp, v_cmp, compress_block_size, compress_stride, scale,
+                                              return_lse=True, return_query=True)
     block_indices = select_blocks(q, k_cmp, compress_block_size, compress_stride, selection_block_size,
                                   num_selected, num_initial, num_local, scale, lse=lse.detach())
-    q_fine, k_fine = (q, k) if fine_qk is None else fine_qk
-    if fine_qk is not None and (q_fine.shape != q.shape or k_fine.shape != k.shape):
-        raise ValueError(f"fine_qk must have the shapes of q and k, got {list(q_fine.shape)}, {list(k_fine.shape)}")
-    # the window branch takes the selected branch's q, whose kernels then sum the two gradients of q
+    q_fine, k_fine = (q_next, k) if fine_qk is None else fine_qk
     o_sel, q_win = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale,
                                       return_query=True)
     o_win = sliding_window_attention(q_win, k_fine, v, window_size, scale)

@@ -19,11 +19,14 @@ def _math_in_place_of_cudnn(monkeypatch):
 
 @given(B=st.integers(1, 2), T=st.integers(1, 300), G=st.sampled_from([1, 2, 16]), Hkv=st.integers(1, 2),
        stride=st.sampled_from([1, 4, 8, 16]), ratio=st.sampled_from([1, 2, 3]), layout=st.sampled_from(["bhtd", "bthd"]),
-       seed=st.integers(0, 2**16))
-def test_folded_compressed_attention_equals_dense(B, T, G, Hkv, stride, ratio, layout, seed):
+       pass_query=st.sampled_from([None, "bthd", "bhtd", "unused"]), seed=st.integers(0, 2**16))
+def test_folded_compressed_attention_equals_dense(B, T, G, Hkv, stride, ratio, layout, pass_query, seed):
     """The stride folded into the heads (token ``l - 1 + i*d + r`` -> causal row ``i`` of head ``r*H + h``),
     the partial last group and the rows that see nothing: outputs, lse and gradients equal the dense
-    compressed-causal attention, in float64 with float64 math in place of cuDNN, for either storage of q."""
+    compressed-causal attention, in float64 with float64 math in place of cuDNN, for either storage of q.
+    With ``pass_query`` the branch also hands q on, and the gradient coming back through that view (laid out
+    as q's storage, or not, so it is first copied) is added into the branch's own; "unused": the branch's
+    output gets no gradient, only the passed-on q does."""
     block = stride * ratio
     assume(T >= block)
     gen = torch.Generator().manual_seed(seed)
@@ -32,18 +35,30 @@ def test_folded_compressed_attention_equals_dense(B, T, G, Hkv, stride, ratio, l
     q = (q if layout == "bhtd" else q.transpose(1, 2)).requires_grad_()
     k, v = (torch.randn(B, Hkv, T, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     k_cmp, v_cmp = (F.mean_pool(x, block, stride).requires_grad_() for x in (k, v))
+    # another use of the passed-on q: a weighted sum whose gradient is `w`, stored as drawn
+    w = torch.randn((B, T, G * Hkv, 8) if pass_query == "bthd" else (B, G * Hkv, T, 8), generator=gen,
+                    dtype=torch.float64)
+    w = w.transpose(1, 2) if pass_query == "bthd" else w
     with pytest.MonkeyPatch.context() as patch:
         _math_in_place_of_cudnn(patch)
-        out, lse = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block, stride, 0.3)
+        if pass_query is None:
+            out, lse = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block, stride, 0.3)
+        else:
+            out, lse, q_view = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block, stride, 0.3,
+                                                                          return_query=True)
+            assert torch.equal(q_view, q)
         do = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        grads = torch.autograd.grad(out, (q, k_cmp, v_cmp), do)
+        loss = (out * do).sum() if pass_query != "unused" else 0
+        loss = loss + (q_view * w).sum() if pass_query is not None else loss
+        grads = torch.autograd.grad(loss, (q, k_cmp, v_cmp), allow_unused=True, materialize_grads=True)
     ref, ref_lse = testing.dense_attention(q, k_cmp, v_cmp, masks.compressed_causal(block, stride), scale=0.3,
                                            return_lse=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     seen = ref_lse > float("-inf")
     torch.testing.assert_close(lse[seen].double(), ref_lse[seen], rtol=0, atol=1e-12)
-    want = torch.autograd.grad(ref, (q, k_cmp, v_cmp), do)
+    want = torch.autograd.grad(ref, (q, k_cmp, v_cmp), do if pass_query != "unused" else torch.zeros_like(do))
+    want = (want[0] + (w if pass_query is not None else 0), *want[1:])
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), grads, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
 
