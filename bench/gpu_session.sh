@@ -22,7 +22,10 @@
 #            machine, then 64k structured with three methods and --profile 66 s: the compiled kernels are
 #            cached on the machine while it stays held; in the fifteenth, all four at 64k random 242 s on a
 #            machine that had compiled our step, SEQ_LENS="8192 16384 32768" INPUTS=random METHODS="sdpa_causal
-#            nsa_flex" 257 s, and a fresh machine's first 64k NSA step compiles for about 190 s)
+#            nsa_flex" 257 s, and a fresh machine's first 64k NSA step compiles for about 190 s; in the
+#            sixteenth, all four at 64k random 379 s on a machine that had compiled our step, then structured
+#            with three methods and --profile plus CONFIGS=small with three methods 156 s, and 8k-32k with
+#            two methods 240 s on a fresh machine)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)

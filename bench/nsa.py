@@ -190,11 +190,15 @@ def main(argv=None) -> dict:
                                 row["fwd_peak_bytes"] = peak_memory(lambda: fn(q, k, v, g))
                         leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
 
-                        def step():
+                        def step():  # as a training step after optimizer.zero_grad(): no sum into .grad
+                            for x in leaves:
+                                x.grad = None
                             fn(*leaves).backward(do)
 
                         row["fwd_bwd_ms"] = timer(step)
                         if device.type == "cuda":
+                            for x in leaves:  # the peak counts this step's gradients, not the last one's
+                                x.grad = None
                             row["fwd_bwd_peak_bytes"] = peak_memory(step)
                         if name == "nsa_flex":
                             row["stages_ms"] = stage_breakdown(q, k, v, g, timer)
