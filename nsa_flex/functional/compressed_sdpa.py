@@ -58,7 +58,7 @@ def compressed_attention_cudnn(
     stride: int,
     scale: float,
     return_query: bool = False,
-):
+) -> tuple[Tensor, ...]:
     """``(out, lse)`` of the compressed-causal attention through the fold above (``T >= block_size``,
     ``Tc = ceil((T - l + 1) / d)``; gradients to q, k, v; ``lse`` float32, not differentiable). ``q`` is
     copied to ``[B, T, H, D]`` storage unless it has it; ``out`` and the gradient of ``q`` have that storage.
@@ -211,6 +211,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
 
 
 def _write(into: Tensor, x: Tensor, add: bool) -> None:
+    """``into += x`` or ``into[...] = x``."""
     if add:
         into.add_(x)
     else:
