@@ -159,12 +159,9 @@ def selected_attention(
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not selected_kernel.supported(q, k, v, block_size):
-        out = _selected_attention_reference(q, k, v, block_indices, block_size, scale)
-    elif return_query and not torch.compiler.is_compiling():  # compiled, the compiler fuses the sum itself
-        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, True)
-    else:
-        out = selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale)
+    if selected_kernel.supported(q, k, v, block_size):
+        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, return_query)
+    out = _selected_attention_reference(q, k, v, block_indices, block_size, scale)
     return (out, q) if return_query else out
 
 

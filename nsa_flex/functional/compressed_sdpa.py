@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .query_passing import gradient_to_add_into
+
 
 def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int) -> bool:
     """Whether :func:`compressed_attention_cudnn` can run on cuDNN: CUDA with cuDNN attention enabled
@@ -67,7 +69,7 @@ def compressed_attention_cudnn(
     branch's autograd node, so the gradient of ``q`` from attention given ``q_view`` comes back here and the
     backward adds cuDNN's ``dq`` into it in place, where it would copy that ``dq`` into a fresh tensor and
     autograd would then sum the two (two passes over q-sized tensors fewer: 1 GiB each at 64k tokens, paper
-    configuration). Inside ``torch.compile`` it is ``q`` (the compiler fuses the sum)."""
+    configuration; :mod:`.query_passing`). Inside ``torch.compile`` it is ``q`` (the compiler fuses the sum)."""
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     if not return_query:
         return torch.ops.nsa_flex.compressed_cudnn(q, k_cmp, v_cmp, block_size, stride, scale)
@@ -256,6 +258,5 @@ class _CompressedPassingQuery(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if do is None:  # only the passed-on q was used
             return dq_other, None, None, None, None, None
-        if dq_other is not None and (dq_other.dtype != q.dtype or not dq_other.transpose(1, 2).is_contiguous()):
-            dq_other = torch.empty_like(q).copy_(dq_other)  # q's [B, T, H, D] storage, to add into
+        dq_other = gradient_to_add_into(dq_other, q)  # with q's strides: the [B, T, H, D] storage _backward needs
         return (*_backward(do, q, k, v, out, lse, *ctx.args, dq_into=dq_other), None, None, None)

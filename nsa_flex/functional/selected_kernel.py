@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .block_topk import next_pow2
+from .query_passing import gradient_to_add_into
 
 try:
     import triton
@@ -183,9 +184,7 @@ class _SelectedAttention(torch.autograd.Function):
         q, k, v, idx, o, lse = ctx.saved_tensors
         if do is None:  # only the passed-on q was used
             return dq_other, None, None, None, None, None, None
-        if dq_other is not None and (dq_other.dtype != q.dtype or dq_other.stride() != q.stride()):
-            # a buffer of q's layout to add into (in nsa_attention the window's dq already has it)
-            dq_other = torch.empty_like(q).copy_(dq_other)
+        dq_other = gradient_to_add_into(dq_other, q)
         dq, dk, dv = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale, dq_other)
         return dq, dk, dv, None, None, None, None
 
@@ -196,12 +195,15 @@ def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B 
     """:func:`selected_attention`'s output (and gradients) from the kernels; ``block_size`` a power of two >= 16.
 
     A block listed twice for a token counts once (the list is a set, as in ``fine_selection``). With
-    ``pass_query``, returns ``(out, q_view)``: attention that takes ``q_view`` for ``q`` has its gradient of
-    ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass of its own
-    (1 GiB read twice and written at 64k tokens, paper configuration)."""
+    ``pass_query``, returns ``(out, q_view)``: called eagerly, attention that takes ``q_view`` for ``q`` has its
+    gradient of ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass
+    of its own (1 GiB read twice and written at 64k tokens, paper configuration; :mod:`.query_passing`).
+    Inside ``torch.compile`` ``q_view`` is ``q`` (the compiler fuses the sum)."""
     idx = block_indices.sort(dim=-1).values
     idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
     idx = idx.to(torch.int32)
+    if pass_query and torch.compiler.is_compiling():
+        return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale), False), q
     return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale), pass_query)
 
 
