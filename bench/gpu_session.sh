@@ -25,7 +25,8 @@
 #            nsa_flex" 257 s, and a fresh machine's first 64k NSA step compiles for about 190 s; in the
 #            sixteenth, all four at 64k random 379 s on a machine that had compiled our step, then structured
 #            with three methods and --profile plus CONFIGS=small with three methods 156 s, and 8k-32k with
-#            two methods 240 s on a fresh machine)
+#            two methods 240 s on a fresh machine; in the seventeenth, all four at 64k random 363 s warm, then
+#            structured (three methods, --profile), small (three) and 8k-32k (two) in one call 304 s)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
@@ -40,6 +41,9 @@
 # Wheels the GPU image lacks travel in the git-ignored .whl/ (name it in the device tool's `carry`); make them
 # here with: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #   --platform manylinux2014_x86_64 -d .whl fla-core jaxtyping wadler_lindig hypothesis sortedcontainers attrs
+# and cudnn-frontend (the window branch on cuDNN; without it the window runs on FlexAttention), manylinux_2_27:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#   --platform manylinux_2_27_x86_64 -d .whl nvidia-cudnn-frontend==1.16.0
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 phase=${1:-}

@@ -23,7 +23,7 @@ from ..masks.mask import build_block_mask
 from ..masks.static import sliding_window_mod
 from .._checks import positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
-from . import compressed_sdpa, selected_kernel
+from . import compressed_sdpa, selected_kernel, window_cudnn
 from .flex import flex, needs_dense_path
 
 # FlexAttention tile for the static (window, compressed) masks; 128 has valid forward and backward kernels.
@@ -86,9 +86,16 @@ def sliding_window_attention(
     window_size: int,
     scale: Optional[float] = None,
 ) -> Float[Tensor, "B Hq T Dv"]:
-    """Causal sliding-window attention: query ``t`` sees keys ``t - w < j <= t``."""
+    """Causal sliding-window attention: query ``t`` sees keys ``t - w < j <= t``.
+
+    On CUDA with cudnn-frontend installed (fp16/bf16, see :func:`.window_cudnn.supported`) one banded cuDNN
+    attention; otherwise FlexAttention over the window mask, or on CPU with gradients the dense path.
+    """
     _, _, _, T = check_qkv(q, k, v)
     positive_int("window_size", window_size)
+    cudnn_scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if window_cudnn.supported(q, k, v, window_size, cudnn_scale):
+        return window_cudnn.sliding_window_attention_cudnn(q, k, v, window_size, cudnn_scale)
     mod = sliding_window_mod(window_size)
     return _attend(q, k, v, mod, lambda: _static_block_mask(("window", window_size), mod, T, T, q.device), scale, False)
 
@@ -143,6 +150,7 @@ def selected_attention(
     block_size: int,
     scale: Optional[float] = None,
     return_query: bool = False,
+    gate: Optional[Float[Tensor, "B Hq T"]] = None,
 ):
     """Attention over each token's selected key blocks (all ``G`` query heads of a kv head share them).
 
@@ -150,7 +158,9 @@ def selected_attention(
     (``-1`` = unused slot). Gradients flow to ``q, k, v``; the indices are not differentiable. Returns
     ``out [B, Hq, T, Dv]``, or with ``return_query`` ``(out, q)``: where the kernels run, that ``q`` is a view
     whose gradient (from other attention given it) the kernels' backward adds into their own ``dq`` in
-    place, sparing autograd a sum over a q-sized tensor; elsewhere it is ``q`` itself.
+    place, sparing autograd a sum over a q-sized tensor; elsewhere it is ``q`` itself. With ``gate`` the output
+    is ``gate[..., None] * out`` (NSA's gating; gradients to the gate as well), which the kernels fuse: their
+    backward reads the gated output's gradient and never writes the ungated one's.
 
     On CUDA (see :func:`.selected_kernel.supported`) Triton kernels walk each token's block list; otherwise
     FlexAttention runs over a BlockMask built from the indices (GQA folded into query rows), or on CPU a
@@ -158,10 +168,15 @@ def selected_attention(
     """
     B, Hq, Hkv, T = check_qkv(q, k, v)
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
+    if gate is not None:
+        tensor("gate", gate, ndim=3, floating=True, shape=(B, Hq, T))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if selected_kernel.supported(q, k, v, block_size):
-        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, return_query)
+        return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, return_query,
+                                                         gate)
     out = _selected_attention_reference(q, k, v, block_indices, block_size, scale)
+    if gate is not None:
+        out = gate[..., None].to(out.dtype) * out
     return (out, q) if return_query else out
 
 

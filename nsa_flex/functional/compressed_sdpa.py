@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .query_passing import gradient_to_add_into
+from .query_passing import add_into, gradient_to_add_into
 
 
 def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int) -> bool:
@@ -41,11 +41,11 @@ def supported(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: 
     T = q.shape[2]
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v_cmp.shape[-1]
             and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and T >= block_size
-            and k_cmp.shape[2] == -(-(T - block_size + 1) // stride) and _cudnn_attention_ready(q.device.index))
+            and k_cmp.shape[2] == -(-(T - block_size + 1) // stride) and cudnn_attention_ready(q.device.index))
 
 
 @torch._dynamo.assume_constant_result  # evaluated once while tracing, not traced into
-def _cudnn_attention_ready(device_index: Optional[int]) -> bool:
+def cudnn_attention_ready(device_index: Optional[int]) -> bool:
     return (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
             and not (torch.are_deterministic_algorithms_enabled()
                      and not torch.is_deterministic_algorithms_warn_only_enabled())
@@ -215,7 +215,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
 def _write(into: Tensor, x: Tensor, add: bool) -> None:
     """``into += x`` or ``into[...] = x``."""
     if add:
-        into.add_(x)
+        add_into(into, x)
     else:
         into.copy_(x)
 

@@ -91,18 +91,21 @@ def nsa_attention(
     block_indices = select_blocks(q, k_cmp, compress_block_size, compress_stride, selection_block_size,
                                   num_selected, num_initial, num_local, scale, lse=lse.detach())
     q_fine, k_fine = (q_next, k) if fine_qk is None else fine_qk
+    # The selected branch applies its own gate (fused into its kernels) unless its ungated output is asked for
+    gate_selected = not return_branches
     o_sel, q_win = selected_attention(q_fine, k_fine, v, block_indices, selection_block_size, scale,
-                                      return_query=True)
+                                      return_query=True, gate=gates[..., 1] if gate_selected else None)
     o_win = sliding_window_attention(q_win, k_fine, v, window_size, scale)
-    out = gate(gates, o_cmp, o_sel, o_win)
+    out = gate(gates, o_cmp, o_sel, o_win, selected_gated=gate_selected)
     if return_branches:
         return out, {"compressed": o_cmp, "selected": o_sel, "window": o_win, "block_indices": block_indices}
     return out
 
 
 def gate(gates: Float[Tensor, "B Hq T 3"], o_cmp: Float[Tensor, "B Hq T Dv"], o_sel: Float[Tensor, "B Hq T Dv"],
-         o_win: Float[Tensor, "B Hq T Dv"]) -> Float[Tensor, "B Hq T Dv"]:
-    """``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``, in the branches' dtype.
+         o_win: Float[Tensor, "B Hq T Dv"], selected_gated: bool = False) -> Float[Tensor, "B Hq T Dv"]:
+    """``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win``, in the branches' dtype; with ``selected_gated``,
+    ``o_sel`` is already ``g_sel * o_sel`` (``selected_attention(..., gate=g_sel)``) and is added as it is.
 
     Called eagerly on CUDA it runs as two compiled kernels, one each way (64k tokens, paper config, H100: the
     five elementwise passes over ``[B, Hq, T, Dv]`` tensors and their backward took the forward from 82.1 to
@@ -111,44 +114,53 @@ def gate(gates: Float[Tensor, "B Hq T 3"], o_cmp: Float[Tensor, "B Hq T Dv"], o_
     token-major without a copy (left to the compiler, the gradients came out ``[B, H, T, D]``-contiguous).
     """
     if o_cmp.is_cuda and not torch.compiler.is_compiling():
-        return _Gate.apply(gates, o_cmp, o_sel, o_win)
-    return _gate(gates, o_cmp, o_sel, o_win)
+        return _Gate.apply(gates, o_cmp, o_sel, o_win, selected_gated)
+    return _gate(gates, o_cmp, o_sel, o_win, selected_gated)
 
 
-def _gate(gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor) -> Tensor:
+def _gate(gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor, selected_gated: bool) -> Tensor:
     g = gates.to(o_cmp.dtype)
-    return g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win
+    sel = o_sel if selected_gated else g[..., 1:2] * o_sel
+    return g[..., 0:1] * o_cmp + sel + g[..., 2:3] * o_win
 
 
-def _gate_into(out: Tensor, gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor) -> None:
-    out.copy_(_gate(gates, o_cmp, o_sel, o_win))
+def _gate_into(out: Tensor, gates: Tensor, o_cmp: Tensor, o_sel: Tensor, o_win: Tensor, selected_gated: bool) -> None:
+    out.copy_(_gate(gates, o_cmp, o_sel, o_win, selected_gated))
 
 
-def _gate_backward_into(d_cmp: Tensor, d_sel: Tensor, d_win: Tensor, gates: Tensor, o_cmp: Tensor, o_sel: Tensor,
-                        o_win: Tensor, dy: Tensor) -> Tensor:
+def _gate_backward_into(grads: list[Tensor], gates: Tensor, outputs: list[Tensor], columns: tuple[int, ...],
+                        dy: Tensor) -> Tensor:
+    """Writes ``g_i * dy`` into ``grads`` for the gate columns ``columns`` (their branch outputs ``outputs``);
+    returns the gates' gradient, zero in the other column."""
     g = gates.to(dy.dtype)
-    for i, (d, o) in enumerate(((d_cmp, o_cmp), (d_sel, o_sel), (d_win, o_win))):
+    dg = [torch.zeros_like(gates[..., 0], dtype=torch.float32)] * 3
+    for d, o, i in zip(grads, outputs, columns):
         d.copy_(g[..., i:i + 1] * dy)
-    dg = torch.stack([(dy.float() * o.float()).sum(-1) for o in (o_cmp, o_sel, o_win)], dim=-1)
-    return dg.to(gates.dtype)
+        dg[i] = (dy.float() * o.float()).sum(-1)
+    return torch.stack(dg, dim=-1).to(gates.dtype)
 
 
 class _Gate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates, o_cmp, o_sel, o_win):
+    def forward(ctx, gates, o_cmp, o_sel, o_win, selected_gated):
         out = torch.empty_like(o_cmp)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one compile per shape, as flex
-            _compiled(_gate_into)(out, gates, o_cmp, o_sel, o_win)
-        ctx.save_for_backward(gates, o_cmp, o_sel, o_win)
+            _compiled(_gate_into)(out, gates, o_cmp, o_sel, o_win, selected_gated)
+        ctx.selected_gated = selected_gated
+        # a gated selected output needs nothing saved: its gradient is dy (the gate's is the branch's business)
+        ctx.save_for_backward(gates, o_cmp, o_win, *(() if selected_gated else (o_sel,)))
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        gates, o_cmp, o_sel, o_win = ctx.saved_tensors
-        grads = [torch.empty_like(o) for o in (o_cmp, o_sel, o_win)]
+        gates, o_cmp, o_win, *o_sel = ctx.saved_tensors
+        columns = (0, 2) if ctx.selected_gated else (0, 2, 1)
+        outputs = [o_cmp, o_win, *o_sel]
+        grads = [torch.empty_like(o) for o in outputs]
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            dg = _compiled(_gate_backward_into)(*grads, gates, o_cmp, o_sel, o_win, dy)
-        return (dg, *grads)
+            dg = _compiled(_gate_backward_into)(grads, gates, outputs, columns, dy)
+        d_cmp, d_win, *d_sel = grads
+        return dg, d_cmp, dy if ctx.selected_gated else d_sel[0], d_win, None
 
 
 @functools.lru_cache(maxsize=None)

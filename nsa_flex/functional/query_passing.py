@@ -9,10 +9,13 @@ next branch's gradient of ``q`` then arrives at the previous branch's Function, 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .flex import RECOMPILE_LIMIT
 
 
 def gradient_to_add_into(dq_other: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
@@ -21,3 +24,19 @@ def gradient_to_add_into(dq_other: Optional[Tensor], q: Tensor) -> Optional[Tens
     if dq_other is None or (dq_other.dtype == q.dtype and dq_other.stride() == q.stride()):
         return dq_other
     return torch.empty_like(q).copy_(dq_other)
+
+
+def add_into(into: Tensor, x: Tensor) -> None:
+    """``into += x``; on CUDA compiled, since ``into`` is often a strided view (the compressed branch adds its
+    ``dq`` into the folded view of q's gradient), where torch's add runs its generic, unvectorized kernel
+    (64k tokens, paper configuration, H100: the step 0.5-0.9 ms faster with the compiled add)."""
+    if into.is_cuda and not torch.compiler.is_compiling():
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            _compiled_add()(into, x)
+    else:
+        into.add_(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_add():
+    return torch.compile(lambda into, x: into.add_(x), dynamic=False)

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .block_topk import next_pow2
+from .layout import rows_like
 from .query_passing import gradient_to_add_into
 
 try:
@@ -54,29 +55,26 @@ def _meta(q: Tensor, v: Tensor, k_heads: int, block_size: int) -> dict:
                 BS=block_size, IEEE=q.dtype == torch.float32)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32)``; rows that see no key give ``o = 0``, ``lse = -inf``."""
+def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float,
+            gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32, gated)``; rows that see no key give ``o = 0``,
+    ``lse = -inf``. With ``gate [B, Hq, T]``, ``gated = gate[..., None] * o`` (written by the same kernel), else
+    ``None``."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
-    o = _rows_like(q, v.shape[-1])
-    lse = _rows_like(q, None, torch.float32)
+    o = rows_like(q, v.shape[-1])
+    lse = rows_like(q, None, torch.float32)
+    gated = None if gate is None else torch.empty_like(o)
     if o.numel():
         selected_fwd_kernel[(T, B * Hkv)](
-            q, k, v, idx, o, lse, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
-            *lse.stride(), Hkv, idx.shape[-1], scale, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
-    return o, lse
+            q, k, v, idx, o, lse, gate, gated, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
+            *lse.stride(), *_gate_strides(gate), Hkv, idx.shape[-1], scale, GATED=gate is not None,
+            **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
+    return o, lse, gated
 
 
-def _rows_like(q: Tensor, width: Optional[int], dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty ``[B, H, T, width]`` (``[B, H, T]`` for ``None``) stored token-major (``[B, T, H, ...]``) when
-    ``q`` is, as an attention layer's projections give it: the kernels then read and write a token's ``G``
-    heads as one contiguous run, and gradients summed with the other branches' need no layout change."""
-    B, H, T = q.shape[:3]
-    tail = () if width is None else (width,)
-    dtype = q.dtype if dtype is None else dtype
-    if q.stride(1) < q.stride(2):
-        return q.new_empty(B, T, H, *tail, dtype=dtype).transpose(1, 2)
-    return q.new_empty(B, H, T, *tail, dtype=dtype)
+def _gate_strides(gate: Optional[Tensor]) -> tuple[int, int, int]:
+    return (0, 0, 0) if gate is None else gate.stride()
 
 
 # Tokens per dk/dv program: 1024 against 256 took the backward at 64k tokens, paper configuration, H100, from
@@ -97,10 +95,12 @@ _DKV_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
-             scale: float, dq_other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` in the inputs' dtypes (``dk, dv`` accumulated in float32). ``dq_other``, another
+             scale: float, dq_other: Optional[Tensor] = None,
+             gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(dq, dk, dv, dgate)`` in the inputs' dtypes (``dk, dv`` accumulated in float32). ``dq_other``, another
     gradient of ``q`` (q's shape and dtype), is added into by the dq kernel and returned as ``dq``: one pass over
-    a q-sized tensor instead of a separate sum."""
+    a q-sized tensor instead of a separate sum. With ``gate``, ``do`` is the gradient of ``gate[..., None] * o``:
+    the kernels scale its rows as they load them, and ``dgate = rowsum(do * o)`` (else ``None``)."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     meta = _meta(q, v, Hkv, block_size)
@@ -109,23 +109,26 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     dq = torch.empty_like(q) if dq_other is None else dq_other
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    dgate = None if gate is None else rows_like(q, None, torch.float32)
     if q.numel() == 0:
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else torch.zeros_like(gate)
     # rowsum(do * o), the softmax backward's correction: written by the dq kernel, read by the dk/dv kernel
-    delta = _rows_like(q, None, torch.float32)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride())
-    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, *strides, *o.stride(), *idx.stride(),
-                                     *dq.stride(), Hkv, idx.shape[-1], scale, ADD=dq_other is not None, **meta,
-                                     **_DQ_LAUNCH)
+    delta = rows_like(q, None, torch.float32)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(),
+               *_gate_strides(gate))
+    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, gate, dgate, *strides, *o.stride(),
+                                     *idx.stride(), *dq.stride(), *_gate_strides(dgate), Hkv, idx.shape[-1], scale,
+                                     ADD=dq_other is not None, GATED=gate is not None, **meta, **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
     rows = max(_DKV_ROWS, meta.pop("GP"))  # the dk/dv tile stacks tokens' G rows unpadded: at least one token
     if work.shape[1]:
         selected_dkv_kernel[(work.shape[1],)](
-            q, k, v, do, lse, delta, dk, dv, offsets, counts, tokens, work, *strides, *dk.stride(), *dv.stride(),
-            T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=rows, **meta, **_DKV_LAUNCH)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+            q, k, v, do, lse, delta, gate, dk, dv, offsets, counts, tokens, work, *strides, *dk.stride(),
+            *dv.stride(), T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=rows, GATED=gate is not None, **meta,
+            **_DKV_LAUNCH)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else dgate.to(gate.dtype)
 
 
 def _token_lists(idx: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,41 +173,46 @@ def _chunks(counts: Tensor, pairs: int, chunk: int) -> Tensor:
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, block_size, scale, pass_query):
-        o, lse = forward(q, k, v, idx, block_size, scale)
-        ctx.save_for_backward(q, k, v, idx, o, lse)
+    def forward(ctx, q, k, v, idx, gate, block_size, scale, pass_query):
+        o, lse, gated = forward(q, k, v, idx, block_size, scale, gate)
+        ctx.save_for_backward(q, k, v, idx, o, lse, gate)
         ctx.block_size, ctx.scale = block_size, scale
+        out = o if gate is None else gated
         if pass_query:  # q goes out again (as a view): other attention's gradients of it come back here
             ctx.set_materialize_grads(False)
-            return o, q
-        return o
+            return out, q
+        return out
 
     @staticmethod
     def backward(ctx, do, dq_other=None):
-        q, k, v, idx, o, lse = ctx.saved_tensors
+        q, k, v, idx, o, lse, gate = ctx.saved_tensors
         if do is None:  # only the passed-on q was used
-            return dq_other, None, None, None, None, None, None
+            return dq_other, None, None, None, None, None, None, None
         dq_other = gradient_to_add_into(dq_other, q)
-        dq, dk, dv = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale, dq_other)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv, dgate = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale, dq_other, gate)
+        return dq, dk, dv, None, dgate, None, None, None
 
 
 def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
                               v: Float[Tensor, "B Hkv T Dv"], block_indices: Int[Tensor, "B Hkv T n"],
-                              block_size: int, scale: float, pass_query: bool = False):
+                              block_size: int, scale: float, pass_query: bool = False,
+                              gate: Optional[Float[Tensor, "B Hq T"]] = None):
     """:func:`selected_attention`'s output (and gradients) from the kernels; ``block_size`` a power of two >= 16.
 
     A block listed twice for a token counts once (the list is a set, as in ``fine_selection``). With
     ``pass_query``, returns ``(out, q_view)``: called eagerly, attention that takes ``q_view`` for ``q`` has its
     gradient of ``q`` added in by this branch's dq kernel, in place, where autograd would sum the two in a pass
     of its own (1 GiB read twice and written at 64k tokens, paper configuration; :mod:`.query_passing`).
-    Inside ``torch.compile`` ``q_view`` is ``q`` (the compiler fuses the sum)."""
+    Inside ``torch.compile`` ``q_view`` is ``q`` (the compiler fuses the sum). With ``gate``, ``out`` is
+    ``gate[..., None] * out``: the forward kernel writes it beside the output it keeps, and the backward
+    kernels scale the incoming gradient's rows as they read them (NSA's gating: no gradient of the ungated
+    output is ever written, 1 GiB at 64k tokens, paper configuration)."""
     idx = block_indices.sort(dim=-1).values
     idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
     idx = idx.to(torch.int32)
     if pass_query and torch.compiler.is_compiling():
-        return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale), False), q
-    return _SelectedAttention.apply(q, k, v, idx, block_size, float(scale), pass_query)
+        return _SelectedAttention.apply(q, k, v, idx, gate, block_size, float(scale), False), q
+    return _SelectedAttention.apply(q, k, v, idx, gate, block_size, float(scale), pass_query)
 
 
 if triton is not None:
@@ -230,11 +238,11 @@ if triton is not None:
 
     @triton.jit
     def selected_fwd_kernel(
-        Q, K, V, IDX, O, LSE,
+        Q, K, V, IDX, O, LSE, GATE, OG,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sit, sin, sob, soh, sot, sod,
-        slb, slh, slt, Hkv, N, scale,
+        slb, slh, slt, sgb, sgh, sgt, Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
     ):
         t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
@@ -262,17 +270,21 @@ if triton is not None:
             m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-        tl.store(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod, o.to(O.dtype.element_ty),
-                 mask=rows & (dv < DV)[None, :])
+        o_offsets = b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod
+        tl.store(O + o_offsets, o.to(O.dtype.element_ty), mask=rows & (dv < DV)[None, :])
         tl.store(LSE + b * slb + (h * G + g) * slh + t * slt, lse, mask=g < G)
+        if GATED:  # the gated output, laid out as o
+            gate = tl.load(GATE + b * sgb + (h * G + g) * sgh + t * sgt, mask=g < G, other=0.0).to(tl.float32)
+            tl.store(OG + o_offsets, (o * gate[:, None]).to(OG.dtype.element_ty), mask=rows & (dv < DV)[None, :])
 
     @triton.jit
     def selected_dq_kernel(
-        Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
+        Q, K, V, IDX, DO, O, LSE, DELTA, DQ, GATE, DGATE,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-        sdlb, sdlh, sdlt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd, Hkv, N, scale,
+        sdlb, sdlh, sdlt, sgb, sgh, sgt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd,
+        sdgb, sdgh, sdgt, Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr,
+        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr, GATED: tl.constexpr,
     ):
         t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
@@ -286,6 +298,11 @@ if triton is not None:
         o = tl.load(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod,
                     mask=rows & (dv < DV)[None, :], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        if GATED:  # do is the gradient of gate * o: the gate's gradient is this rowsum, o's gradient gate * do
+            tl.store(DGATE + b * sdgb + (h * G + g) * sdgh + t * sdgt, delta, mask=g < G)
+            gate = tl.load(GATE + b * sgb + (h * G + g) * sgh + t * sgt, mask=g < G, other=0.0).to(tl.float32)
+            delta = delta * gate
+            do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
         tl.store(DELTA + b * sdlb + (h * G + g) * sdlh + t * sdlt, delta, mask=g < G)
         dq = tl.zeros((GP, DP), tl.float32)
         ib = IDX + b * sib + h * sih + t * sit
@@ -301,11 +318,11 @@ if triton is not None:
 
     @triton.jit
     def selected_dkv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV_, OFFSETS, COUNTS, TOKENS, WORK,
+        Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, OFFSETS, COUNTS, TOKENS, WORK,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-        sdlb, sdlh, sdlt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, W, scale,
+        sdlb, sdlh, sdlt, sgb, sgh, sgt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, W, scale,
         CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
     ):
         seg = tl.load(WORK + tl.program_id(0))  # (b, h, block), -1 past the last chunk
         lo = tl.load(WORK + W + tl.program_id(0))
@@ -339,8 +356,13 @@ if triton is not None:
                 q, do, lse = _token_rows(Q, DO, LSE, b, head, t, row_ok, sqb, sqh, sqt, sqd, sdob, sdoh, sdot,
                                          sdod, slb, slh, slt, DP, D, DVP, DV)
                 delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=row_ok, other=0.0)
-                p, ds = _probs(q, do, k, v, lse, delta, (tok[None, :] <= t[:, None]) & row_ok[:, None], scale,
-                               IEEE)
+                visible = (tok[None, :] <= t[:, None]) & row_ok[:, None]
+                if GATED:  # do is the gradient of gate * o: the gate scales the [rows, block] tiles, not do
+                    gate = tl.load(GATE + b * sgb + head * sgh + t * sgt, mask=row_ok, other=0.0).to(tl.float32)
+                    p, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE, gate)
+                    p = p * gate[:, None]
+                else:
+                    p, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
                 dk += (_dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale).to(tl.float32)
                 dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
@@ -366,9 +388,12 @@ if triton is not None:
         return q, do, lse
 
     @triton.jit
-    def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
-        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``."""
+    def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr, do_scale=None):
+        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``; with
+        ``do_scale`` (a factor per row) ``do`` stands for ``do_scale * do``."""
         s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)
+        if do_scale is not None:
+            dp = dp * do_scale[:, None]
         return p, p * (dp - delta[:, None])

@@ -118,12 +118,12 @@ def test_cudnn_path_not_taken_when_determinism_is_required(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert compressed_sdpa._cudnn_attention_ready(0)
+    assert compressed_sdpa.cudnn_attention_ready(0)
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert not compressed_sdpa._cudnn_attention_ready(0)
+        assert not compressed_sdpa.cudnn_attention_ready(0)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        assert compressed_sdpa._cudnn_attention_ready(0)
+        assert compressed_sdpa.cudnn_attention_ready(0)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -195,10 +195,12 @@ def test_bad_shapes_raise():
         F.sliding_window_attention(q, k.double(), v, 4)
 
 
-def test_gate_function_gradients_and_layouts(monkeypatch):
+@pytest.mark.parametrize("selected_gated", [False, True])
+def test_gate_function_gradients_and_layouts(monkeypatch, selected_gated):
     """The CUDA gate (an autograd Function around two compiled kernels, run here uncompiled): float64
     gradcheck, and its output and each branch's gradient laid out as that branch's output (token-major here,
-    so that the cuDNN compressed backward needs no copy of its gradient)."""
+    so that the cuDNN compressed backward needs no copy of its gradient). With ``selected_gated`` the selected
+    output comes gated already (its gate column gets no gradient here: the selected branch gives it)."""
     from nsa_flex.functional import nsa
 
     monkeypatch.setattr(nsa, "_compiled", lambda fn: fn)
@@ -210,10 +212,13 @@ def test_gate_function_gradients_and_layouts(monkeypatch):
 
     g = torch.rand(2, 3, 5, 3, generator=gen, dtype=torch.float64).requires_grad_()
     outs = [token_major(2, 3, 5, 4) for _ in range(3)]
-    assert torch.autograd.gradcheck(nsa._Gate.apply, (g, *outs))
-    y = nsa._Gate.apply(g, *outs)
-    torch.testing.assert_close(y, nsa._gate(g, *outs))
+    assert torch.autograd.gradcheck(lambda *a: nsa._Gate.apply(*a, selected_gated), (g, *outs))
+    y = nsa._Gate.apply(g, *outs, selected_gated)
+    expected = g[..., 0:1] * outs[0] + (1 if selected_gated else g[..., 1:2]) * outs[1] + g[..., 2:3] * outs[2]
+    torch.testing.assert_close(y, expected)
     assert y.stride() == outs[0].stride()
     y.backward(torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64).transpose(1, 2))
     for o in outs:
         assert o.grad.stride() == o.stride()
+    if selected_gated:
+        assert (g.grad[..., 1] == 0).all()

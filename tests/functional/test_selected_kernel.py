@@ -20,7 +20,8 @@ def cases(draw):
                 block=draw(st.sampled_from([16, 32])), n=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**16)),
                 token_major=draw(st.booleans()), forced=draw(st.booleans()),
                 chunk=draw(st.sampled_from([16, None])),  # dk/dv programs of 16 tokens: many chunks per block
-                pass_query=draw(st.booleans()))  # q handed on to other math, its gradient summed by the dq kernel
+                pass_query=draw(st.booleans()),  # q handed on to other math, its gradient summed by the dq kernel
+                gate=draw(st.sampled_from([None, "sigmoid", "with zeros"])))  # NSA's gate fused into the kernels
 
 
 def _problem(case, device):
@@ -36,45 +37,53 @@ def _problem(case, device):
         idx[..., 0] = 0
         idx[..., -1] = torch.arange(T) // bs
     do = torch.randn(B, G * Hkv, T, Dv, generator=gen)
+    # the gate column of NSA's [B, H, T, 3] gates (a strided view), exact zeros included: a branch switched off
+    gates = torch.rand(B, G * Hkv, T, 3, generator=gen)
+    if case.get("gate") == "with zeros":
+        gates = gates * (torch.rand(gates.shape, generator=gen) > 0.3)
     if case["token_major"]:  # [B, T, H, D] storage, as an attention layer's projections give it
-        q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do))
-    return [x.to(device) for x in (q, k, v, idx, do)]
+        q, k, v, do, gates = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do, gates))
+    return [x.to(device) for x in (q, k, v, idx, do, gates)]
 
 
-def _grads(fn, q, k, v, do):
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o = fn(q, k, v)
+def _grads(fn, do, *inputs):
+    """``fn(*inputs)`` and the gradients of ``do``'s dot with it; a ``None`` input gets none."""
+    leaves = [None if x is None else x.detach().requires_grad_() for x in inputs]
+    o = fn(*leaves)
     o.backward(do)
-    return [o.detach(), q.grad, k.grad, v.grad]
+    return [o.detach()] + [x.grad for x in leaves if x is not None]
 
 
 @given(case=cases())
 def test_kernels_equal_dense_selected_attention_with_gradients(triton_device, case):
     from nsa_flex.functional import selected_kernel
 
-    q, k, v, idx, do = _problem(case, triton_device)
+    q, k, v, idx, do, gates = _problem(case, triton_device)
+    gate = None if case["gate"] is None else gates[..., 1]
     bs, scale = case["block"], case["D"] ** -0.5
     chunk = case["chunk"] or selected_kernel._CHUNK
 
     def plus_other_use(attention):
         """``attention``'s output, plus (with ``pass_query``) a function of the q it hands on, as the window
         branch of nsa_attention uses it: dq then sums both gradients."""
-        def fn(q, k, v):
+        def fn(q, k, v, gate):
             if not case["pass_query"]:
-                return attention(q, k, v)
-            o, q_on = attention(q, k, v, return_query=True)
+                return attention(q, k, v, gate=gate)
+            o, q_on = attention(q, k, v, return_query=True, gate=gate)
             return o + q_on.square().mean(-1, keepdim=True)
         return fn
 
-    def kernel(q, k, v, return_query=False):
-        return selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale, pass_query=return_query)
+    def kernel(q, k, v, return_query=False, gate=None):
+        return selected_kernel.selected_attention_kernel(q, k, v, idx, bs, scale, pass_query=return_query,
+                                                         gate=gate)
 
     with mock.patch.object(selected_kernel, "_CHUNK", chunk):
-        got = _grads(plus_other_use(kernel), q, k, v, do)
-    cpu = [x.cpu().double() for x in (q, k, v, do)]
+        got = _grads(plus_other_use(kernel), do, q, k, v, gate)
+    cpu = [None if x is None else x.cpu().double() for x in (q, k, v, gate, do)]
     want = _grads(plus_other_use(lambda q, k, v, **kw: F.selected_attention(q, k, v, idx.cpu(), bs, scale, **kw)),
-                  *cpu[:3], cpu[3])
-    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+                  cpu[4], *cpu[:4])
+    assert len(got) == len(want) == (4 if gate is None else 5)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
         torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=2e-5, msg=name)
 
 
@@ -105,11 +114,11 @@ def test_gpu_kernels_equal_flex_path_bf16_paper_config(kind, monkeypatch):
     idx = F.select_blocks(q, k_cmp, 32, 16, 64, 16, lse=lse)
     do = torch.randn_like(q)
     assert selected_kernel.supported(q, k, v, 64)
-    kernel = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), q, k, v, do)
+    kernel = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), do, q, k, v)
     compiled = torch.compile(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), fullgraph=True)
-    traced = _grads(compiled, q, k, v, do)
+    traced = _grads(compiled, do, q, k, v)
     monkeypatch.setattr(selected_kernel, "supported", lambda *args: False)
-    flex = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), q, k, v, do)
+    flex = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), do, q, k, v)
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), kernel, flex, traced):
         scale = b.float().abs().max()
         torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=0, atol=2e-2, msg=name)

@@ -1,0 +1,263 @@
+"""The sliding window as one banded cuDNN attention, through cudnn-frontend's graph API (where it is installed).
+
+Query ``t`` sees keys ``t - w < j <= t``: cuDNN's diagonal band aligned top-left, left bound ``w`` (cuDNN's left
+bound is exclusive, keys ``j > t - w``) and right bound 0. cuDNN visits only the tiles the band touches and runs
+them at its dense-attention rate. torch's SDPA has no window argument for cuDNN, hence the frontend
+(``pip install nvidia-cudnn-frontend``, the ``cudnn`` extra; version 1.16 has no further dependencies); where it
+is missing or cuDNN cannot build the graph, the window stays on FlexAttention (:func:`supported`).
+
+64k tokens, paper configuration (64 query heads, 4 kv heads, w = 512), bf16, H100, in one process on the same
+inputs, the branch alone: forward 4.65 -> 3.16 ms, forward+backward 16.63 -> 14.20 ms against FlexAttention; the
+NSA training step 118-120 -> 115 ms (``docs/results/window_cudnn_h100_session17.log``).
+
+The backward runs per kv head (:data:`BACKWARD_HEADS`): cuDNN's GQA backward computes ``dk, dv`` for every query
+head in float32 workspace and then sums each group (``fmha_reduce_head``), so one call over all 64 heads at 64k
+held 6.17 GiB where FlexAttention's branch held 2.16; per kv head it holds 3.16 and is as fast (14.20 against
+14.22 ms); per 8 or 4 query heads it saved only 0.25 GiB more and was slower (15.3, 16.5 ms). Graphs are built once per shape, layout and device and
+cached; the forward and backward are custom ops (``nsa_flex::window_cudnn(_backward)``) so compiled models call
+them as they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .compressed_sdpa import cudnn_attention_ready
+from .layout import rows_like
+
+try:
+    import cudnn
+except ImportError:  # the optional `cudnn` extra
+    cudnn = None
+
+# Query heads per backward call: one kv head's group, or a divisor of it (cuDNN's GQA workspace grows with it).
+BACKWARD_HEADS: Optional[int] = None  # None: one kv head's group per call
+_GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_GRAPH_CACHE_SIZE = 64
+_HANDLES: dict[int, int] = {}
+_UNSUPPORTED: set = set()
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> bool:
+    """Whether :func:`sliding_window_attention_cudnn` runs: cudnn-frontend importable, CUDA with cuDNN attention
+    enabled and not excluded by deterministic algorithms (as :func:`.compressed_sdpa.supported`), fp16/bf16,
+    more than one token (cuDNN refuses one query against one key), equal q/k and v head dims of at most 128
+    that are multiples of 8, and cuDNN builds the graphs for this shape
+    (if it cannot, a warning says so once per shape and FlexAttention runs the window)."""
+    if not (cudnn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] > 1
+            and q.shape[-1] == v.shape[-1] and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+            and cudnn_attention_ready(q.device.index)):
+        return False
+    return _graphs_build(_signature(q, k, v, window_size, scale))
+
+
+def _signature(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> tuple:
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return (tuple(q.shape), tuple(k.shape), tuple(q.stride()), tuple(k.stride()), tuple(v.stride()),
+            str(q.dtype), int(window_size), float(scale), index)
+
+
+@torch._dynamo.assume_constant_result  # evaluated once while tracing (it builds graphs), not traced into
+def _graphs_build(signature: tuple) -> bool:
+    """Build (and cache) the forward and backward graphs for the layouts the ops will use; ``False`` with a
+    warning if cuDNN refuses them."""
+    if signature in _UNSUPPORTED:
+        return False
+    q_shape, k_shape, q_stride, k_stride, v_stride, dtype, window_size, scale, index = signature
+    with torch.device("meta"):  # shapes and strides only: nothing is allocated or run
+        dtype = getattr(torch, dtype.split(".")[-1])
+        q = torch.empty_strided(q_shape, q_stride, dtype=dtype)
+        k = torch.empty_strided(k_shape, k_stride, dtype=dtype)
+        v = torch.empty_strided(k_shape, v_stride, dtype=dtype)
+        out, stats = rows_like(q, q_shape[-1]), _stats_like(q)
+    try:
+        _forward_graph(q, k, v, out, stats, scale, window_size, index)
+        for heads in _backward_chunks(q.shape[1], k.shape[1]):
+            qs, ks = _head_slices(heads, q.shape[1] // k.shape[1])
+            _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs],
+                            q[:, qs], k[:, ks], v[:, ks], scale, window_size, index)
+            break  # every chunk has the same shape and strides
+    except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
+        _UNSUPPORTED.add(signature)
+        warnings.warn(f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, "
+                      f"k {list(k_shape)}, {dtype}, window {window_size} ({type(err).__name__}: {err}); the window "
+                      f"branch runs on FlexAttention", stacklevel=3)
+        return False
+    return True
+
+
+def sliding_window_attention_cudnn(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
+                                   v: Float[Tensor, "B Hkv T D"], window_size: int,
+                                   scale: float) -> Float[Tensor, "B Hq T D"]:
+    """Causal sliding-window attention (keys ``t - w < j <= t``) on cuDNN; gradients to ``q, k, v``. The output
+    is stored token-major when ``q`` is (:func:`.layout.rows_like`). Check :func:`supported` first."""
+    return torch.ops.nsa_flex.window_cudnn(q, k, v, int(window_size), float(scale))[0]
+
+
+def _stats_like(q: Tensor) -> Tensor:
+    B, H, T = q.shape[:3]
+    return q.new_empty(B, H, T, 1, dtype=torch.float32)
+
+
+def _backward_chunks(Hq: int, Hkv: int) -> list[range]:
+    """The query heads of each backward call: a kv head's group, or :data:`BACKWARD_HEADS` of it at a time."""
+    G = Hq // Hkv
+    per_call = G if BACKWARD_HEADS is None else BACKWARD_HEADS
+    if per_call <= 0 or G % per_call:
+        raise ValueError(f"BACKWARD_HEADS must divide the group of {G} query heads, got {per_call}")
+    return [range(h, h + per_call) for h in range(0, Hq, per_call)]
+
+
+def _head_slices(heads: range, G: int) -> tuple[slice, slice]:
+    """Query heads ``heads`` (within one group) and their kv head, as slices."""
+    kv = heads.start // G
+    return slice(heads.start, heads.stop), slice(kv, kv + 1)
+
+
+def _handle(index: int) -> int:
+    if index not in _HANDLES:
+        with torch.cuda.device(index):
+            _HANDLES[index] = cudnn.create_handle()
+    return _HANDLES[index]
+
+
+_IO = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF"}
+
+
+def _cached(key: tuple, build):
+    if key not in _GRAPHS:
+        _GRAPHS[key] = build()
+        if len(_GRAPHS) > _GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return _GRAPHS[key]
+
+
+def _layout(*xs: Tensor) -> tuple:
+    return tuple((tuple(x.shape), tuple(x.stride())) for x in xs)
+
+
+def _new_graph(dtype: torch.dtype, index: int):
+    io = getattr(cudnn.data_type, _IO[dtype])
+    return cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
+                         compute_data_type=cudnn.data_type.FLOAT, handle=_handle(index))
+
+
+def _tensor(graph, x: Tensor, name: str):
+    data_type = cudnn.data_type.FLOAT if x.dtype == torch.float32 else getattr(cudnn.data_type, _IO[x.dtype])
+    return graph.tensor(name=name, dim=list(x.shape), stride=list(x.stride()), data_type=data_type)
+
+
+def _band(window_size: int) -> dict:
+    return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_left_bound=window_size,
+                diagonal_band_right_bound=0)
+
+
+def _finish(graph) -> int:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph.get_workspace_size()
+
+
+def _forward_graph(q, k, v, out, stats, scale, window_size, index):
+    def build():
+        g = _new_graph(q.dtype, index)
+        tq, tk, tv = _tensor(g, q, "q"), _tensor(g, k, "k"), _tensor(g, v, "v")
+        to, ts = g.sdpa(name="window", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale, **_band(window_size))
+        to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
+        ts.set_output(True).set_dim(list(stats.shape)).set_stride(list(stats.stride())).set_data_type(
+            cudnn.data_type.FLOAT)
+        return g, (tq, tk, tv, to, ts), _finish(g)
+
+    return _cached(("fwd", _layout(q, k, v, out, stats), str(q.dtype), scale, window_size, index), build)
+
+
+def _backward_graph(q, k, v, out, do, stats, dq, dk, dv, scale, window_size, index):
+    def build():
+        g = _new_graph(q.dtype, index)
+        ins = [_tensor(g, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (out, "o"), (do, "do"),
+                                                     (stats, "stats"))]
+        tq, tk, tv, to, tdo, ts = ins
+        grads = g.sdpa_backward(name="window_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=ts, attn_scale=scale,
+                                **_band(window_size))
+        for t, x in zip(grads, (dq, dk, dv)):
+            t.set_output(True).set_dim(list(x.shape)).set_stride(list(x.stride()))
+        return g, (*ins, *grads), _finish(g)
+
+    return _cached(("bwd", _layout(q, k, v, out, do, stats, dq, dk, dv), str(q.dtype), scale, window_size, index),
+                   build)
+
+
+def _execute(graph_entry, tensors, device: torch.device) -> None:
+    graph, nodes, workspace_size = graph_entry
+    index = device.index
+    cudnn.set_stream(handle=_handle(index), stream=torch.cuda.current_stream(device).cuda_stream)
+    workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=device)
+    graph.execute(dict(zip(nodes, tensors)), workspace, handle=_handle(index))
+
+
+@torch.library.custom_op("nsa_flex::window_cudnn", mutates_args=())
+def _window(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    out, stats = rows_like(q, v.shape[-1]), _stats_like(q)
+    index = q.device.index
+    _execute(_forward_graph(q, k, v, out, stats, scale, window_size, index), (q, k, v, out, stats), q.device)
+    return out, stats
+
+
+@_window.register_fake
+def _(q, k, v, window_size, scale):
+    return rows_like(q, v.shape[-1]), _stats_like(q)
+
+
+@torch.library.custom_op("nsa_flex::window_cudnn_backward", mutates_args=())
+def _window_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, window_size: int,
+                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if do.stride() != out.stride():  # the graphs take do in out's layout (the gate's backward writes it so)
+        do = torch.empty_like(out).copy_(do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    G = q.shape[1] // k.shape[1]
+    chunks = _backward_chunks(q.shape[1], k.shape[1])
+    partial = len(chunks) > k.shape[1]  # several calls per kv head: their dk, dv parts are summed here
+    parts = []
+    for heads in chunks:
+        qs, ks = _head_slices(heads, G)
+        dk_c, dv_c = (torch.empty_like(x[:, ks]) for x in (k, v)) if partial else (dk[:, ks], dv[:, ks])
+        xs = (q[:, qs], k[:, ks], v[:, ks], out[:, qs], do[:, qs], stats[:, qs], dq[:, qs], dk_c, dv_c)
+        _execute(_backward_graph(*xs, scale, window_size, q.device.index), xs, q.device)
+        parts.append((ks, dk_c, dv_c))
+    if partial:
+        for grad, i in ((dk, 1), (dv, 2)):
+            acc = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+            for part in parts:
+                acc[:, part[0]] += part[i]
+            grad.copy_(acc)
+    return dq, dk, dv
+
+
+@_window_backward.register_fake
+def _(do, q, k, v, out, stats, window_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ctx.window_size, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, do, _dstats):
+    q, k, v, out, stats = ctx.saved_tensors
+    return (*torch.ops.nsa_flex.window_cudnn_backward(do, q, k, v, out, stats, ctx.window_size, ctx.scale),
+            None, None)
+
+
+_window.register_autograd(_op_backward, setup_context=_setup_context)
