@@ -10,10 +10,10 @@ is missing or cuDNN cannot build the graph, the window stays on FlexAttention (:
 inputs, the branch alone: forward 4.65 -> 3.16 ms, forward+backward 16.63 -> 14.20 ms against FlexAttention; the
 NSA training step 118-120 -> 115 ms (``docs/results/window_cudnn_h100_session17.log``).
 
-The backward runs per kv head (:data:`BACKWARD_HEADS`): cuDNN's GQA backward computes ``dk, dv`` for every query
-head in float32 workspace and then sums each group (``fmha_reduce_head``), so one call over all 64 heads at 64k
-held 6.17 GiB where FlexAttention's branch held 2.16; per kv head it holds 3.16 and is as fast (14.20 against
-14.22 ms); per 8 or 4 query heads it saved only 0.25 GiB more and was slower (15.3, 16.5 ms). Graphs are built once per shape, layout and device and
+The backward runs a few query heads at a time (:func:`_backward_chunks`): cuDNN's GQA backward computes ``dk, dv``
+for every query head in float32 workspace and then sums each group (``fmha_reduce_head``), so one call over all
+64 heads at 64k held 6.17 GiB where FlexAttention's branch held 2.16; per kv head (16 query heads) it holds 3.16
+and is as fast (14.20 against 14.22 ms); per 8 or 4 query heads it was slower (15.3, 16.5 ms). Graphs are built once per shape, layout and device and
 cached; the forward and backward are custom ops (``nsa_flex::window_cudnn(_backward)``) so compiled models call
 them as they are.
 """
@@ -36,8 +36,9 @@ try:
 except ImportError:  # the optional `cudnn` extra
     cudnn = None
 
-# Query heads per backward call: one kv head's group, or a divisor of it (cuDNN's GQA workspace grows with it).
-BACKWARD_HEADS: Optional[int] = None  # None: one kv head's group per call
+# Query heads per backward call: a divisor of the group. None: the most whose float32 dk and dv (cuDNN's GQA
+# workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size: a quarter of the heads when D = Dv.
+BACKWARD_HEADS: Optional[int] = None
 _GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _GRAPH_CACHE_SIZE = 64
 _HANDLES: dict[int, int] = {}
@@ -78,7 +79,7 @@ def _graphs_build(signature: tuple) -> bool:
         out, stats = rows_like(q, q_shape[-1]), _stats_like(q)
     try:
         _forward_graph(q, k, v, out, stats, scale, window_size, index)
-        for heads in _backward_chunks(q.shape[1], k.shape[1]):
+        for heads in _backward_chunks(q, v):
             qs, ks = _head_slices(heads, q.shape[1] // k.shape[1])
             _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs],
                             q[:, qs], k[:, ks], v[:, ks], scale, window_size, index)
@@ -105,10 +106,16 @@ def _stats_like(q: Tensor) -> Tensor:
     return q.new_empty(B, H, T, 1, dtype=torch.float32)
 
 
-def _backward_chunks(Hq: int, Hkv: int) -> list[range]:
-    """The query heads of each backward call: a kv head's group, or :data:`BACKWARD_HEADS` of it at a time."""
-    G = Hq // Hkv
-    per_call = G if BACKWARD_HEADS is None else BACKWARD_HEADS
+def _backward_chunks(q: Tensor, v: Tensor) -> list[range]:
+    """The query heads of each backward call, :data:`BACKWARD_HEADS` of a group at a time (64k tokens, H100: the
+    paper configuration's 16 heads a call took its step to 8.24 GiB, 1.34x SDPA's, where 4 heads were 1.9 ms
+    slower; with 16 query heads on one kv head, 16 a call held 2.81 GiB, 1.83x SDPA's, and 4 a call 2.18, 1.41x;
+    ``docs/results/window_cudnn_workspace_h100_session17.log``)."""
+    B, Hq, T, D = q.shape
+    G = Hq // v.shape[1]
+    per_head = 4 * B * T * (D + v.shape[-1])
+    fits = [h for h in range(1, G + 1) if G % h == 0 and (h == 1 or h * per_head <= q.numel() * q.element_size())]
+    per_call = max(fits) if BACKWARD_HEADS is None else BACKWARD_HEADS
     if per_call <= 0 or G % per_call:
         raise ValueError(f"BACKWARD_HEADS must divide the group of {G} query heads, got {per_call}")
     return [range(h, h + per_call) for h in range(0, Hq, per_call)]
@@ -225,7 +232,7 @@ def _window_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, s
         do = torch.empty_like(out).copy_(do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     G = q.shape[1] // k.shape[1]
-    chunks = _backward_chunks(q.shape[1], k.shape[1])
+    chunks = _backward_chunks(q, v)
     partial = len(chunks) > k.shape[1]  # several calls per kv head: their dk, dv parts are summed here
     parts = []
     for heads in chunks:
