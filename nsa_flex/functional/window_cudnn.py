@@ -79,11 +79,10 @@ def _graphs_build(signature: tuple) -> bool:
         out, stats = rows_like(q, q_shape[-1]), _stats_like(q)
     try:
         _forward_graph(q, k, v, out, stats, scale, window_size, index)
-        for heads in _backward_chunks(q, v):
-            qs, ks = _head_slices(heads, q.shape[1] // k.shape[1])
-            _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs],
-                            q[:, qs], k[:, ks], v[:, ks], scale, window_size, index)
-            break  # every chunk has the same shape and strides
+        chunks = _backward_chunks(q, v)
+        qs, ks = _head_slices(chunks[0], q.shape[1] // k.shape[1])  # every chunk has the same shape and strides
+        _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs], q[:, qs],
+                        *_key_grads(k, v, ks, len(chunks) > k.shape[1]), scale, window_size, index)
     except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
         _UNSUPPORTED.add(signature)
         warnings.warn(f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, "
@@ -125,6 +124,14 @@ def _head_slices(heads: range, G: int) -> tuple[slice, slice]:
     """Query heads ``heads`` (within one group) and their kv head, as slices."""
     kv = heads.start // G
     return slice(heads.start, heads.stop), slice(kv, kv + 1)
+
+
+def _key_grads(dk: Tensor, dv: Tensor, ks: slice, partial: bool) -> tuple[Tensor, Tensor]:
+    """Where a backward call writes kv head ``ks``'s gradients: ``dk, dv`` themselves, or (``partial``: the head's
+    group split over several calls) fresh buffers, summed afterwards."""
+    if partial:
+        return torch.empty_like(dk[:, ks]), torch.empty_like(dv[:, ks])
+    return dk[:, ks], dv[:, ks]
 
 
 def _handle(index: int) -> int:
@@ -237,7 +244,7 @@ def _window_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, s
     parts = []
     for heads in chunks:
         qs, ks = _head_slices(heads, G)
-        dk_c, dv_c = (torch.empty_like(x[:, ks]) for x in (k, v)) if partial else (dk[:, ks], dv[:, ks])
+        dk_c, dv_c = _key_grads(dk, dv, ks, partial)
         xs = (q[:, qs], k[:, ks], v[:, ks], out[:, qs], do[:, qs], stats[:, qs], dq[:, qs], dk_c, dv_c)
         _execute(_backward_graph(*xs, scale, window_size, q.device.index), xs, q.device)
         parts.append((ks, dk_c, dv_c))
