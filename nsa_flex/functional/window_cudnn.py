@@ -13,9 +13,10 @@ NSA training step 118-120 -> 115 ms (``docs/results/window_cudnn_h100_session17.
 The backward runs a few query heads at a time (:func:`_backward_chunks`): cuDNN's GQA backward computes ``dk, dv``
 for every query head in float32 workspace and then sums each group (``fmha_reduce_head``), so one call over all
 64 heads at 64k held 6.17 GiB where FlexAttention's branch held 2.16; per kv head (16 query heads) it holds 3.16
-and is as fast (14.20 against 14.22 ms); per 8 or 4 query heads it was slower (15.3, 16.5 ms). Graphs are built once per shape, layout and device and
-cached; the forward and backward are custom ops (``nsa_flex::window_cudnn(_backward)``) so compiled models call
-them as they are.
+and is as fast (14.20 against 14.22 ms); per 8 or 4 query heads it was slower (15.3, 16.5 ms).
+
+Graphs are built once per shape, layout and device and cached; the forward and backward are custom ops
+(``nsa_flex::window_cudnn(_backward)``) so compiled models call them as they are.
 """
 
 from __future__ import annotations
