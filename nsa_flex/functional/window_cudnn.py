@@ -43,7 +43,7 @@ BACKWARD_HEADS: Optional[int] = None
 _GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _GRAPH_CACHE_SIZE = 64
 _HANDLES: dict[int, int] = {}
-_UNSUPPORTED: set = set()
+_SUPPORT: dict[tuple, bool] = {}  # each signature's verdict: its graphs are checked once, not on every call
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> bool:
@@ -68,9 +68,13 @@ def _signature(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) 
 @torch._dynamo.assume_constant_result  # evaluated once while tracing (it builds graphs), not traced into
 def _graphs_build(signature: tuple) -> bool:
     """Build (and cache) the forward and backward graphs for the layouts the ops will use; ``False`` with a
-    warning if cuDNN refuses them."""
-    if signature in _UNSUPPORTED:
-        return False
+    warning if cuDNN refuses them. The verdict is remembered per signature."""
+    if signature not in _SUPPORT:
+        _SUPPORT[signature] = _check_graphs(signature)
+    return _SUPPORT[signature]
+
+
+def _check_graphs(signature: tuple) -> bool:
     q_shape, k_shape, q_stride, k_stride, v_stride, dtype, window_size, scale, index = signature
     with torch.device("meta"):  # shapes and strides only: nothing is allocated or run
         dtype = getattr(torch, dtype.split(".")[-1])
@@ -85,10 +89,9 @@ def _graphs_build(signature: tuple) -> bool:
         _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs], q[:, qs],
                         *_key_grads(k, v, ks, len(chunks) > k.shape[1]), scale, window_size, index)
     except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
-        _UNSUPPORTED.add(signature)
         warnings.warn(f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, "
                       f"k {list(k_shape)}, {dtype}, window {window_size} ({type(err).__name__}: {err}); the window "
-                      f"branch runs on FlexAttention", stacklevel=3)
+                      f"branch runs on FlexAttention", stacklevel=4)
         return False
     return True
 

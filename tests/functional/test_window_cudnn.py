@@ -78,7 +78,7 @@ def test_unbuildable_graph_warns_and_falls_back_to_flex():
     k = v = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
     want = F.sliding_window_attention(q, k, v, 37)
     refused = mock.patch.object(window_cudnn, "_finish", side_effect=RuntimeError("no engine"))
-    with refused, mock.patch.object(window_cudnn, "_UNSUPPORTED", set()), \
+    with refused, mock.patch.object(window_cudnn, "_SUPPORT", {}), \
             mock.patch.object(window_cudnn, "_GRAPHS", window_cudnn._GRAPHS.__class__()):
         with pytest.warns(UserWarning, match="cuDNN could not build"):
             assert not window_cudnn.supported(q, k, v, 37, 64 ** -0.5)
