@@ -109,11 +109,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     dq = torch.empty_like(q) if dq_other is None else dq_other
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    dgate = None if gate is None else rows_like(q, None, torch.float32)
     if q.numel() == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else torch.zeros_like(gate)
     # rowsum(do * o), the softmax backward's correction: written by the dq kernel, read by the dk/dv kernel
     delta = rows_like(q, None, torch.float32)
+    dgate = None if gate is None else rows_like(q, None, torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(),
                *_gate_strides(gate))
     selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, gate, dgate, *strides, *o.stride(),
