@@ -99,8 +99,12 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
              gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dgate)`` in the inputs' dtypes (``dk, dv`` accumulated in float32). ``dq_other``, another
     gradient of ``q`` (q's shape and dtype), is added into by the dq kernel and returned as ``dq``: one pass over
-    a q-sized tensor instead of a separate sum. With ``gate``, ``do`` is the gradient of ``gate[..., None] * o``:
-    the kernels scale its rows as they load them, and ``dgate = rowsum(do * o)`` (else ``None``)."""
+    a q-sized tensor instead of a separate sum. With ``gate``, ``do`` is the gradient of ``gate[..., None] * o``
+    and ``dgate = rowsum(do * o)`` (else ``None``): the dq kernel scales the rows it loads; for the dk/dv kernel
+    it folds ``|gate|`` into a log-sum-exp it writes (``|gate| p = exp(s - (lse - log|gate|))``), so that kernel
+    runs as if ungated (the gate's scaling of its [rows, block] tiles cost it 14.3 -> 15.4 ms at 64k tokens, paper
+    configuration, H100), and the rows of negative gates, if the dq kernel saw any, are corrected by a second
+    launch."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     meta = _meta(q, v, Hkv, block_size)
@@ -111,24 +115,33 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if q.numel() == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else torch.zeros_like(gate)
-    # rowsum(do * o), the softmax backward's correction: written by the dq kernel, read by the dk/dv kernel
+    # rowsum(do * o), the softmax backward's correction (with a gate: the gate's gradient, which the correction
+    # is scaled by): written by the dq kernel, read by the dk/dv kernel
     delta = rows_like(q, None, torch.float32)
-    dgate = None if gate is None else rows_like(q, None, torch.float32)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(),
-               *_gate_strides(gate))
-    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, do, o, lse, delta, dq, gate, dgate, *strides, *o.stride(),
-                                     *idx.stride(), *dq.stride(), *_gate_strides(dgate), Hkv, idx.shape[-1], scale,
-                                     ADD=dq_other is not None, GATED=gate is not None, **meta, **_DQ_LAUNCH)
+    # with a gate, the dk/dv kernel's log-sum-exp (lse - log|gate|) and the flag of negative gates
+    lse_dkv = lse if gate is None else rows_like(q, None, torch.float32)
+    negative = None if gate is None else torch.zeros(1, device=q.device, dtype=torch.int32)
+    selected_dq_kernel[(T, B * Hkv)](
+        q, k, v, idx, do, o, lse, delta, dq, gate, lse_dkv, negative, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *lse.stride(), *delta.stride(), *_gate_strides(gate), *o.stride(), *idx.stride(),
+        *dq.stride(), Hkv, idx.shape[-1], scale, ADD=dq_other is not None, GATED=gate is not None, **meta,
+        **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
     rows = max(_DKV_ROWS, meta.pop("GP"))  # the dk/dv tile stacks tokens' G rows unpadded: at least one token
-    if work.shape[1]:
+    # With a gate, the pass takes every row's gate as |gate| (folded into lse_dkv); a second launch, whose
+    # programs return at once unless some gate is below zero, adds -2x those rows' share (a sign test per row
+    # inside the one pass took it from 15.4 to 16.8 ms, 64k tokens, paper configuration, H100).
+    for negative_rows in (False, True) if gate is not None else (False,):
+        if not work.shape[1]:
+            break
         selected_dkv_kernel[(work.shape[1],)](
-            q, k, v, do, lse, delta, gate, dk, dv, offsets, counts, tokens, work, *strides, *dk.stride(),
-            *dv.stride(), T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=rows, GATED=gate is not None, **meta,
-            **_DKV_LAUNCH)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else dgate.to(gate.dtype)
+            q, k, v, do, lse_dkv, delta, gate, negative, dk, dv, offsets, counts, tokens, work, *q.stride(),
+            *k.stride(), *v.stride(), *do.stride(), *lse_dkv.stride(), *delta.stride(), *_gate_strides(gate),
+            *dk.stride(), *dv.stride(), T, Hkv, S, work.shape[1], scale, CHUNK=_CHUNK, ROWS=rows,
+            NEGATIVE_ROWS=negative_rows, **meta, **_DKV_LAUNCH)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else delta.to(gate.dtype)
 
 
 def _token_lists(idx: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,8 +218,8 @@ def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B 
     of its own (1 GiB read twice and written at 64k tokens, paper configuration; :mod:`.query_passing`).
     Inside ``torch.compile`` ``q_view`` is ``q`` (the compiler fuses the sum). With ``gate``, ``out`` is
     ``gate[..., None] * out``: the forward kernel writes it beside the output it keeps, and the backward
-    kernels scale the incoming gradient's rows as they read them (NSA's gating: no gradient of the ungated
-    output is ever written, 1 GiB at 64k tokens, paper configuration)."""
+    kernels apply the gate to the incoming gradient themselves (see :func:`backward`; NSA's gating: no gradient of
+    the ungated output is ever written, 1 GiB at 64k tokens, paper configuration)."""
     idx = block_indices.sort(dim=-1).values
     idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
     idx = idx.to(torch.int32)
@@ -279,10 +292,10 @@ if triton is not None:
 
     @triton.jit
     def selected_dq_kernel(
-        Q, K, V, IDX, DO, O, LSE, DELTA, DQ, GATE, DGATE,
+        Q, K, V, IDX, DO, O, LSE, DELTA, DQ, GATE, LSE_DKV, NEGATIVE,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sgb, sgh, sgt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd,
-        sdgb, sdgh, sdgt, Hkv, N, scale,
+        Hkv, N, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr, GATED: tl.constexpr,
     ):
@@ -298,12 +311,16 @@ if triton is not None:
         o = tl.load(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod,
                     mask=rows & (dv < DV)[None, :], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        if GATED:  # do is the gradient of gate * o: the gate's gradient is this rowsum, o's gradient gate * do
-            tl.store(DGATE + b * sdgb + (h * G + g) * sdgh + t * sdgt, delta, mask=g < G)
+        row_stats = b * sdlb + (h * G + g) * sdlh + t * sdlt  # delta's layout, which LSE_DKV shares
+        tl.store(DELTA + row_stats, delta, mask=g < G)  # with a gate: also the gate's gradient
+        if GATED:  # do is the gradient of gate * o: o's gradient is gate * do
             gate = tl.load(GATE + b * sgb + (h * G + g) * sgh + t * sgt, mask=g < G, other=0.0).to(tl.float32)
+            # for the dk/dv kernel: |gate| folded into its log-sum-exp (a zero gate gives +inf, so p = 0)
+            tl.store(LSE_DKV + row_stats, lse - tl.log(tl.abs(gate)), mask=g < G)
+            if tl.min(gate) < 0:
+                tl.store(NEGATIVE, 1)
             delta = delta * gate
             do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
-        tl.store(DELTA + b * sdlb + (h * G + g) * sdlh + t * sdlt, delta, mask=g < G)
         dq = tl.zeros((GP, DP), tl.float32)
         ib = IDX + b * sib + h * sih + t * sit
         for j in range(0, N):
@@ -318,13 +335,15 @@ if triton is not None:
 
     @triton.jit
     def selected_dkv_kernel(
-        Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, OFFSETS, COUNTS, TOKENS, WORK,
+        Q, K, V, DO, LSE, DELTA, GATE, NEGATIVE, DK, DV_, OFFSETS, COUNTS, TOKENS, WORK,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
         sdlb, sdlh, sdlt, sgb, sgh, sgt, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd, T, Hkv, S, W, scale,
         CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, NEGATIVE_ROWS: tl.constexpr,
     ):
         seg = tl.load(WORK + tl.program_id(0))  # (b, h, block), -1 past the last chunk
+        if NEGATIVE_ROWS:  # the correction pass has work only if the dq kernel saw a gate below zero
+            seg = tl.where(tl.load(NEGATIVE) != 0, seg, -1)
         lo = tl.load(WORK + W + tl.program_id(0))
         if seg >= 0:
             blk = seg % S
@@ -348,8 +367,7 @@ if triton is not None:
             TB: tl.constexpr = ROWS // G
             r = tl.arange(0, ROWS)
             slot = r // G  # the row's token among the step's TB
-            g = r % G
-            head = h * G + g
+            head = h * G + r % G
             for i in range(lo, hi, TB):
                 row_ok = (slot < TB) & (i + slot < hi)
                 t = tl.load(TOKENS + first + i + slot, mask=row_ok, other=0)
@@ -357,12 +375,13 @@ if triton is not None:
                                          sdod, slb, slh, slt, DP, D, DVP, DV)
                 delta = tl.load(DELTA + b * sdlb + head * sdlh + t * sdlt, mask=row_ok, other=0.0)
                 visible = (tok[None, :] <= t[:, None]) & row_ok[:, None]
-                if GATED:  # do is the gradient of gate * o: the gate scales the [rows, block] tiles, not do
-                    gate = tl.load(GATE + b * sgb + head * sgh + t * sgt, mask=row_ok, other=0.0).to(tl.float32)
-                    p, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE, gate)
-                    p = p * gate[:, None]
-                else:
-                    p, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
+                # with a gate, LSE is lse - log|gate|: p and ds come out scaled by |gate|
+                p, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
+                if NEGATIVE_ROWS:  # the correction: -2x the rows of negative gates, counted + by the main pass
+                    gate = tl.load(GATE + b * sgb + head * sgh + t * sgt, mask=row_ok, other=0.0)
+                    factor = tl.where(gate < 0, -2.0, 0.0)[:, None]
+                    p = p * factor
+                    ds = ds * factor
                 dk += (_dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale).to(tl.float32)
                 dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
@@ -388,12 +407,9 @@ if triton is not None:
         return q, do, lse
 
     @triton.jit
-    def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr, do_scale=None):
-        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``; with
-        ``do_scale`` (a factor per row) ``do`` stands for ``do_scale * do``."""
+    def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
+        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``."""
         s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)
-        if do_scale is not None:
-            dp = dp * do_scale[:, None]
         return p, p * (dp - delta[:, None])

@@ -21,7 +21,8 @@ def cases(draw):
                 token_major=draw(st.booleans()), forced=draw(st.booleans()),
                 chunk=draw(st.sampled_from([16, None])),  # dk/dv programs of 16 tokens: many chunks per block
                 pass_query=draw(st.booleans()),  # q handed on to other math, its gradient summed by the dq kernel
-                gate=draw(st.sampled_from([None, "sigmoid", "with zeros"])))  # NSA's gate fused into the kernels
+                # NSA's gate fused into the kernels; negative gates take the dk/dv kernel's sign-flip branch
+                gate=draw(st.sampled_from([None, "sigmoid", "with zeros", "signed"])))
 
 
 def _problem(case, device):
@@ -41,6 +42,8 @@ def _problem(case, device):
     gates = torch.rand(B, G * Hkv, T, 3, generator=gen)
     if case.get("gate") == "with zeros":
         gates = gates * (torch.rand(gates.shape, generator=gen) > 0.3)
+    if case.get("gate") == "signed":
+        gates = 2 * gates - 1
     if case["token_major"]:  # [B, T, H, D] storage, as an attention layer's projections give it
         q, k, v, do, gates = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do, gates))
     return [x.to(device) for x in (q, k, v, idx, do, gates)]
