@@ -21,7 +21,6 @@ Graphs are built once per shape, layout and device and cached; the forward and b
 
 from __future__ import annotations
 
-import collections
 import warnings
 from typing import Optional
 
@@ -29,20 +28,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import cudnn_graph
 from .compressed_sdpa import cudnn_attention_ready
+from .cudnn_graph import cudnn
 from .layout import rows_like
-
-try:
-    import cudnn
-except ImportError:  # the optional `cudnn` extra
-    cudnn = None
 
 # Query heads per backward call: a divisor of the group. None: the most whose float32 dk and dv (cuDNN's GQA
 # workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size: a quarter of the heads when D = Dv.
 BACKWARD_HEADS: Optional[int] = None
-_GRAPHS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_GRAPH_CACHE_SIZE = 64
-_HANDLES: dict[int, int] = {}
 _SUPPORT: dict[tuple, bool] = {}  # each signature's verdict: its graphs are checked once, not on every call
 
 
@@ -138,96 +131,25 @@ def _key_grads(dk: Tensor, dv: Tensor, ks: slice, partial: bool) -> tuple[Tensor
     return dk[:, ks], dv[:, ks]
 
 
-def _handle(index: int) -> int:
-    if index not in _HANDLES:
-        with torch.cuda.device(index):
-            _HANDLES[index] = cudnn.create_handle()
-    return _HANDLES[index]
-
-
-_IO = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF"}
-
-
-def _cached(key: tuple, build):
-    if key not in _GRAPHS:
-        _GRAPHS[key] = build()
-        if len(_GRAPHS) > _GRAPH_CACHE_SIZE:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS.move_to_end(key)
-    return _GRAPHS[key]
-
-
-def _layout(*xs: Tensor) -> tuple:
-    return tuple((tuple(x.shape), tuple(x.stride())) for x in xs)
-
-
-def _new_graph(dtype: torch.dtype, index: int):
-    io = getattr(cudnn.data_type, _IO[dtype])
-    return cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                         compute_data_type=cudnn.data_type.FLOAT, handle=_handle(index))
-
-
-def _tensor(graph, x: Tensor, name: str):
-    data_type = cudnn.data_type.FLOAT if x.dtype == torch.float32 else getattr(cudnn.data_type, _IO[x.dtype])
-    return graph.tensor(name=name, dim=list(x.shape), stride=list(x.stride()), data_type=data_type)
-
-
 def _band(window_size: int) -> dict:
     return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_left_bound=window_size,
                 diagonal_band_right_bound=0)
 
 
-def _finish(graph) -> int:
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    return graph.get_workspace_size()
-
-
 def _forward_graph(q, k, v, out, stats, scale, window_size, index):
-    def build():
-        g = _new_graph(q.dtype, index)
-        tq, tk, tv = _tensor(g, q, "q"), _tensor(g, k, "k"), _tensor(g, v, "v")
-        to, ts = g.sdpa(name="window", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale, **_band(window_size))
-        to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
-        ts.set_output(True).set_dim(list(stats.shape)).set_stride(list(stats.stride())).set_data_type(
-            cudnn.data_type.FLOAT)
-        return g, (tq, tk, tv, to, ts), _finish(g)
-
-    return _cached(("fwd", _layout(q, k, v, out, stats), str(q.dtype), scale, window_size, index), build)
+    return cudnn_graph.forward_graph(q, k, v, out, stats, scale, index, **_band(window_size))
 
 
 def _backward_graph(q, k, v, out, do, stats, dq, dk, dv, scale, window_size, index):
-    def build():
-        g = _new_graph(q.dtype, index)
-        ins = [_tensor(g, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (out, "o"), (do, "do"),
-                                                     (stats, "stats"))]
-        tq, tk, tv, to, tdo, ts = ins
-        grads = g.sdpa_backward(name="window_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=ts, attn_scale=scale,
-                                **_band(window_size))
-        for t, x in zip(grads, (dq, dk, dv)):
-            t.set_output(True).set_dim(list(x.shape)).set_stride(list(x.stride()))
-        return g, (*ins, *grads), _finish(g)
-
-    return _cached(("bwd", _layout(q, k, v, out, do, stats, dq, dk, dv), str(q.dtype), scale, window_size, index),
-                   build)
-
-
-def _execute(graph_entry, tensors, device: torch.device) -> None:
-    graph, nodes, workspace_size = graph_entry
-    index = device.index
-    cudnn.set_stream(handle=_handle(index), stream=torch.cuda.current_stream(device).cuda_stream)
-    workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=device)
-    graph.execute(dict(zip(nodes, tensors)), workspace, handle=_handle(index))
+    return cudnn_graph.backward_graph(q, k, v, out, do, stats, dq, dk, dv, scale, index, **_band(window_size))
 
 
 @torch.library.custom_op("nsa_flex::window_cudnn", mutates_args=())
 def _window(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> tuple[Tensor, Tensor]:
     out, stats = rows_like(q, v.shape[-1]), _stats_like(q)
     index = q.device.index
-    _execute(_forward_graph(q, k, v, out, stats, scale, window_size, index), (q, k, v, out, stats), q.device)
+    cudnn_graph.execute(_forward_graph(q, k, v, out, stats, scale, window_size, index), (q, k, v, out, stats),
+                        q.device)
     return out, stats
 
 
@@ -250,7 +172,7 @@ def _window_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, s
         qs, ks = _head_slices(heads, G)
         dk_c, dv_c = _key_grads(dk, dv, ks, partial)
         xs = (q[:, qs], k[:, ks], v[:, ks], out[:, qs], do[:, qs], stats[:, qs], dq[:, qs], dk_c, dv_c)
-        _execute(_backward_graph(*xs, scale, window_size, q.device.index), xs, q.device)
+        cudnn_graph.execute(_backward_graph(*xs, scale, window_size, q.device.index), xs, q.device)
         parts.append((ks, dk_c, dv_c))
     if partial:
         for grad, i in ((dk, 1), (dv, 2)):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 from nsa_flex import masks, testing
-from nsa_flex.functional import window_cudnn
+from nsa_flex.functional import cudnn_graph, window_cudnn
 
 
 def test_not_supported_without_cuda_or_frontend_or_for_one_token():
@@ -77,9 +77,9 @@ def test_unbuildable_graph_warns_and_falls_back_to_flex():
     q = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
     k = v = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
     want = F.sliding_window_attention(q, k, v, 37)
-    refused = mock.patch.object(window_cudnn, "_finish", side_effect=RuntimeError("no engine"))
+    refused = mock.patch.object(cudnn_graph, "finish", side_effect=RuntimeError("no engine"))
     with refused, mock.patch.object(window_cudnn, "_SUPPORT", {}), \
-            mock.patch.object(window_cudnn, "_GRAPHS", window_cudnn._GRAPHS.__class__()):
+            mock.patch.object(cudnn_graph, "_GRAPHS", cudnn_graph._GRAPHS.__class__()):
         with pytest.warns(UserWarning, match="cuDNN could not build"):
             assert not window_cudnn.supported(q, k, v, 37, 64 ** -0.5)
         got = F.sliding_window_attention(q, k, v, 37)
