@@ -16,14 +16,16 @@ import torch
 from torch import Tensor
 
 from .flex import RECOMPILE_LIMIT
+from .layout import in_layout_of
 
 
 def gradient_to_add_into(dq_other: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
-    """The incoming gradient of ``q`` as a buffer a backward may add into: ``dq_other`` itself when it has ``q``'s
-    dtype and strides (in ``nsa_attention`` it does), else a copy that has them; ``None`` stays ``None``."""
-    if dq_other is None or (dq_other.dtype == q.dtype and dq_other.stride() == q.stride()):
-        return dq_other
-    return torch.empty_like(q).copy_(dq_other)
+    """The incoming gradient of ``q`` as a buffer a backward may add into, with ``q``'s strides: ``dq_other``
+    itself (as a view) when it has ``q``'s dtype and layout (in ``nsa_attention`` it does), else a copy;
+    ``None`` stays ``None``."""
+    if dq_other is None:
+        return None
+    return in_layout_of(dq_other, q) if dq_other.dtype == q.dtype else torch.empty_like(q).copy_(dq_other)
 
 
 def add_into(into: Tensor, x: Tensor) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import cudnn_graph
 from .compressed_sdpa import cudnn_attention_ready
 from .cudnn_graph import cudnn
-from .layout import rows_like
+from .layout import in_layout_of, rows_like
 
 # Query heads per backward call: a divisor of the group. None: the most whose float32 dk and dv (cuDNN's GQA
 # workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size: a quarter of the heads when D = Dv.
@@ -161,8 +161,7 @@ def _(q, k, v, window_size, scale):
 @torch.library.custom_op("nsa_flex::window_cudnn_backward", mutates_args=())
 def _window_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, window_size: int,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    if do.stride() != out.stride():  # the graphs take do in out's layout (the gate's backward writes it so)
-        do = torch.empty_like(out).copy_(do)
+    do = in_layout_of(do, out)  # the graphs take do in out's layout (the gate's backward writes it so)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     G = q.shape[1] // k.shape[1]
     chunks = _backward_chunks(q, v)
