@@ -37,10 +37,32 @@ def mean_pool(x: Float[Tensor, "B H T D"], block_size: int, stride: int) -> Floa
     if Tc == 0 or block_size % stride:
         return compression_blocks(x, block_size, stride).mean(dim=-2)
     per_block = block_size // stride
-    strides = Tc + per_block - 1
-    acc = torch.promote_types(x.dtype, torch.float32)
-    sums = x[:, :, :strides * stride].unflatten(2, (strides, stride)).sum(3, dtype=acc)
+    sums = _StrideSums.apply(x, stride, Tc + per_block - 1)
     total = sums[:, :, :Tc]
     for j in range(1, per_block):
         total = total + sums[:, :, j:j + Tc]
     return (total / block_size).to(x.dtype)
+
+
+class _StrideSums(torch.autograd.Function):
+    """``[B, H, T, D] -> [B, H, count, D]``: the sums of the first ``count`` whole strides of ``x``, in at least
+    float32. The gradient comes back in ``x``'s layout (torch's slice backward allocates it ``[B, H, T, D]``-
+    contiguous), so autograd adds it to the other branches' gradients of the keys and values, which have that
+    layout, with a vectorized kernel instead of a strided one."""
+
+    @staticmethod
+    def forward(ctx, x, stride, count):
+        ctx.stride = stride
+        ctx.layout = (x.shape, torch.empty_like(x, device="meta").stride(), x.dtype)  # x's, made dense
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return x[:, :, :count * stride].unflatten(2, (count, stride)).sum(3, dtype=acc)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, strides, dtype = ctx.layout
+        stride = ctx.stride
+        dx = torch.empty_strided(shape, strides, dtype=dtype, device=grad.device)
+        B, H, count, D = grad.shape
+        dx[:, :, :count * stride].unflatten(2, (count, stride)).copy_(grad.unsqueeze(3).expand(B, H, count, stride, D))
+        dx[:, :, count * stride:].zero_()
+        return dx, None, None

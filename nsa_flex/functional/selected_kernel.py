@@ -111,8 +111,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq = torch.empty_like(q) if dq_other is None else dq_other
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    # laid out as k and v, so that autograd sums them with the other branches' gradients without a layout change
+    dk = rows_like(k, k.shape[-1], torch.float32).zero_()
+    dv = rows_like(v, v.shape[-1], torch.float32).zero_()
     if q.numel() == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None if gate is None else torch.zeros_like(gate)
     # rowsum(do * o), the softmax backward's correction (with a gate: the gate's gradient, which the correction

@@ -32,3 +32,6 @@ def test_mean_pool_equals_reference_with_gradients(T, stride, ratio, dtype, toke
     out.backward(grad.to(dtype))
     ref.backward(grad)
     torch.testing.assert_close(x.grad.double(), ref_x.grad, **tol)
+    if block % stride == 0:  # sums of whole strides: the gradient in x's layout, as the other branches give theirs
+        (dx,) = torch.autograd.grad(F.mean_pool(x, block, stride), x, grad.to(dtype))  # not re-laid out as .grad
+        assert dx.stride() == x.stride()
