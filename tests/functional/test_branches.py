@@ -1,5 +1,7 @@
 """Fast-path details of the branch functions (nsa_flex.functional.branches) against the float64 dense reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 from nsa_flex import masks, testing
-from nsa_flex.functional import compressed_sdpa
+from nsa_flex.functional import compressed_sdpa, cudnn_graph
 from nsa_flex.testing import reference
 
 
@@ -99,6 +101,27 @@ def test_gpu_cudnn_compressed_attention_equals_flex(T, G, Hkv, stride, block, B,
     want_out, want_lse, *want_grads = results[-1]
     for out, lse, *grads in results[:-1]:
         _assert_close_bf16(out, lse, grads, want_out, want_lse, want_grads)
+
+
+@pytest.mark.gpu
+def test_gpu_compressed_forward_without_frontend_graph_warns_and_copies():
+    """Where cudnn-frontend cannot build the folded forward's graph (here: made to fail), a warning names the
+    shape and torch's cuDNN attention runs it, its output copied in: the same output and lse as the graph's."""
+    pytest.importorskip("cudnn")
+    q, k, v, _ = testing.nsa_inputs(3001, 16, 2, 64, "random", "cuda", torch.bfloat16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_cmp, v_cmp = F.mean_pool(k, 32, 16), F.mean_pool(v, 32, 16)
+    want_out, want_lse = F.compressed_attention(q, k_cmp, v_cmp, 32, 16, return_lse=True)
+    refused = mock.patch.object(cudnn_graph, "finish", side_effect=RuntimeError("no engine"))
+    with refused, mock.patch.object(compressed_sdpa, "_FRONTEND", {}) as verdicts, \
+            mock.patch.object(cudnn_graph, "_GRAPHS", cudnn_graph._GRAPHS.__class__()):
+        with pytest.warns(UserWarning, match="could not build the compressed attention graph"):
+            out, lse = F.compressed_attention(q, k_cmp, v_cmp, 32, 16, return_lse=True)
+        assert list(verdicts.values()) == [False]
+    seen = want_lse > float("-inf")
+    assert torch.equal(lse > float("-inf"), seen)
+    torch.testing.assert_close(lse[seen], want_lse[seen], rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=0, atol=2e-2)
 
 
 def _assert_close_bf16(out, lse, grads, want_out, want_lse, want_grads):
