@@ -19,7 +19,9 @@ FlexAttention's took about 12 and 32.6 ms; ``docs/results/compressed_cudnn_ab_h1
 ``aten._scaled_dot_product_cudnn_attention`` (and its backward) is called because it returns the
 log-sum-exp, which block selection needs. Forward and backward are custom ops (``nsa_flex::
 compressed_cudnn``, ``..._backward``), so compiled models call them as they are: no compiler sees the
-strided views, whose layouts torch's fake kernels describe only approximately.
+strided views, whose layouts torch's fake kernels describe only approximately. Where cudnn-frontend is
+installed (the ``cudnn`` extra), the folded forward runs as one of its graphs instead (:mod:`.cudnn_graph`),
+which writes straight into the output's folded view (:func:`_folded_forward`).
 """
 
 from __future__ import annotations

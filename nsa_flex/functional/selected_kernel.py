@@ -134,9 +134,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     # With a gate, the pass takes every row's gate as |gate| (folded into lse_dkv); a second launch, whose
     # programs return at once unless some gate is below zero, adds -2x those rows' share (a sign test per row
     # inside the one pass took it from 15.4 to 16.8 ms, 64k tokens, paper configuration, H100).
-    for negative_rows in (False, True) if gate is not None else (False,):
-        if not work.shape[1]:
-            break
+    passes = (False, True) if gate is not None else (False,)
+    for negative_rows in passes if work.shape[1] else ():
         selected_dkv_kernel[(work.shape[1],)](
             q, k, v, do, lse_dkv, delta, gate, negative, dk, dv, offsets, counts, tokens, work, *q.stride(),
             *k.stride(), *v.stride(), *do.stride(), *lse_dkv.stride(), *delta.stride(), *_gate_strides(gate),
