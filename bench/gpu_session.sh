@@ -26,7 +26,8 @@
 #            sixteenth, all four at 64k random 379 s on a machine that had compiled our step, then structured
 #            with three methods and --profile plus CONFIGS=small with three methods 156 s, and 8k-32k with
 #            two methods 240 s on a fresh machine; in the seventeenth, all four at 64k random 363 s warm, then
-#            structured (three methods, --profile), small (three) and 8k-32k (two) in one call 304 s)
+#            structured (three methods, --profile), small (three) and 8k-32k (two) in one call 304 s; in the
+#            eighteenth, all four at 64k random 353 s on a machine that had run our step, the other three 291 s)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
