@@ -26,7 +26,6 @@ which writes straight into the output's folded view (:func:`_folded_forward`).
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -137,9 +136,8 @@ def _folded_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float) 
     then writes the view itself, where torch's cuDNN attention allocates its own output, which is copied in
     (1 GiB, 0.7 ms at 64k tokens, paper configuration, H100)."""
     if _frontend_builds(q, k, v, out, scale):
-        stats = q.new_empty(*q.shape[:3], 1, dtype=torch.float32)
-        cudnn_graph.execute(cudnn_graph.forward_graph(q, k, v, out, stats, scale, q.device.index, **_CAUSAL),
-                            (q, k, v, out, stats), q.device)
+        stats = cudnn_graph.stats_like(q)
+        cudnn_graph.execute(_frontend_graph(q, k, v, out, stats, scale), (q, k, v, out, stats), q.device)
         return stats
     o, lse = attention_forward(q, k, v, scale, causal=True)
     out.copy_(o)
@@ -149,21 +147,18 @@ def _folded_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float) 
 _FRONTEND: dict[tuple, bool] = {}  # each layout's verdict: whether cudnn-frontend builds its graph
 
 
+def _frontend_graph(q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, scale: float):
+    return cudnn_graph.forward_graph(q, k, v, out, stats, scale, q.device.index, **_CAUSAL)
+
+
 def _frontend_builds(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float) -> bool:
     if cudnn is None or not q.is_cuda or attention_forward is not _cudnn_forward:  # (tests swap the math in)
         return False
-    key = (cudnn_graph.layout(q, k, v, out), str(q.dtype), scale, q.device.index)
-    if key not in _FRONTEND:
-        try:
-            cudnn_graph.forward_graph(q, k, v, out, q.new_empty(*q.shape[:3], 1, dtype=torch.float32), scale,
-                                      q.device.index, **_CAUSAL)
-            _FRONTEND[key] = True
-        except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
-            warnings.warn(f"cudnn-frontend could not build the compressed attention graph for q {list(q.shape)} "
-                          f"({type(err).__name__}: {err}); torch's cuDNN attention runs it, with a copy of its "
-                          f"output", stacklevel=2)
-            _FRONTEND[key] = False
-    return _FRONTEND[key]
+    return cudnn_graph.builds(
+        _FRONTEND, (cudnn_graph.layout(q, k, v, out), str(q.dtype), scale, q.device.index),
+        lambda: _frontend_graph(q, k, v, out, cudnn_graph.stats_like(q), scale),
+        f"cudnn-frontend could not build the compressed attention graph for q {list(q.shape)}; torch's cuDNN "
+        f"attention runs it, with a copy of its output")
 
 
 @torch.library.custom_op("nsa_flex::compressed_cudnn", mutates_args=())

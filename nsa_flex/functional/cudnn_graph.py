@@ -10,6 +10,8 @@ branch's folded output, :mod:`.compressed_sdpa`). cudnn-frontend is the optional
 from __future__ import annotations
 
 import collections
+import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,6 +32,24 @@ def _handle(index: int) -> int:
         with torch.cuda.device(index):
             _HANDLES[index] = cudnn.create_handle()
     return _HANDLES[index]
+
+
+def builds(verdicts: dict, key: tuple, build: Callable[[], object], refused: str) -> bool:
+    """Whether ``build()`` (which builds graphs) succeeds for ``key``: tried once per key, the verdict kept in
+    ``verdicts``; where cuDNN refuses, one warning, ``refused`` followed by cuDNN's error."""
+    if key not in verdicts:
+        try:
+            build()
+            verdicts[key] = True
+        except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
+            warnings.warn(f"{refused} ({type(err).__name__}: {err})", stacklevel=4)
+            verdicts[key] = False
+    return verdicts[key]
+
+
+def stats_like(q: Tensor) -> Tensor:
+    """An empty float32 log-sum-exp ``[B, H, T, 1]`` for attention with queries ``q [B, H, T, D]``."""
+    return q.new_empty(*q.shape[:3], 1, dtype=torch.float32)
 
 
 def cached(key: tuple, build):

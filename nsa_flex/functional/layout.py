@@ -21,7 +21,6 @@ def rows_like(q: Tensor, width: Optional[int], dtype: Optional[torch.dtype] = No
     return q.new_empty(B, H, T, *tail, dtype=dtype)
 
 
-
 def in_layout_of(x: Tensor, like: Tensor) -> Tensor:
     """``x`` (``like``'s shape and dtype) with ``like``'s strides: a view of ``x`` where the two lie alike in
     memory, a copy otherwise. Alike means equal strides wherever a dim has more than one element: autograd

@@ -21,7 +21,6 @@ Graphs are built once per shape, layout and device and cached; the forward and b
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -67,31 +66,26 @@ def _signature(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) 
 def _graphs_build(signature: tuple) -> bool:
     """Build (and cache) the forward and backward graphs for the layouts the ops will use; ``False`` with a
     warning if cuDNN refuses them. The verdict is remembered per signature."""
-    if signature not in _SUPPORT:
-        _SUPPORT[signature] = _check_graphs(signature)
-    return _SUPPORT[signature]
+    q_shape, k_shape, *_, dtype, window_size, _, _ = signature
+    return cudnn_graph.builds(
+        _SUPPORT, signature, lambda: _build_graphs(signature),
+        f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, k {list(k_shape)}, "
+        f"{dtype}, window {window_size}; the window branch runs on FlexAttention")
 
 
-def _check_graphs(signature: tuple) -> bool:
+def _build_graphs(signature: tuple) -> None:
     q_shape, k_shape, q_stride, k_stride, v_stride, dtype, window_size, scale, index = signature
     with torch.device("meta"):  # shapes and strides only: nothing is allocated or run
         dtype = getattr(torch, dtype.split(".")[-1])
         q = torch.empty_strided(q_shape, q_stride, dtype=dtype)
         k = torch.empty_strided(k_shape, k_stride, dtype=dtype)
         v = torch.empty_strided(k_shape, v_stride, dtype=dtype)
-        out, stats = rows_like(q, q_shape[-1]), _stats_like(q)
-    try:
-        _forward_graph(q, k, v, out, stats, scale, window_size, index)
-        chunks = _backward_chunks(q, v)
-        qs, ks = _head_slices(chunks[0], q.shape[1] // k.shape[1])  # every chunk has the same shape and strides
-        _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs], q[:, qs],
-                        *_key_grads(k, v, ks, len(chunks) > k.shape[1]), scale, window_size, index)
-    except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
-        warnings.warn(f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, "
-                      f"k {list(k_shape)}, {dtype}, window {window_size} ({type(err).__name__}: {err}); the window "
-                      f"branch runs on FlexAttention", stacklevel=4)
-        return False
-    return True
+        out, stats = rows_like(q, q_shape[-1]), cudnn_graph.stats_like(q)
+    _forward_graph(q, k, v, out, stats, scale, window_size, index)
+    chunks = _backward_chunks(q, v)
+    qs, ks = _head_slices(chunks[0], q.shape[1] // k.shape[1])  # every chunk has the same shape and strides
+    _backward_graph(q[:, qs], k[:, ks], v[:, ks], out[:, qs], out[:, qs], stats[:, qs], q[:, qs],
+                    *_key_grads(k, v, ks, len(chunks) > k.shape[1]), scale, window_size, index)
 
 
 def sliding_window_attention_cudnn(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
@@ -100,11 +94,6 @@ def sliding_window_attention_cudnn(q: Float[Tensor, "B Hq T D"], k: Float[Tensor
     """Causal sliding-window attention (keys ``t - w < j <= t``) on cuDNN; gradients to ``q, k, v``. The output
     is stored token-major when ``q`` is (:func:`.layout.rows_like`). Check :func:`supported` first."""
     return torch.ops.nsa_flex.window_cudnn(q, k, v, int(window_size), float(scale))[0]
-
-
-def _stats_like(q: Tensor) -> Tensor:
-    B, H, T = q.shape[:3]
-    return q.new_empty(B, H, T, 1, dtype=torch.float32)
 
 
 def _backward_chunks(q: Tensor, v: Tensor) -> list[range]:
@@ -152,7 +141,7 @@ def _backward_graph(q, k, v, out, do, stats, dq, dk, dv, scale, window_size, ind
 
 @torch.library.custom_op("nsa_flex::window_cudnn", mutates_args=())
 def _window(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    out, stats = rows_like(q, v.shape[-1]), _stats_like(q)
+    out, stats = rows_like(q, v.shape[-1]), cudnn_graph.stats_like(q)
     index = q.device.index
     cudnn_graph.execute(_forward_graph(q, k, v, out, stats, scale, window_size, index), (q, k, v, out, stats),
                         q.device)
@@ -161,7 +150,7 @@ def _window(q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float) -> 
 
 @_window.register_fake
 def _(q, k, v, window_size, scale):
-    return rows_like(q, v.shape[-1]), _stats_like(q)
+    return rows_like(q, v.shape[-1]), cudnn_graph.stats_like(q)
 
 
 @torch.library.custom_op("nsa_flex::window_cudnn_backward", mutates_args=())
