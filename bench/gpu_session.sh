@@ -2,7 +2,7 @@
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
 # Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
 #   tests    the gpu-marked tests and the Triton kernel tests (six processes side by side; compilation is
-#            CPU-bound), ~8 min;
+#            CPU-bound), ~8 min (nineteenth session: 448 s, tests/functional alone 432 s);
 #            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
 #            TEST_TIMEOUT (seconds, default 480) bounds each (tests/functional/test_gpu.py alone did not finish
 #            in 300 s: give its six fast_path cases their own processes, about 140 s for each 8192 one)
@@ -27,7 +27,8 @@
 #            with three methods and --profile plus CONFIGS=small with three methods 156 s, and 8k-32k with
 #            two methods 240 s on a fresh machine; in the seventeenth, all four at 64k random 363 s warm, then
 #            structured (three methods, --profile), small (three) and 8k-32k (two) in one call 304 s; in the
-#            eighteenth, all four at 64k random 353 s on a machine that had run our step, the other three 291 s)
+#            eighteenth, all four at 64k random 353 s on a machine that had run our step, the other three 291 s;
+#            in the nineteenth, all four at 64k random 400 s on a machine that had run only kernel prototypes)
 #   scoring  bench.block_topk (fused vs unfused block scoring) and bench.block_mask (selection BlockMask build)
 #   lm       bench.train_lm (LM training tokens/s; 4k+16k fit one call, 32k needs a second: LM_CONTEXTS) and
 #            bench.train_toy (compiled module, T=8192; TOY_TIMEOUT=0 skips it)
