@@ -129,14 +129,15 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["config"], r["inputs"]) for r in rows})
+    methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (config, inputs) in zip(axes[0], panels):
-        for method in sorted({r["method"] for r in rows}):
+        for i, method in enumerate(methods):  # one colour per method: forward dashed, forward+backward solid
             for key, style in (("fwd_ms", "--"), ("fwd_bwd_ms", "-")):
                 pts = sorted((r["T"], r[key]) for r in rows
                              if r["config"] == config and r["inputs"] == inputs and r["method"] == method and r.get(key))
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", label=f"{method} {key[:-3]}")
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{method} {key[:-3]}")
         ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms", title=f"{config}, {inputs} inputs")
         ax.legend(fontsize=7)
     fig.tight_layout()
