@@ -33,12 +33,14 @@ from .cudnn_graph import cudnn
 from .layout import in_layout_of, rows_like
 
 # Query heads per backward call: a divisor of the group. None: the most whose float32 dk and dv (cuDNN's GQA
-# workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size, or in _SMALL_WORKSPACE bytes where that is
-# more (a quarter of the heads when D = Dv and the workspace is large).
+# workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size, or where that is more, in twice q's size up
+# to _SMALL_WORKSPACE bytes (a quarter of the heads when D = Dv and the workspace is large).
 BACKWARD_HEADS: Optional[int] = None
 # A workspace this small is not split: the LM of bench.train_lm (batch 16 x 4096 tokens, 8 heads of 64 on 2 kv
 # heads, window 128) took 84.2 ms a step with 2 of a group's 4 heads a call (128 MiB would have exceeded q's
 # 64 MiB) and 81.9 with all 4 (FlexAttention's window: 81.6; docs/results/lm_window_cudnn_h100_session18.log).
+# Twice q's size at most: with 256 MiB for any q, 16 query heads on one kv head at 16k tokens held 1.82x SDPA's
+# peak memory in a step (a 256 MiB workspace beside a 64 MiB q).
 _SMALL_WORKSPACE = 256 << 20
 _SUPPORT: dict[tuple, bool] = {}  # each signature's verdict: its graphs are checked once, not on every call
 
@@ -104,7 +106,8 @@ def _backward_chunks(q: Tensor, v: Tensor) -> list[range]:
     B, Hq, T, D = q.shape
     G = Hq // v.shape[1]
     per_head = 4 * B * T * (D + v.shape[-1])
-    budget = max(q.numel() * q.element_size(), _SMALL_WORKSPACE)
+    q_bytes = q.numel() * q.element_size()
+    budget = max(q_bytes, min(2 * q_bytes, _SMALL_WORKSPACE))
     fits = [h for h in range(1, G + 1) if G % h == 0 and (h == 1 or h * per_head <= budget)]
     per_call = max(fits) if BACKWARD_HEADS is None else BACKWARD_HEADS
     if per_call <= 0 or G % per_call:

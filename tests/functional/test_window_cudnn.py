@@ -25,6 +25,23 @@ def test_not_supported_without_cuda_or_frontend_or_for_one_token():
         assert not window_cudnn.supported(*one, 8, 0.25)
 
 
+@pytest.mark.parametrize("B, Hq, Hkv, T, D, heads_per_call", [
+    (1, 64, 4, 65536, 128, 16),  # paper config at 64k: 64 MiB a head, a group's 1 GiB fits q's 1 GiB
+    (1, 16, 1, 65536, 128, 4),  # small config at 64k: 64 MiB a head, 256 MiB (q's size) for 4 of the 16
+    (1, 16, 1, 16384, 128, 8),  # small config at 16k: 16 MiB a head, 8 of them twice q's 64 MiB
+    (16, 8, 2, 4096, 64, 4),  # bench.train_lm's LM: the group's 128 MiB unsplit (twice q's 64 MiB)
+    (1, 64, 4, 8192, 128, 16),  # paper config at 8k: 8 MiB a head, a group's 128 MiB is q's size
+])
+def test_backward_calls_keep_the_float32_workspace_near_q(B, Hq, Hkv, T, D, heads_per_call):
+    """cuDNN's GQA backward holds 4 * B * T * (D + Dv) float32 bytes per query head of a call: at most q's size,
+    or twice that up to 256 MiB (the split costs more than it saves when the workspace is small)."""
+    q = torch.empty(B, Hq, T, D, device="meta", dtype=torch.bfloat16)
+    v = torch.empty(B, Hkv, T, D, device="meta", dtype=torch.bfloat16)
+    chunks = window_cudnn._backward_chunks(q, v)
+    assert {len(c) for c in chunks} == {heads_per_call}
+    assert [h for c in chunks for h in c] == list(range(Hq))
+
+
 def _window_math(q, k, v, window_size, scale):
     """Float64 dense sliding-window attention with gradients (the reference)."""
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
