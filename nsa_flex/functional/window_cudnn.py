@@ -34,7 +34,8 @@ from .layout import in_layout_of, rows_like
 
 # Query heads per backward call: a divisor of the group. None: the most whose float32 dk and dv (cuDNN's GQA
 # workspace, 4 * B * T * (D + Dv) bytes a head) fit in q's own size, or where that is more, in twice q's size up
-# to _SMALL_WORKSPACE bytes (a quarter of the heads when D = Dv and the workspace is large).
+# to _SMALL_WORKSPACE bytes, or in _NEVER_SPLIT bytes (a quarter of the heads when D = Dv and the workspace is
+# large).
 BACKWARD_HEADS: Optional[int] = None
 # A workspace this small is not split: the LM of bench.train_lm (batch 16 x 4096 tokens, 8 heads of 64 on 2 kv
 # heads, window 128) took 84.2 ms a step with 2 of a group's 4 heads a call (128 MiB would have exceeded q's
@@ -42,6 +43,7 @@ BACKWARD_HEADS: Optional[int] = None
 # Twice q's size at most: with 256 MiB for any q, 16 query heads on one kv head at 16k tokens held 1.82x SDPA's
 # peak memory in a step (a 256 MiB workspace beside a 64 MiB q).
 _SMALL_WORKSPACE = 256 << 20
+_NEVER_SPLIT = 64 << 20  # below this, the extra calls and the sum of their dk, dv parts cost more than they save
 _SUPPORT: dict[tuple, bool] = {}  # each signature's verdict: its graphs are checked once, not on every call
 
 
@@ -107,7 +109,7 @@ def _backward_chunks(q: Tensor, v: Tensor) -> list[range]:
     G = Hq // v.shape[1]
     per_head = 4 * B * T * (D + v.shape[-1])
     q_bytes = q.numel() * q.element_size()
-    budget = max(q_bytes, min(2 * q_bytes, _SMALL_WORKSPACE))
+    budget = max(q_bytes, min(2 * q_bytes, _SMALL_WORKSPACE), _NEVER_SPLIT)
     fits = [h for h in range(1, G + 1) if G % h == 0 and (h == 1 or h * per_head <= budget)]
     per_call = max(fits) if BACKWARD_HEADS is None else BACKWARD_HEADS
     if per_call <= 0 or G % per_call:

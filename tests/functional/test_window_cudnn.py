@@ -31,10 +31,11 @@ def test_not_supported_without_cuda_or_frontend_or_for_one_token():
     (1, 16, 1, 16384, 128, 8),  # small config at 16k: 16 MiB a head, 8 of them twice q's 64 MiB
     (16, 8, 2, 4096, 64, 4),  # bench.train_lm's LM: the group's 128 MiB unsplit (twice q's 64 MiB)
     (1, 64, 4, 8192, 128, 16),  # paper config at 8k: 8 MiB a head, a group's 128 MiB is q's size
+    (1, 4, 1, 300, 64, 4),  # a small problem: never split (under 64 MiB), whatever q's size
 ])
 def test_backward_calls_keep_the_float32_workspace_near_q(B, Hq, Hkv, T, D, heads_per_call):
     """cuDNN's GQA backward holds 4 * B * T * (D + Dv) float32 bytes per query head of a call: at most q's size,
-    or twice that up to 256 MiB (the split costs more than it saves when the workspace is small)."""
+    or twice that up to 256 MiB, or 64 MiB (the split costs more than it saves when the workspace is small)."""
     q = torch.empty(B, Hq, T, D, device="meta", dtype=torch.bfloat16)
     v = torch.empty(B, Hkv, T, D, device="meta", dtype=torch.bfloat16)
     chunks = window_cudnn._backward_chunks(q, v)
