@@ -43,7 +43,7 @@ BACKWARD_HEADS: Optional[int] = None
 # Twice q's size at most: with 256 MiB for any q, 16 query heads on one kv head at 16k tokens held 1.82x SDPA's
 # peak memory in a step (a 256 MiB workspace beside a 64 MiB q).
 _SMALL_WORKSPACE = 256 << 20
-_NEVER_SPLIT = 64 << 20  # below this, the extra calls and the sum of their dk, dv parts cost more than they save
+_NEVER_SPLIT = 64 << 20  # a split below this saves little memory for its extra calls and the sum of their parts
 _SUPPORT: dict[tuple, bool] = {}  # each signature's verdict: its graphs are checked once, not on every call
 
 
