@@ -157,7 +157,7 @@ def _frontend_builds(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float)
     return cudnn_graph.builds(
         _FRONTEND, (cudnn_graph.layout(q, k, v, out), str(q.dtype), scale, q.device.index),
         lambda: _frontend_graph(q, k, v, out, cudnn_graph.stats_like(q), scale),
-        f"cudnn-frontend could not build the compressed attention graph for q {list(q.shape)}; torch's cuDNN "
+        lambda: f"cudnn-frontend could not build the compressed attention graph for q {list(q.shape)}; torch's cuDNN "
         f"attention runs it, with a copy of its output")
 
 

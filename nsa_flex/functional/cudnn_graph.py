@@ -34,15 +34,16 @@ def _handle(index: int) -> int:
     return _HANDLES[index]
 
 
-def builds(verdicts: dict, key: tuple, build: Callable[[], object], refused: str) -> bool:
+def builds(verdicts: dict, key: tuple, build: Callable[[], object], refused: Callable[[], str]) -> bool:
     """Whether ``build()`` (which builds graphs) succeeds for ``key``: tried once per key, the verdict kept in
-    ``verdicts``; where cuDNN refuses, one warning, ``refused`` followed by cuDNN's error."""
+    ``verdicts``; where cuDNN refuses, one warning, ``refused()`` followed by cuDNN's error (a callable, so
+    that the calls after the first, one per forward, format no message)."""
     if key not in verdicts:
         try:
             build()
             verdicts[key] = True
         except Exception as err:  # noqa: BLE001 - cuDNN reports unsupported graphs with several exception types
-            warnings.warn(f"{refused} ({type(err).__name__}: {err})", stacklevel=4)
+            warnings.warn(f"{refused()} ({type(err).__name__}: {err})", stacklevel=4)
             verdicts[key] = False
     return verdicts[key]
 

@@ -73,7 +73,7 @@ def _graphs_build(signature: tuple) -> bool:
     q_shape, k_shape, *_, dtype, window_size, _, _ = signature
     return cudnn_graph.builds(
         _SUPPORT, signature, lambda: _build_graphs(signature),
-        f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, k {list(k_shape)}, "
+        lambda: f"cuDNN could not build the sliding-window attention graph for q {list(q_shape)}, k {list(k_shape)}, "
         f"{dtype}, window {window_size}; the window branch runs on FlexAttention")
 
 

@@ -16,9 +16,9 @@ def test_builds_tries_once_per_key_and_warns_once_where_refused():
 
     verdicts = {}
     with pytest.warns(UserWarning, match=r"^refused here \(RuntimeError: no engine\)$"):
-        assert not cudnn_graph.builds(verdicts, ("a",), refuse, "refused here")
-    assert not cudnn_graph.builds(verdicts, ("a",), refuse, "refused here")  # remembered: no second try
-    assert cudnn_graph.builds(verdicts, ("b",), lambda: None, "never said")
+        assert not cudnn_graph.builds(verdicts, ("a",), refuse, lambda: "refused here")
+    assert not cudnn_graph.builds(verdicts, ("a",), refuse, lambda: "refused here")  # remembered: no second try
+    assert cudnn_graph.builds(verdicts, ("b",), lambda: None, lambda: "never said")
     assert len(calls) == 1 and verdicts == {("a",): False, ("b",): True}
 
 
