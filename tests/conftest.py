@@ -17,7 +17,8 @@ settings.register_profile(
     "ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.register_profile(
-    "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "thorough", max_examples=300, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("NSA_FLEX_HYPOTHESIS", "ci"))
 
@@ -49,7 +50,10 @@ def fresh_dynamo_for_gpu_tests(request):
 
 @pytest.fixture(scope="session")
 def triton_device():
-    """Where the Triton kernel tests run: "cuda", or "cpu" under Triton's interpreter; skips without triton."""
+    """Where the Triton kernel tests run: "cuda", or "cpu" under Triton's interpreter; skips without triton.
+
+    Only cases that launch a kernel should ask for it: CI installs no triton, so a torch-path case asking for it
+    would never run there (test_cache_update.py's ``device`` fixture picks per case)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         return "cuda"

@@ -1,6 +1,7 @@
 """The cache kernels (nsa_flex.functional.cache_update) against the torch ops they replace, through
 write_cache and update_compressed (use_kernel=True vs False). Both paths move the same values, so they must
-agree exactly. On CUDA the kernels run compiled; on a CPU machine with triton, under Triton's interpreter."""
+agree exactly. On CUDA the kernels run compiled; on a CPU machine with triton, under Triton's interpreter; without
+triton only the torch path's cases run."""
 
 import pytest
 import torch
@@ -91,25 +92,33 @@ def test_kernels_move_what_the_torch_ops_move(triton_device, case):
             assert torch.equal(got[name][:, :, :-1], want[name][:, :, :-1]), name
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.fixture
+def device(request, use_kernel):
+    """Where a case parametrized by ``use_kernel`` runs: the kernel cases where triton does (skipping without
+    it), the torch cases on any machine, so that an install without triton (CI's) still runs them."""
+    if use_kernel:
+        return request.getfixturevalue("triton_device")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("one_call", [True, False])
 @pytest.mark.parametrize("rotary", [True, False])
 @pytest.mark.parametrize("step", [1, 3, 7])
-def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_device, use_kernel, one_call, rotary,
-                                                                       step):
+def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(device, use_kernel, one_call, rotary, step):
     """Through a whole sequence, ``step`` tokens at a time (7 > l: a step longer than the ring), the compressed
     slots equal the compressor applied to the full sequence (mean pooling, l=5, d=3: blocks overlap and the
     last tokens complete none), the cache holds the keys (rotated or not) and the ring the last l raw keys;
     through append_to_cache (one_call) or write_cache + update_compressed."""
     B, H, L, D, l, d = 2, 3, 23, 16, 5, 3
     g = torch.Generator().manual_seed(0)
-    keys = torch.randn(B, H, L, D, generator=g).to(triton_device)
+    keys = torch.randn(B, H, L, D, generator=g).to(device)
     C = (L - l) // d + 1
-    k_cache, k_cmp = torch.zeros_like(keys), torch.zeros(B, H, C + 1, D, device=triton_device)
+    k_cache, k_cmp = torch.zeros_like(keys), torch.zeros(B, H, C + 1, D, device=device)
     v_cache, v_cmp = torch.zeros_like(k_cache), torch.zeros_like(k_cmp)
-    ring = dict(k_ring=torch.zeros(B, H, l, D, device=triton_device)) if rotary else {}
+    ring = dict(k_ring=torch.zeros(B, H, l, D, device=device)) if rotary else {}
     for first in range(0, L, step):
-        pos = (first + torch.arange(min(step, L - first))).expand(B, -1).to(triton_device)
+        pos = (first + torch.arange(min(step, L - first))).expand(B, -1).to(device)
         new = keys[:, :, first:first + pos.shape[1]]
         base = BASE if rotary else None
         if one_call:
@@ -120,7 +129,7 @@ def test_completed_blocks_are_stored_where_the_full_sequence_puts_them(triton_de
         F.update_compressed(k_cache, v_cache, k_cmp, v_cmp, pos, "mean", "mean", l, d, use_kernel=use_kernel,
                             **(dict(ring, k_new=new) if rotary else {}))
     want = F.mean_pool(keys, l, d)
-    positions = torch.arange(L, device=triton_device).expand(B, -1)
+    positions = torch.arange(L, device=device).expand(B, -1)
     torch.testing.assert_close(k_cache, F.rotary_at(keys, positions, BASE) if rotary else keys, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, -keys)
     torch.testing.assert_close(k_cmp[:, :, :C], want)

@@ -1,4 +1,7 @@
-"""The GQA-folded selection BlockMask (rows t*G + g) equals create_block_mask of its mask_mod, block for block."""
+"""The GQA-folded selection BlockMask (rows t*G + g) equals create_block_mask of its mask_mod, block for block
+(kv and q side, partial and full), at the tiles the selection branch folds into."""
+
+import math
 
 import pytest
 import torch
@@ -7,32 +10,31 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 from nsa_flex import masks
+from nsa_flex.functional.branches import SELECTION_TILE_ROWS
 from nsa_flex.masks.selection import fine_selection_mod
+
+from .test_selection import assert_same_block_mask
 
 
 @given(
-    G=st.sampled_from([1, 2, 4, 16]),
+    G=st.sampled_from([1, 2, 3, 4, 6, 16]),
+    min_rows=st.sampled_from([SELECTION_TILE_ROWS, 40]),  # the branch's tiles, and tiles of several tokens at G=16
     tokens=st.integers(1, 90),
     n=st.integers(1, 5),
     block=st.sampled_from([16, 32]),
-    q_block_tokens=st.sampled_from([1, 2, 4]),
     seed=st.integers(0, 2**16),
 )
-def test_folded_block_mask_equals_create_block_mask(G, tokens, n, block, q_block_tokens, seed):
+def test_folded_block_mask_equals_create_block_mask(G, min_rows, tokens, n, block, seed):
     gen = torch.Generator().manual_seed(seed)
     num_kv = -(-tokens // block)
     idx = torch.randint(-1, num_kv, (2, 2, tokens, n), generator=gen)
     idx[..., 0] = 0  # shared choices make full blocks appear
-    q_block = max(16, G * q_block_tokens)
-    q_block -= q_block % G
+    q_block = G * math.ceil(min_rows / G)  # whole tokens per tile, as selected_attention folds: 18 rows at G=3
     rows = tokens * G
     got = masks.block_mask_from_indices(idx, rows, tokens, block, q_block, rows_per_token=G)
     want = create_block_mask(fine_selection_mod(idx, block, 1, G), 2, 2, rows, tokens, device="cpu",
                              BLOCK_SIZE=(q_block, block))
-    assert torch.equal(got.to_dense(), want.to_dense())
-    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
-    assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
-    assert torch.equal(got.q_num_blocks, want.q_num_blocks)
+    assert_same_block_mask(got, want)
 
 
 def test_folded_layout_rejects_inconsistent_sizes():
