@@ -3,6 +3,8 @@ what was expected and what was received. A leaf module: it imports nothing of ou
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Optional, Sequence
 
 import torch
@@ -41,3 +43,73 @@ def tensor(
             want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
             raise ValueError(f"{name} must have shape {want}, got {list(value.shape)}")
     return value
+
+
+def number(name: str, value, *, greater_than: Optional[float] = None, at_least: Optional[float] = None) -> float:
+    """``value`` (a real number such as an int, float or NumPy scalar; not a bool) as a finite float,
+    ``> greater_than`` / ``>= at_least`` if given; else TypeError (not a number) / ValueError (out of range or not
+    finite)."""
+    if greater_than is not None:
+        want = f"a finite number > {greater_than:g}"
+    elif at_least is not None:
+        want = f"a finite number >= {at_least:g}"
+    else:
+        want = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (greater_than is not None and not value > greater_than) or (
+            at_least is not None and not value >= at_least):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return value
+
+
+def block_and_stride(block_size: int, stride: int, block_name: str = "block_size",
+                     stride_name: str = "stride") -> tuple[int, int]:
+    """A compression (block size, stride) pair: both positive ints, the stride at most the block size (a larger
+    stride skips tokens). The names are the caller's arguments (``compress_block_size``, ...)."""
+    positive_int(block_name, block_size)
+    positive_int(stride_name, stride)
+    if stride > block_size:
+        raise ValueError(f"{stride_name} must be <= {block_name} (a larger stride skips tokens), got "
+                         f"{stride_name}={stride}, {block_name}={block_size}")
+    return block_size, stride
+
+
+def device(name: str, value) -> Optional[torch.device]:
+    """``value`` (None, a device string or a ``torch.device``) as a ``torch.device`` that this torch can use:
+    ValueError for a malformed string or a CUDA device where CUDA is not available (torch itself fails later,
+    with an AssertionError from its lazy CUDA init or a compiler error)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a device string such as 'cpu' or 'cuda', or a torch.device, got "
+                        f"{type(value).__name__} {value!r}")
+    try:
+        dev = torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{name} must be a valid device string such as 'cpu' or 'cuda:0', got {value!r} ({err})") \
+            from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={value!r} but CUDA is not available (torch {torch.__version__}, "
+                             f"{'no CUDA build' if torch.version.cuda is None else 'no CUDA device visible'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={value!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def floating_dtype(name: str, value) -> torch.dtype:
+    """``value`` as a floating-point ``torch.dtype``, else TypeError."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.dtype such as torch.float32, got {value!r}")
+    return value
+
+
+def score_mod_heads(name: str, score_mod, heads: int) -> None:
+    """ValueError when ``score_mod`` is defined for a number of heads (its ``num_heads``, as the mods of
+    :mod:`nsa_flex.scores` that index per-head data have) other than ``heads``: past its heads a per-head table
+    is indexed out of range, and ALiBi's slopes are those of another head count."""
+    own = getattr(score_mod, "num_heads", None)
+    if own is not None and own != heads:
+        raise ValueError(f"{name} {score_mod!r} is defined for {own} heads, got {heads} query heads")

@@ -12,15 +12,13 @@ imports nothing of ours except the argument checks.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Callable, Optional, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ._checks import positive_int, tensor
+from ._checks import number, positive_int, tensor
 
 ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -59,18 +57,9 @@ def as_score_mod(fn: Union[ScoreMod, ScoreModFn]) -> ScoreMod:
     return fn if isinstance(fn, ScoreMod) else ScoreMod(fn)
 
 
-def _positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return value
-
-
 def softcap(cap: float) -> ScoreMod:
     """Soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``, scores squashed smoothly into ``(-cap, cap)``."""
-    c = _positive_real("cap", cap)
+    c = number("cap", cap, greater_than=0)
 
     def softcap(score, b, h, q_idx, kv_idx):
         return c * torch.tanh(score / c)

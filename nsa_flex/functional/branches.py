@@ -32,8 +32,10 @@ STATIC_BLOCK = 128
 SELECTION_TILE_ROWS = 16
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> tuple[int, int, int, int]:
-    """Validate ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]``; return (B, Hq, Hkv, T)."""
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True,
+              same_dtype: bool = True) -> tuple[int, int, int, int]:
+    """Validate ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]`` (floating; one dtype unless
+    ``same_dtype=False``, for references that compute in float64 anyway); return (B, Hq, Hkv, T)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         tensor(name, x, ndim=4, floating=True)
     B, Hq, T, D = q.shape
@@ -48,7 +50,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> t
         raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
     if same_length and k.shape[2] != T:
         raise ValueError(f"q and k must have the same length T (self-attention), got {T} and {k.shape[2]}")
-    if not (q.dtype == k.dtype == v.dtype):
+    if same_dtype and not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, Hq, Hkv, T
 

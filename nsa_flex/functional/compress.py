@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._checks import tensor
 from ..masks.compressed import check_compression, num_compressed_blocks
 
 
@@ -17,6 +18,7 @@ def compression_blocks(
     x: Float[Tensor, "B H T D"], block_size: int, stride: int
 ) -> Float[Tensor, "B H Tc l D"]:
     """The ``Tc`` blocks of ``l = block_size`` tokens, ``stride`` apart, as a (strided, copy-free) view."""
+    tensor("x", x, ndim=4)
     check_compression(block_size, stride)
     B, H, T, D = x.shape
     Tc = num_compressed_blocks(T, block_size, stride)
@@ -31,7 +33,8 @@ def mean_pool(x: Float[Tensor, "B H T D"], block_size: int, stride: int) -> Floa
     When the stride divides the block size (NSA's ``l = 32, d = 16``), as sums of whole strides, each summed
     once in (at least) float32 and added ``l / d`` at a time: the backward is then a broadcast, where the mean
     over the overlapping unfolded view had torch's ``unfold_backward`` (0.37 ms for each of k and v at 64k
-    tokens, paper configuration, H100)."""
+    tokens, paper configuration, H100). ``x`` must be floating (a mean of integers would come back int64)."""
+    tensor("x", x, ndim=4, floating=True)
     check_compression(block_size, stride)
     Tc = num_compressed_blocks(x.shape[2], block_size, stride)
     if Tc == 0 or block_size % stride:

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import block_and_stride, number, positive_int, tensor
 from . import cache_update, fused_decode
 from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
@@ -40,13 +40,21 @@ __all__ = ["append_to_cache", "cached_attention", "compiled_nsa_decode", "nsa_de
 def rotary_at(x: Float[Tensor, "B H T D"], positions: Int[Tensor, "B T"], base: float = 10000.0) -> Tensor:
     """RoPE of :func:`nsa_flex.modules.rotary.apply_rotary` ("rotate half"), at per-sequence positions.
 
-    ``positions [B, T]`` (or ``[B, H, T]``) gives each row's absolute position; the arithmetic is the same as
-    ``apply_rotary``'s (angles ``float(p) * base**(-2i/D)`` in float32, float64 for float64 input).
+    ``positions [B, T]`` (or ``[B, H, T]``, integer) gives each row's absolute position; the arithmetic is the same
+    as ``apply_rotary``'s (angles ``float(p) * base**(-2i/D)`` in float32, float64 for float64 input). ``D`` must
+    be even and ``base > 1`` (``RotaryEmbedding``'s conditions).
     """
+    B, H, T, D = tensor("x", x, ndim=4, floating=True).shape
+    if D % 2:
+        raise ValueError(f"x must have an even head dim (RoPE pairs features i and i + D/2), got shape {list(x.shape)}")
+    # exact shapes: a [1, T] position tensor broadcast over B sequences would give them all the same positions
+    tensor("positions", positions, integer=True)
+    tensor("positions", positions, shape=(B, H, T) if positions.ndim == 3 else (B, T))
+    number("base", base, greater_than=1)
     work = _work_dtype(x.dtype)
-    inv_freq = rotary_frequencies(x.shape[-1], base, x.device, work)
+    inv_freq = rotary_frequencies(D, base, x.device, work)
     pos = positions.to(work)
-    if pos.ndim == x.ndim - 2:  # [B, T] -> [B, 1, T]
+    if pos.ndim == 2:  # [B, T] -> [B, 1, T]
         pos = pos.unsqueeze(1)
     angles = pos.unsqueeze(-1) * inv_freq  # [B, 1 or H, T, D/2]
     cos, sin = angles.cos(), angles.sin()
@@ -89,8 +97,16 @@ def _masked_softmax(logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return p, (s.log() + m).squeeze(-1)
 
 
-def _check_positions(positions: Tensor, B: int, T: int) -> None:
+def _check_positions(positions: Tensor, B: int, T: int, L: Optional[int] = None) -> None:
+    """``positions [B, T]``, integer; with the cache length ``L``, also in ``[0, L)``, but only where that costs no
+    host sync: on CPU tensors outside a compiled graph (a decode step's positions live on the GPU, where the
+    callers' caches check room on the host instead)."""
     tensor("positions", positions, ndim=2, integer=True, shape=(B, T))
+    if L is None or positions.device.type != "cpu" or positions.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= L:
+        raise ValueError(f"positions must be in [0, {L}) (the cache's length), got min {lo}, max {hi}")
 
 
 def cached_attention(
@@ -106,16 +122,21 @@ def cached_attention(
     Query ``(b, i)`` sits at ``positions[b, i]`` and sees cached keys ``j <= t`` (and ``j > t - w`` with a
     window). The cache must already hold the new tokens' keys. Dense: one masked pass over all ``L`` slots;
     window: ``w`` gathered keys.
+
+    Positions must lie in ``[0, L)``. That is checked (ValueError) for CPU tensors only: on CUDA the check would
+    need a host sync in every decode step (the modules' caches check room on the host before writing). There a
+    negative position sees no key and gives zeros, and one ``>= L`` gives a meaningless row (dense: that of
+    ``L - 1``; window: the last slot read in place of the missing keys).
     """
-    B, Hq, T, D = q.shape
+    B, Hq, T, D = tensor("q", q, ndim=4, floating=True).shape
     tensor("k_cache", k_cache, ndim=4, floating=True, shape=(B, None, None, D))
     tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, k_cache.shape[1], k_cache.shape[2], None))
-    _check_positions(positions, B, T)
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    _check_positions(positions, B, T, L)
     if Hq % Hkv:
         raise ValueError(f"query heads must be a multiple of kv heads, got Hq={Hq}, Hkv={Hkv}")
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
+    scale = D ** -0.5 if scale is None else number("scale", scale, greater_than=0)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype, softmax in fp32 (fp64 for fp64)
     if window_size is None:
@@ -166,7 +187,10 @@ def nsa_decode(
             for every query ``t`` (including the new tokens' own). Slots beyond are ignored.
         k_cmp, v_cmp: cached compressed keys/values ``[B, Hkv, C, D]``; slot ``c`` must hold block ``c`` for
             every ``c`` with ``c*d + l - 1 <= t``; others are ignored (any finite value).
-        positions: absolute position of each query, ``[B, T]`` (int).
+        positions: absolute position of each query, ``[B, T]`` (int), in ``[0, L)``: checked (ValueError) for
+            CPU tensors only, as in :func:`cached_attention` (on CUDA the check would need a host sync every
+            step). Outside that range the output is meaningless, not an error (a negative position sees no key;
+            one ``>= L`` sees the whole cache, the scratch compressed slot included).
         gates: ``[B, Hq, T, 3]`` in the order (compressed, selected, window).
         rotary_base: if given, the selected and window branches use RoPE (this base): ``q`` is rotated at
             its positions and ``k_cache`` holds rotated keys, like ``nsa_attention(..., fine_qk=rotary(q, k))``.
@@ -186,16 +210,20 @@ def nsa_decode(
     Dv = v_cache.shape[-1]
     tensor("k_cmp", k_cmp, ndim=4, floating=True, shape=(B, Hkv, None, D))
     tensor("v_cmp", v_cmp, ndim=4, floating=True, shape=(B, Hkv, k_cmp.shape[2], Dv))
-    _check_positions(positions, B, T)
+    _check_positions(positions, B, T, L)
     tensor("gates", gates, ndim=4, floating=True, shape=(B, Hq, T, 3))
     if Hq % Hkv:
         raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
     check_selection(compress_block_size, compress_stride, selection_block_size, num_selected, num_initial, num_local)
     positive_int("window_size", window_size)
+    if rotary_base is not None:
+        number("rotary_base", rotary_base, greater_than=1)
+        if D % 2:
+            raise ValueError(f"rotary_base needs an even head dim, got q of shape {list(q.shape)}")
     l, d, ls, n = compress_block_size, compress_stride, selection_block_size, num_selected
     G, C = Hq // Hkv, k_cmp.shape[2]
     S = math.ceil(L / ls)
-    scale = D ** -0.5 if scale is None else scale
+    scale = D ** -0.5 if scale is None else number("scale", scale, greater_than=0)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype (fp32 accumulation on GPU), softmax in fp32
@@ -379,7 +407,8 @@ def append_to_cache(
         raise ValueError("a cache of rotated keys (rotary_base) needs k_ring, the raw keys for the compressor, and "
                          f"k_ring goes with rotary_base; got rotary_base={rotary_base!r} and "
                          f"k_ring={'None' if k_ring is None else 'a tensor'}")
-    _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, None if k_ring is None else k)
+    _check_compression(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride, k_ring,
+                       None if k_ring is None else k)
     if _use_cache_kernels(k_cache, use_kernel) and k_compress == "mean" and v_compress == "mean":
         cache_update.append_mean(k_cache, v_cache, k_cmp, v_cmp, k, v, positions, block_size, stride,
                                  _cache_frequencies(k_cache, rotary_base), k_ring)
@@ -389,8 +418,15 @@ def append_to_cache(
                        use_kernel, k_ring, None if k_ring is None else k)
 
 
-def _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, k_new) -> None:
+def _check_compression(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
+                       k_ring, k_new) -> None:
+    """The compression half of a cache update (caches and positions already checked), before any state changes."""
+    block_and_stride(block_size, stride)
     B, Hkv, _, D = k_cache.shape
+    tensor("k_cmp", k_cmp, ndim=4, floating=True, shape=(B, Hkv, None, D))
+    if k_cmp.shape[2] < 1:
+        raise ValueError(f"k_cmp needs at least its scratch slot (allocate C + 1 slots), got shape {list(k_cmp.shape)}")
+    tensor("v_cmp", v_cmp, ndim=4, floating=True, shape=(B, Hkv, k_cmp.shape[2], v_cache.shape[-1]))
     if (k_ring is None) != (k_new is None):
         raise ValueError("k_ring and k_new go together (the raw keys of a cache of rotated keys), got only "
                          + ("k_ring" if k_new is None else "k_new"))
@@ -431,7 +467,11 @@ def update_compressed(
     cache hands them out). The key blocks are then cut from those two, and ``k_ring`` moves on to the ``l``
     raw keys ending at the last new token.
     """
-    _check_compression(k_cache, positions, k_compress, v_compress, block_size, k_ring, k_new)
+    B, Hkv, L, _ = tensor("k_cache", k_cache, ndim=4, floating=True).shape
+    tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, Hkv, L, None))
+    tensor("positions", positions, ndim=2, integer=True, shape=(B, None))
+    _check_compression(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride, k_ring,
+                       k_new)
     _update_compressed(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride,
                        use_kernel, k_ring, k_new)
 

@@ -20,6 +20,9 @@ import torch
 import torch._functorch.config as functorch_config
 from torch import Tensor
 from torch.nn.attention import flex_attention as _fa
+from torch.nn.attention.flex_attention import BlockMask
+
+from .._checks import score_mod_heads
 
 try:  # torch >= 2.9
     from torch.nn.attention.flex_attention import AuxRequest
@@ -148,8 +151,14 @@ def flex(
 ):
     """``flex_attention(q, k, v, ...)`` with GQA enabled when ``Hq != Hkv``; returns ``out`` or ``(out, lse)``.
 
-    Rows that see no key give ``out = 0`` and ``lse = -inf``.
+    ``block_mask`` is a torch ``BlockMask`` (e.g. ``mask.to_block_mask(...)``) or None. Rows that see no key
+    give ``out = 0`` and ``lse = -inf``.
     """
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        hint = (" (a mask_mod: call its .to_block_mask(q_len, kv_len, ...) and pass the result)"
+                if callable(block_mask) else "")
+        raise TypeError(f"block_mask must be a torch BlockMask or None, got {type(block_mask).__name__}{hint}")
+    score_mod_heads("score_mod", score_mod, q.shape[1])
     kwargs = dict(
         score_mod=score_mod,
         block_mask=block_mask,

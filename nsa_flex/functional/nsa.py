@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import number, positive_int, tensor
 from .branches import check_qkv, compressed_attention, selected_attention, sliding_window_attention
 from .compress import mean_pool
 from .flex import RECOMPILE_LIMIT
@@ -42,6 +42,28 @@ def resolve_compressors(compress: CompressSpec, block_size: int, stride: int) ->
     return compress, compress
 
 
+def check_nsa_arguments(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, compress_block_size: int, compress_stride: int,
+                        selection_block_size: int, num_selected: int, num_initial: int, num_local: int,
+                        window_size: int, scale: Optional[float], fine_qk: Optional[tuple[Tensor, Tensor]], *,
+                        same_dtype: bool = True) -> tuple[int, int, int]:
+    """Validate :func:`nsa_attention`'s arguments (its float64 reference shares this, with ``same_dtype=False``);
+    returns ``(B, Hq, T)``."""
+    B, Hq, _, T = check_qkv(q, k, v, same_dtype=same_dtype)
+    tensor("gates", gates, ndim=4, floating=True, shape=(B, Hq, T, 3))
+    check_selection(compress_block_size, compress_stride, selection_block_size, num_selected, num_initial, num_local)
+    positive_int("window_size", window_size)
+    if scale is not None:
+        number("scale", scale, greater_than=0)
+    if fine_qk is not None:
+        pair = isinstance(fine_qk, (tuple, list))
+        if not pair or len(fine_qk) != 2:
+            got = f"a {type(fine_qk).__name__} of length {len(fine_qk)}" if pair else type(fine_qk).__name__
+            raise TypeError(f"fine_qk must be a pair (q', k') of tensors shaped as q and k, got {got}")
+        for name, x, like in (("fine_qk[0]", fine_qk[0], q), ("fine_qk[1]", fine_qk[1], k)):
+            tensor(name, x, floating=True, shape=like.shape)
+    return B, Hq, T
+
+
 def nsa_attention(
     q: Float[Tensor, "B Hq T D"],
     k: Float[Tensor, "B Hkv T D"],
@@ -67,10 +89,8 @@ def nsa_attention(
     Returns ``o [B, Hq, T, Dv]``, or ``(o, branches)`` with the dict ``{"compressed", "selected", "window",
     "block_indices"}`` when ``return_branches``.
     """
-    B, Hq, _, T = check_qkv(q, k, v)
-    tensor("gates", gates, ndim=4, floating=True, shape=(B, Hq, T, 3))
-    check_selection(compress_block_size, compress_stride, selection_block_size, num_selected, num_initial, num_local)
-    positive_int("window_size", window_size)
+    B, Hq, T = check_nsa_arguments(q, k, v, gates, compress_block_size, compress_stride, selection_block_size,
+                                   num_selected, num_initial, num_local, window_size, scale, fine_qk)
     k_compress, v_compress = resolve_compressors(compress, compress_block_size, compress_stride)
 
     k_cmp, v_cmp = k_compress(k), v_compress(v)
@@ -81,9 +101,6 @@ def nsa_attention(
             raise ValueError(f"compress must return [B, Hkv, Tc, D] = [{B}, {k.shape[1]}, {Tc}, *] for {name}, "
                              f"got {list(x.shape)}")
 
-    if fine_qk is not None and (fine_qk[0].shape != q.shape or fine_qk[1].shape != k.shape):
-        raise ValueError(f"fine_qk must have the shapes of q and k, got {list(fine_qk[0].shape)}, "
-                         f"{list(fine_qk[1].shape)}")
     # q goes from branch to branch (compressed -> selected -> window) as each one's passed-on view, so in the
     # backward each branch adds its gradient of q into the next one's instead of autograd summing them
     o_cmp, lse, q_next = compressed_attention(q, k_cmp, v_cmp, compress_block_size, compress_stride, scale,

@@ -6,24 +6,26 @@ by query ``t`` only once its whole block is in the past: ``c*d + l - 1 <= t``.
 
 from __future__ import annotations
 
-from .._checks import positive_int
+import torch
+
+from .._checks import block_and_stride, positive_int
 from .mask import Mask
 
 
 def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
-    """Number of compressed keys for ``seq_len`` tokens: ``max(0, (T - l) // d + 1)``."""
+    """Number of compressed keys for ``seq_len >= 0`` tokens: ``max(0, (T - l) // d + 1)`` (``block_size`` and
+    ``stride`` as :func:`check_compression` wants them)."""
+    check_compression(block_size, stride)
+    # A length taken from a tensor's shape inside a dynamic-shape torch.compile is a SymInt, not an int: it is a
+    # tensor's dimension, so it cannot be negative.
+    if not isinstance(seq_len, torch.SymInt):
+        positive_int("seq_len", seq_len, minimum=0)
     return max(0, (seq_len - block_size) // stride + 1)
 
 
 def check_compression(block_size: int, stride: int) -> tuple[int, int]:
     """Validate a (block_size, stride) pair: both positive, ``stride <= block_size`` so no token is skipped."""
-    positive_int("block_size", block_size)
-    positive_int("stride", stride)
-    if stride > block_size:
-        raise ValueError(
-            f"stride must be <= block_size (a larger stride skips tokens), got stride={stride}, block_size={block_size}"
-        )
-    return block_size, stride
+    return block_and_stride(block_size, stride)
 
 
 def compressed_causal(block_size: int = 32, stride: int = 16) -> Mask:

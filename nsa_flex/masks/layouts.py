@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import device as check_device, positive_int, tensor
 from .mask import Extent, Mask, same_length
 from .static import causal
 
@@ -203,6 +203,7 @@ def _layout_mask(layout_fn, name: str, call: dict) -> Mask:
     """The Mask of a DeepSpeed-style pattern: ``layout_fn``'s layout for the generator's arguments ``call``
     (its ``locals()``: the layout's parameters plus ``device``), named ``name(seq_len, k=v, ...)`` with only the
     keywords that differ from their defaults (the defaults are ``layout_fn``'s, so they are written once)."""
+    device = check_device("device", call["device"])  # before the layout is built
     params = inspect.signature(layout_fn).parameters
     args = {k: call[k] for k in params}
     layout = layout_fn(**args)
@@ -214,7 +215,7 @@ def _layout_mask(layout_fn, name: str, call: dict) -> Mask:
              if k != "seq_len" and plain(v) != plain(params[k].default)]
     per_head = args.get("different_layout_per_head") is True
     return _pattern_mask(layout, args["block_size"], args["attention"],
-                         f"{name}({', '.join([repr(args['seq_len']), *shown])})", call["device"], per_head)
+                         f"{name}({', '.join([repr(args['seq_len']), *shown])})", device, per_head)
 
 
 # -- layout pieces -----------------------------------------------------------------------------------------

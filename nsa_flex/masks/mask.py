@@ -27,6 +27,8 @@ from jaxtyping import Bool
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
+from .._checks import device as check_device
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # A check receives (q_len, kv_len) and raises ValueError when the mask is not defined for them.
 LengthCheck = Callable[[int, int], None]
@@ -131,12 +133,17 @@ class Mask:
     ) -> Bool[Tensor, "B H q_len kv_len"]:
         """The mask as a bool tensor ``[B, H, q_len, kv_len]`` (True = may attend). O(B*H*Q*KV) memory.
 
-        B and H default to the sizes the mask depends on, else 1.
+        B and H default to the sizes the mask depends on, else 1. A mask_mod must return bool, as FlexAttention's
+        contract says: one returning anything else (``q_idx - kv_idx``, a forgotten comparison) raises TypeError
+        rather than being read as "nonzero attends", which would hide the bug.
         """
         self.check(q_len, kv_len, B, H)
         B, H = self._sizes(B, H)
         device = self._device(device)
-        return create_mask(self, B or 1, H or 1, q_len, kv_len, device=device)
+        dense = create_mask(self, B or 1, H or 1, q_len, kv_len, device=device)
+        if dense.dtype != torch.bool:
+            raise TypeError(f"mask_mod {self!r} must return a bool tensor (True = may attend), got {dense.dtype}")
+        return dense
 
     def to_block_mask(
         self,
@@ -160,7 +167,7 @@ class Mask:
     def _device(self, device) -> torch.device:
         """The device of the tensors the mask holds, unless the caller names one."""
         if device is not None:
-            return torch.device(device)
+            return check_device("device", device)
         return self.extent.device or torch.device("cpu")
 
 
@@ -187,9 +194,17 @@ def same_length(name: str) -> LengthCheck:
 
 
 def _block_pair(block_size: Union[int, tuple[int, int]]) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair):
-        raise ValueError(f"block_size must be a positive int or a pair of positive ints, got {block_size!r}")
+    want = "a positive int or a pair (q, kv) of positive ints"
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        pair = (block_size, block_size)
+    elif isinstance(block_size, (tuple, list)):
+        pair = tuple(block_size)
+    else:
+        raise TypeError(f"block_size must be {want}, got {type(block_size).__name__} {block_size!r}")
+    if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in pair):
+        raise TypeError(f"block_size must be {want}, got {block_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"block_size must be {want}, got {block_size!r}")
     return pair  # type: ignore[return-value]
 
 

@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import positive_int, tensor
+from .._checks import block_and_stride, number, positive_int, tensor
 from .cache import NSACache
 from .compression import COMPRESSORS, MeanPool, get_compressor
 from .rotary import RotaryEmbedding
@@ -40,8 +40,8 @@ def check_head_layout(dim: int, dim_head: int, heads: int, kv_heads: Optional[in
         raise ValueError(f"kv_heads must divide heads (GQA), got heads={heads}, kv_heads={kv_heads}")
     if use_rotary and dim_head % 2:
         raise ValueError(f"use_rotary needs an even dim_head, got dim_head={dim_head}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a number > 0 or None, got {scale!r}")
+    if scale is not None:
+        number("scale", scale, greater_than=0)
     return kv_heads
 
 
@@ -114,13 +114,8 @@ class SparseAttention(nn.Module):
         super().__init__()
         kv_heads = check_head_layout(dim, dim_head, heads, kv_heads, use_rotary, scale)
         positive_int("sliding_window_size", sliding_window_size)
-        positive_int("compress_block_size", compress_block_size)
-        positive_int("compress_block_sliding_stride", compress_block_sliding_stride)
-        if compress_block_sliding_stride > compress_block_size:
-            raise ValueError(
-                "compress_block_sliding_stride must be <= compress_block_size (a larger stride skips tokens), got "
-                f"compress_block_sliding_stride={compress_block_sliding_stride}, compress_block_size={compress_block_size}"
-            )
+        block_and_stride(compress_block_size, compress_block_sliding_stride, "compress_block_size",
+                         "compress_block_sliding_stride")
         positive_int("selection_block_size", selection_block_size)
         if selection_block_size % compress_block_sliding_stride:
             raise ValueError(
@@ -130,6 +125,9 @@ class SparseAttention(nn.Module):
         positive_int("num_selected_blocks", num_selected_blocks)
         positive_int("num_initial_blocks", num_initial_blocks, minimum=0)
         positive_int("num_local_blocks", num_local_blocks, minimum=0)
+        if strategy_combine_mlp is not None and not callable(strategy_combine_mlp):
+            raise TypeError(f"strategy_combine_mlp must be None or a module [B, T, dim] -> [B, T, 3*heads], got "
+                            f"{type(strategy_combine_mlp).__name__} {strategy_combine_mlp!r}")
 
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.sliding_window_size = sliding_window_size
@@ -180,11 +178,16 @@ class SparseAttention(nn.Module):
     # --- pieces of forward, kept separate so that a KV-cache path can reuse them ---
 
     def check_input(self, x: Tensor) -> None:
-        """``x`` must be a floating ``[B, T, dim]`` tensor."""
+        """``x`` must be a floating ``[B, T, dim]`` tensor of the layer's parameters' dtype (the projections
+        would fail on another, or autocast casts it before it gets here)."""
         tensor("x", x, ndim=3, floating=True)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, seq_len, dim={self.dim}], got shape {list(x.shape)} "
                              f"(last dim {x.shape[-1]} != dim {self.dim})")
+        params = self.to_qkv.weight.dtype
+        if x.dtype != params and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the layer's parameter dtype {params} (cast the input or the layer with "
+                            f".to(dtype)), got {x.dtype}")
 
     def project_qkv(self, h: Float[Tensor, "B T dim"]) -> tuple[Tensor, Tensor, Tensor]:
         """Normed input -> ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` (no rotary)."""

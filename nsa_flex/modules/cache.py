@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._checks import positive_int, tensor
+from .._checks import block_and_stride, device as check_device, number, positive_int, tensor
 
 __all__ = ["KVCache", "NSACache"]
 
@@ -46,6 +46,7 @@ class KVCache:
         positive_int("dim_head", dim_head)
         positive_int("max_len", max_len)
         dim_value = dim_head if dim_value is None else positive_int("dim_value", dim_value)
+        device = check_device("device", device)
         self.batch_size, self.kv_heads, self.dim_head, self.max_len = batch_size, kv_heads, dim_head, max_len
         self.k = torch.zeros(batch_size, kv_heads, max_len, dim_head, device=device, dtype=dtype)
         self.v = torch.zeros(batch_size, kv_heads, max_len, dim_value, device=device, dtype=dtype)
@@ -142,9 +143,8 @@ class NSACache(KVCache):
     def __init__(self, batch_size: int, kv_heads: int, dim_head: int, max_len: int, compress_block_size: int,
                  compress_stride: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
                  dim_value: Optional[int] = None, rotary_base: Optional[float] = None):
+        block_and_stride(compress_block_size, compress_stride, "compress_block_size", "compress_stride")
         super().__init__(batch_size, kv_heads, dim_head, max_len, device, dtype, dim_value)
-        positive_int("compress_block_size", compress_block_size)
-        positive_int("compress_stride", compress_stride)
         self.compress_block_size, self.compress_stride = compress_block_size, compress_stride
         self.num_compressed = max(0, (max_len - compress_block_size) // compress_stride + 1)
         C1 = self.num_compressed + 1
@@ -156,9 +156,10 @@ class NSACache(KVCache):
     def set_rotary_base(self, rotary_base: Optional[float]) -> None:
         """Hold rotated keys (RoPE with this base) or, with None, position-free ones; only while empty (a
         layer's prefill sets its own on the cache)."""
-        if rotary_base is not None and (self.dim_head % 2 or not rotary_base > 1):
-            raise ValueError(f"rotary_base needs an even dim_head and a base > 1, got dim_head={self.dim_head}, "
-                             f"rotary_base={rotary_base!r}")
+        if rotary_base is not None:
+            number("rotary_base", rotary_base, greater_than=1)
+            if self.dim_head % 2:
+                raise ValueError(f"rotary_base needs an even dim_head, got dim_head={self.dim_head}")
         if not self.is_empty and rotary_base != self.rotary_base:
             raise ValueError(f"the cache holds keys rotated with rotary_base={self.rotary_base}; it cannot change "
                              f"to {rotary_base} before reset()")

@@ -31,7 +31,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._checks import positive_int, tensor
+from .._checks import block_and_stride, positive_int, tensor
 from ..functional import compression_blocks
 
 __all__ = [
@@ -45,15 +45,6 @@ __all__ = [
     "MeanPool",
     "get_compressor",
 ]
-
-
-def _check_block(block_size: int, stride: int) -> None:
-    positive_int("block_size", block_size)
-    positive_int("stride", stride)
-    if stride > block_size:
-        raise ValueError(
-            f"stride must be <= block_size (a larger stride skips tokens), got stride={stride}, block_size={block_size}"
-        )
 
 
 def _optional_positive(name: str, value: Optional[int]) -> Optional[int]:
@@ -91,7 +82,7 @@ class Compressor(nn.Module):
 
     def __init__(self, block_size: int, stride: int, head_dim: Optional[int] = None, num_heads: Optional[int] = None):
         super().__init__()
-        _check_block(block_size, stride)
+        block_and_stride(block_size, stride)
         if head_dim is None and self.requires_head_dim:
             raise ValueError(f"{type(self).__name__} needs head_dim (the D of [B, H, T, D]), got None")
         if num_heads is None and self.requires_num_heads:

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._checks import positive_int, tensor
+from .._checks import number, positive_int, tensor
 from ..functional.decode import rotary_frequencies
 
 __all__ = ["RotaryEmbedding", "apply_rotary"]
@@ -57,10 +57,8 @@ class RotaryEmbedding(nn.Module):
         positive_int("dim_head", dim_head)
         if dim_head % 2:
             raise ValueError(f"rotary embedding needs an even dim_head, got {dim_head}")
-        if not base > 1:
-            raise ValueError(f"rotary base must be > 1, got {base!r}")
         self.dim_head = dim_head
-        self.base = float(base)
+        self.base = number("base", base, greater_than=1)
 
     def forward(self, x: Float[Tensor, "B H T D"], offset: int = 0) -> Float[Tensor, "B H T D"]:
         if isinstance(x, Tensor) and x.shape[-1] != self.dim_head:

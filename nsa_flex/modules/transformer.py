@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as torch_F
-from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -236,9 +235,21 @@ class TransformerLM(nn.Module):
         return CausalAttention(dim, dim_head, heads, kv_heads, window_size=window, **shared)
 
     def check_ids(self, ids: Tensor) -> None:
+        """``ids [B, T]``, integer, at most ``max_seq_len`` tokens; token ids in ``[0, vocab_size)`` are checked on
+        CPU tensors only (on CUDA that needs a host sync every step; an id out of range there fails in the
+        embedding as a device-side assert)."""
         tensor("ids", ids, ndim=2, integer=True)
         if ids.shape[1] > self.max_seq_len:
             raise ValueError(f"ids has {ids.shape[1]} tokens, more than max_seq_len={self.max_seq_len}")
+        self._check_token_range("ids", ids)
+
+    def _check_token_range(self, name: str, ids: Tensor) -> None:
+        """ValueError unless ``ids`` lie in ``[0, vocab_size)``; a no-op where it would sync (see check_ids)."""
+        if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"{name} must be token ids in [0, {self.vocab_size}) (vocab_size), got min {lo}, max {hi}")
 
     def logits(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T V"]:
         """Final norm and the head tied to the embedding."""
@@ -285,11 +296,13 @@ class TransformerLM(nn.Module):
 
         Prompts: ``prompt_ids [B, T]`` left-aligned (row ``b``'s prompt is ``prompt_ids[b, :prompt_lengths[b]]``,
         the rest padding; ``prompt_lengths`` default all ``T``), or a list of 1-D token sequences of any
-        lengths. Each row's logits are those of running it alone (so greedy decoding, ``temperature=0``, gives
-        the same tokens; sampling draws from ``generator`` for the whole batch at once). ``top_k`` keeps the
-        ``k`` most likely tokens. ``cuda_graph`` (default: on CUDA) replays the one-token decode step of the
-        whole model from a CUDA graph captured on the second step, so the step costs its GPU work rather than
-        hundreds of Python-launched kernels; the tokens are the same (sampling stays outside the graph).
+        lengths; a flat list of ints is one prompt (``generate([1, 2, 3], n)`` returns ``[1, n]``), and a list
+        mixing ints and sequences is a TypeError. Each row's logits are those of running it alone (so greedy
+        decoding, ``temperature=0``, gives the same tokens; sampling draws from ``generator`` for the whole batch
+        at once). ``top_k`` keeps the ``k`` most likely tokens. ``cuda_graph`` (default: on CUDA) replays the
+        one-token decode step of the whole model from a CUDA graph captured on the second step, so the step costs
+        its GPU work rather than hundreds of Python-launched kernels; the tokens are the same (sampling stays
+        outside the graph).
         ValueError if a prompt plus ``max_new_tokens`` exceeds ``max_seq_len``.
         """
         positive_int("max_new_tokens", max_new_tokens)
@@ -307,7 +320,14 @@ class TransformerLM(nn.Module):
                 raise ValueError("prompt_lengths is only for a padded prompt tensor, not a list of prompts")
             if not prompt_ids:
                 raise ValueError("prompt_ids is an empty list")
-            rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompt_ids]
+            scalar = [isinstance(p, int) or (isinstance(p, Tensor) and p.ndim == 0) for p in prompt_ids]
+            if all(scalar):  # one prompt's token ids, not len(prompt_ids) prompts of one token each
+                prompt_ids = [prompt_ids]
+            elif any(scalar):
+                raise TypeError("prompt_ids must be a list of prompts (1-D token sequences) or one prompt as a flat "
+                                f"list of ints, got a list mixing both: {prompt_ids!r}")
+            rows = [tensor(f"prompt_ids[{b}]", torch.as_tensor(p), ndim=1, integer=True).long()
+                    for b, p in enumerate(prompt_ids)]
             prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
             ids = torch.zeros(len(rows), int(prompt_lengths.max()), dtype=torch.long)
             for b, r in enumerate(rows):
@@ -315,7 +335,6 @@ class TransformerLM(nn.Module):
         else:
             ids = prompt_ids
             tensor("prompt_ids", ids, ndim=2, integer=True)
-        ids = ids.to(device)
         B, T = ids.shape
         if prompt_lengths is None:
             prompt_lengths = torch.full((B,), T, dtype=torch.long)
@@ -327,6 +346,9 @@ class TransformerLM(nn.Module):
         if hi + max_new_tokens > self.max_seq_len:
             raise ValueError(f"the longest prompt ({hi} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                              f"max_seq_len={self.max_seq_len}")
+        # the columns that are used, checked before the move, while a CPU prompt for a CUDA model needs no sync
+        self._check_token_range("prompt_ids", ids[:, :hi])
+        ids = ids.to(device)
         # Compiled FlexAttention specializes on the prefill length (functional/flex.py): pad it to a power of two
         # so prompts of any length share a few kernels; prompt_lengths masks the padding out.
         padded = max(hi, min(max(PREFILL_BUCKET, 1 << (hi - 1).bit_length()), self.max_seq_len))

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import positive_int
+from .._checks import device as check_device, floating_dtype, number, positive_int, score_mod_heads
 from ..functional.flex import flex
 from ..masks import Mask, as_mask
 from .reference import dense_attention
@@ -38,18 +38,30 @@ def assert_matches_dense(
     GQA), runs FlexAttention (compiled on CUDA, eager on CPU) with the mask's BlockMask and ``score_mod``,
     and compares with :func:`dense_attention` using the mask's dense form. Raises ``AssertionError`` with
     the worst position, its error, how many rows exceed ``atol`` and whether any output is NaN. Returns the
-    maximum absolute error. Batch/heads default to what the mask is defined for, else 2.
+    maximum absolute error. Batch/heads default to what the mask (or, for heads, a per-head ``score_mod``) is
+    defined for, else 2. ``atol`` defaults to ``TOLERANCE[dtype]``; other floating dtypes need it given.
     """
     m = as_mask(mask)
-    kv_len = q_len if kv_len is None else kv_len
+    positive_int("q_len", q_len)
+    kv_len = q_len if kv_len is None else positive_int("kv_len", kv_len)
+    for name, value in (("batch", batch), ("heads", heads), ("kv_heads", kv_heads)):
+        if value is not None:
+            positive_int(name, value)
     B = batch or m.extent.batch or 2
-    H = heads or m.extent.heads or 2
+    H = heads or m.extent.heads or getattr(score_mod, "num_heads", None) or 2
     Hkv = kv_heads or H
     positive_int("head_dim", head_dim)
     if H % Hkv:
         raise ValueError(f"heads must be a multiple of kv_heads, got heads={H}, kv_heads={Hkv}")
-    device = torch.device(device) if device is not None else (m.extent.device or torch.device("cpu"))
-    atol = TOLERANCE[dtype] if atol is None else atol
+    score_mod_heads("score_mod", score_mod, H)
+    floating_dtype("dtype", dtype)
+    if atol is None:
+        if dtype not in TOLERANCE:
+            raise ValueError(f"dtype {dtype} has no default tolerance (TOLERANCE has {list(TOLERANCE)}): pass atol")
+        atol = TOLERANCE[dtype]
+    else:
+        atol = number("atol", atol, at_least=0)
+    device = check_device("device", device) or m.extent.device or torch.device("cpu")
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (

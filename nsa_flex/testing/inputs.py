@@ -12,7 +12,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .._checks import positive_int
+from .._checks import device as check_device, floating_dtype, positive_int
 
 KINDS = ("random", "structured")
 
@@ -35,6 +35,10 @@ def nsa_inputs(
     for name, value in (("T", T), ("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
                         ("batch", batch)):
         positive_int(name, value)
+    if heads % kv_heads:
+        raise ValueError(f"heads must be a multiple of kv_heads (GQA), got heads={heads}, kv_heads={kv_heads}")
+    device = check_device("device", device)
+    floating_dtype("dtype", dtype)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)

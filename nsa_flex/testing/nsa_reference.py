@@ -1,7 +1,8 @@
 """A slow, obviously-correct float64 NSA: explicit loops and dense masks, no FlexAttention, no shared code
 with :mod:`nsa_flex.functional` beyond the float64 masked softmax of :func:`dense_attention`.
 
-Written straight from DESIGN.md "Exact semantics"; the fast paths are tested against it.
+Written straight from DESIGN.md "Exact semantics"; the fast paths are tested against it. (The argument checks
+are :func:`nsa_attention`'s own, so both refuse the same inputs.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..functional.nsa import check_nsa_arguments
 from .reference import dense_attention
 
 
@@ -93,9 +95,11 @@ def reference_nsa(
     """Float64 NSA with the signature of :func:`nsa_flex.functional.nsa_attention` (CPU; tiny sizes only).
 
     ``compress`` is ``"mean"``, a callable, or a ``(key, value)`` pair of callables.
-    Differentiable with respect to ``q, k, v, gates`` and compressor parameters.
+    Differentiable with respect to ``q, k, v, gates`` and compressor parameters. Arguments are validated as
+    :func:`nsa_attention` validates them (any floating dtypes: the arithmetic is float64).
     """
-    B, Hq, T, D = q.shape
+    B, Hq, T = check_nsa_arguments(q, k, v, gates, compress_block_size, compress_stride, selection_block_size,
+                                   num_selected, num_initial, num_local, window_size, scale, fine_qk, same_dtype=False)
     l, d, ls, w = compress_block_size, compress_stride, selection_block_size, window_size
     if compress == "mean":
         k_cmp, v_cmp = reference_mean_pool(k, l, d), reference_mean_pool(v, l, d)

@@ -8,6 +8,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .._checks import score_mod_heads
+from ..functional.branches import check_qkv
 from ..functional.dense import ScoreMod, dense_masked_attention
 from ..masks import Mask, as_mask
 
@@ -25,10 +27,11 @@ def dense_attention(
 
     ``mask`` is a Mask, any mask_mod, or a bool tensor broadcastable to ``[B, Hq, Q, KV]``. GQA: ``Hq`` a
     multiple of ``Hkv``. Rows that see nothing give 0 (and ``lse = -inf``). Returns float64 ``out`` or
-    ``(out, lse)``.
+    ``(out, lse)``. The inputs may have different floating dtypes (all are computed in float64).
     """
-    B, Hq, Q, _ = q.shape
+    B, Hq, _, Q = check_qkv(q, k, v, same_length=False, same_dtype=False)
     KV = k.shape[2]
+    score_mod_heads("score_mod", score_mod, Hq)
     if mask is not None and not isinstance(mask, Tensor):
         mask = as_mask(mask).to_dense(Q, KV, B=B, H=Hq, device=q.device)
     return dense_masked_attention(

@@ -1,6 +1,7 @@
 """mean_pool (nsa_flex.functional.compress) against the float64 reference: values and gradients, for block sizes
 the stride divides (sums of whole strides) and for any others (the unfolded view)."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,3 +36,12 @@ def test_mean_pool_equals_reference_with_gradients(T, stride, ratio, dtype, toke
     if block % stride == 0:  # sums of whole strides: the gradient in x's layout, as the other branches give theirs
         (dx,) = torch.autograd.grad(F.mean_pool(x, block, stride), x, grad.to(dtype))  # not re-laid out as .grad
         assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(2, 64, 4), ValueError, "x must have 4 dimensions"),  # had returned shape (2, 64, 1)
+    (torch.ones(1, 1, 8, 4, dtype=torch.long), TypeError, "x must have a floating dtype"),  # had returned int64
+])
+def test_mean_pool_wants_floating_b_h_t_d(x, error, match):
+    with pytest.raises(error, match=match):
+        F.mean_pool(x, 4, 2)

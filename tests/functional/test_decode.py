@@ -182,6 +182,63 @@ def test_bad_arguments_raise():
         F.nsa_decode(q, k, v, c, c, pos, gates, **{**cfg, "selection_block_size": 3})
     with pytest.raises(ValueError, match="window_size"):
         F.cached_attention(q, k, v, pos, window_size=0)
+    with pytest.raises(TypeError, match="scale"):
+        F.nsa_decode(q, k, v, c, c, pos, gates, **cfg, scale="a")
+    with pytest.raises(ValueError, match="scale"):
+        F.cached_attention(q, k, v, pos, scale=0.0)
+    with pytest.raises(ValueError, match="rotary_base"):
+        F.nsa_decode(q, k, v, c, c, pos, gates, **cfg, rotary_base=0.5)
+
+
+@pytest.mark.parametrize("position", [10, 25, -1])
+def test_positions_outside_the_cache_raise_on_cpu(position):
+    """A CPU position past the cache (or negative) raises; on CUDA it goes unchecked (a host sync per step)."""
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4)
+    c, gates, pos = torch.randn(1, 1, 3, 4), torch.rand(1, 2, 1, 3), torch.tensor([[position]])
+    cfg = dict(compress_block_size=4, compress_stride=2, selection_block_size=4, num_selected=2, window_size=3)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 10\)"):
+        F.cached_attention(q, k, v, pos)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 10\)"):
+        F.nsa_decode(q, k, v, c, c, pos, gates, **cfg)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(block_size=0), ValueError, "block_size"),
+    (dict(stride=0), ValueError, "stride"),
+    (dict(stride=5), ValueError, "stride"),  # > block_size
+    (dict(block_size=4.0), TypeError, "block_size"),
+    (dict(k_cmp=torch.zeros(1, 1, 0, 4)), ValueError, "k_cmp"),
+    (dict(v_cmp=torch.zeros(1, 1, 3, 4)), ValueError, "v_cmp"),
+    (dict(positions=torch.tensor([[3.0]])), TypeError, "positions"),
+])
+def test_update_compressed_rejects_bad_arguments_before_touching_the_cache(kwargs, error, match):
+    """block_size=0 had written NaN (a mean over no tokens) into k_cmp, stride=0 a ZeroDivisionError."""
+    args = dict(k_cache=torch.randn(1, 1, 8, 4), v_cache=torch.randn(1, 1, 8, 4), k_cmp=torch.zeros(1, 1, 4, 4),
+                v_cmp=torch.zeros(1, 1, 4, 4), positions=torch.tensor([[3]]), k_compress="mean", v_compress="mean",
+                block_size=4, stride=2) | kwargs
+    before = {name: x.clone() for name, x in args.items() if isinstance(x, torch.Tensor)}
+    with pytest.raises(error, match=match):
+        F.update_compressed(**args)
+    assert all(torch.equal(args[name], x) for name, x in before.items())
+    with pytest.raises(error, match=match):
+        F.append_to_cache(args["k_cache"], args["v_cache"], args["k_cmp"], args["v_cmp"], torch.randn(1, 1, 1, 4),
+                          torch.randn(1, 1, 1, 4), args["positions"], "mean", "mean", args["block_size"],
+                          args["stride"])
+    assert all(torch.equal(args[name], x) for name, x in before.items())
+
+
+@pytest.mark.parametrize("x, positions, base, error, match", [
+    (torch.randn(2, 1, 3, 4), torch.zeros(2, 3), 10000.0, TypeError, "positions"),  # float positions
+    (torch.randn(2, 1, 3, 4), torch.zeros(1, 1, dtype=torch.long), 10000.0, ValueError, "positions"),  # broadcast
+    (torch.randn(2, 1, 3, 4), torch.zeros(2, 2, 3, dtype=torch.long), 10000.0, ValueError, "positions"),  # heads
+    (torch.randn(2, 1, 3, 4), torch.zeros(2, 3, dtype=torch.long), 0.0, ValueError, "base"),
+    (torch.randn(2, 1, 3, 4), torch.zeros(2, 3, dtype=torch.long), "1e4", TypeError, "base"),
+    (torch.randn(2, 1, 3, 5), torch.zeros(2, 3, dtype=torch.long), 10000.0, ValueError, "even head dim"),
+    (torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 10000.0, ValueError, "x"),
+])
+def test_rotary_at_bad_arguments(x, positions, base, error, match):
+    with pytest.raises(error, match=match):
+        F.rotary_at(x, positions, base)
 
 
 # --- GPU (skipped without CUDA; written for a later session with a device) ---

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsa_flex import masks
-from nsa_flex.functional.flex import decode_kernel_options, forward_tiles
+from nsa_flex import masks, scores
+from nsa_flex.functional.flex import decode_kernel_options, flex, forward_tiles
 
 
 def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
@@ -58,3 +58,23 @@ def test_small_block_tiles_reach_inductor_even_after_an_earlier_compile():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_mask_passed_as_block_mask_says_to_build_its_block_mask():
+    """A Mask (a mask_mod) as block_mask had raised AttributeError 'BLOCK_SIZE' from inside torch."""
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(TypeError, match=r"block_mask.*\.to_block_mask"):
+        flex(q, q, q, block_mask=masks.causal())
+    with pytest.raises(TypeError, match="block_mask"):
+        flex(q, q, q, block_mask="causal")
+    out = flex(q, q, q, block_mask=masks.causal().to_block_mask(16, 16, block_size=16))
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("score_mod", [scores.alibi(4), scores.relative_bias(torch.zeros(2, 5))])
+def test_a_per_head_score_mod_for_other_heads_raises(score_mod):
+    """Past its heads relative_bias had indexed its table out of range (IndexError); alibi silently used the
+    slopes of another head count."""
+    q = torch.randn(1, 8, 16, 8)
+    with pytest.raises(ValueError, match="score_mod"):
+        flex(q, q, q, score_mod=score_mod)

@@ -153,3 +153,36 @@ def test_mask_of_non_callable_is_type_error():
         Mask(3)
     with pytest.raises(TypeError, match="fn"):
         masks.causal() & "causal"
+
+
+def test_to_dense_of_a_mask_mod_that_returns_no_bool_raises():
+    """``q - k`` (a forgotten comparison) had come back as an int64 "mask"; nonzero is not read as True."""
+    with pytest.raises(TypeError, match="mask_mod <lambda> must return a bool tensor.*int64"):
+        Mask(lambda b, h, q, k: q - k).to_dense(4, 4)
+    assert Mask(lambda b, h, q, k: q >= k).to_dense(4, 4).dtype == torch.bool
+
+
+@pytest.mark.parametrize("block_size, error", [
+    (8.0, TypeError),  # had raised "'float' object is not iterable"
+    ("8", TypeError),
+    ((8, 8.0), TypeError),
+    ((8, 8, 8), TypeError),
+    (True, TypeError),
+    (0, ValueError),
+    ((16, 0), ValueError),
+])
+def test_to_block_mask_block_size_names_the_argument(block_size, error):
+    with pytest.raises(error, match="block_size"):
+        masks.causal().to_block_mask(16, 16, block_size=block_size)
+
+
+@pytest.mark.parametrize("materialize", [
+    lambda m, device: m.to_dense(8, 8, device=device),
+    lambda m, device: m.to_block_mask(8, 8, device=device),
+])
+def test_a_device_torch_cannot_use_names_device(materialize):
+    with pytest.raises(ValueError, match="device must be a valid device string"):
+        materialize(masks.causal(), "bogus")
+    if not torch.cuda.is_available():  # had been torch's AssertionError / a long dynamo error
+        with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+            materialize(masks.causal(), "cuda")

@@ -70,6 +70,12 @@ def test_repr():
         (lambda: masks.compressed_causal(block_size=16, stride=32), ValueError, "stride must be <= block_size"),
         (lambda: masks.compressed_causal(block_size=16.0, stride=8), TypeError, "block_size"),
         (lambda: masks.compressed_causal(block_size=16, stride=-8), ValueError, "stride"),
+        # num_compressed_blocks(8, 0, 2) had returned 5, (8.5, 4, 2) 3.0 and (8, 4, 0) a ZeroDivisionError
+        (lambda: masks.num_compressed_blocks(8, 0, 2), ValueError, "block_size"),
+        (lambda: masks.num_compressed_blocks(8, 4, 0), ValueError, "stride"),
+        (lambda: masks.num_compressed_blocks(8, 4, 8), ValueError, "stride must be <= block_size"),
+        (lambda: masks.num_compressed_blocks(8.5, 4, 2), TypeError, "seq_len"),
+        (lambda: masks.num_compressed_blocks(-1, 4, 2), ValueError, "seq_len"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, exc, names):

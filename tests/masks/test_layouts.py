@@ -391,6 +391,8 @@ def test_repr_rebuilds_the_same_mask(mask):
         (lambda: masks.longformer(128, num_sliding_window_blocks=-3), ValueError, "num_sliding_window_blocks"),
         (lambda: masks.longformer(128, global_block_indices=["0"]), TypeError, r"global_block_indices\[0\]"),
         (lambda: masks.longformer(128, attention="forward"), ValueError, "attention"),
+        (lambda: masks.fixed(128, device="bogus"), ValueError, "device must be a valid device string"),
+        (lambda: masks.bigbird(128, device=3), TypeError, "device"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, exc, names):
@@ -412,6 +414,14 @@ def test_layout_masks_need_self_attention_lengths(mask):
         mask.to_dense(129, 129)
     with pytest.raises(ValueError, match="q_len == kv_len"):
         assert_matches_dense(mask, 64, 65)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+@pytest.mark.parametrize("make", [masks.fixed, masks.variable, masks.bigbird, masks.longformer])
+def test_a_cuda_device_without_cuda_names_device(make):
+    """torch's "Torch not compiled with CUDA enabled" AssertionError had come from moving the layout."""
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        make(128, device="cuda")
 
 
 def test_block_layout_rejects_lengths_beyond_the_layout():

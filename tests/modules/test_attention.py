@@ -367,3 +367,26 @@ def test_compile_fullgraph_backward_bf16_cuda():
         assert torch.isfinite(c).all(), name
         scale = r.norm() + 1e-3 * ref[0].norm()  # near-zero gradients: measured against the input's gradient
         assert (c - r).norm() <= 2 * (e - r).norm() + 2e-2 * scale, name
+
+
+def test_strategy_combine_mlp_must_be_callable():
+    """A non-callable had been accepted and failed at forward with "'int' object is not callable"."""
+    with pytest.raises(TypeError, match="strategy_combine_mlp"):
+        SparseAttention(**SMALL, strategy_combine_mlp=5)
+
+
+@pytest.mark.parametrize("scale, error", [("a", TypeError), (0.0, ValueError), (float("nan"), ValueError)])
+def test_bad_scale(scale, error):
+    with pytest.raises(error, match="scale"):
+        SparseAttention(**SMALL, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm's, under autocast
+def test_input_of_another_dtype_than_the_parameters(dtype):
+    """The projection had raised torch's raw dtype mismatch; autocast (which casts inside) stays allowed."""
+    model = SparseAttention(**SMALL)
+    with pytest.raises(TypeError, match=r"x must have the layer's parameter dtype torch.float32"):
+        model(torch.randn(1, 8, SMALL["dim"], dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 8, SMALL["dim"], dtype=torch.bfloat16)).shape == (1, 8, SMALL["dim"])

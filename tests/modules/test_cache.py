@@ -155,3 +155,25 @@ def test_causal_attention_cache(window):
     torch.testing.assert_close(out, full, **TOL)
     with pytest.raises(ValueError, match="max_len"):
         attn(x[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    # every other constructor refuses a stride past the block (it skips tokens)
+    (lambda: NSACache(1, 1, 8, 32, compress_block_size=8, compress_stride=16), ValueError,
+     "compress_stride must be <= compress_block_size"),
+    (lambda: NSACache(1, 1, 8, 32, compress_block_size=0, compress_stride=1), ValueError, "compress_block_size"),
+    (lambda: NSACache(1, 1, 8, 32, compress_block_size=8, compress_stride=4, rotary_base=1.0), ValueError,
+     "rotary_base"),
+    (lambda: NSACache(1, 1, 8, 32, compress_block_size=8, compress_stride=4, rotary_base="1e4"), TypeError,
+     "rotary_base"),
+    (lambda: KVCache(1, 1, 8, 32, device="bogus"), ValueError, "device must be a valid device string"),
+])
+def test_constructor_arguments_are_validated(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_a_cuda_cache_without_cuda_names_device():
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        KVCache(1, 1, 8, 32, device="cuda")

@@ -156,6 +156,35 @@ def test_sampling_top_k_and_generator():
     assert model.generate(prompt, 4, top_k=1).tolist() == model.generate(prompt, 4, temperature=0).tolist()
 
 
+@torch.no_grad()
+def test_generate_from_a_flat_list_of_ints_is_one_prompt():
+    """``generate([1, 2, 3], n)`` had decoded three one-token prompts (B=3)."""
+    model = TransformerLM(attn="dense", **TINY)
+    flat = model.generate([104, 105, 33], 4, temperature=0)
+    assert flat.shape == (1, 4)
+    assert flat.tolist() == model.generate([torch.tensor([104, 105, 33])], 4, temperature=0).tolist()
+    assert flat.tolist() == model.generate((104, 105, torch.tensor(33)), 4, temperature=0).tolist()
+    with pytest.raises(TypeError, match="prompt_ids"):
+        model.generate([1, [2, 3]], 4)
+    with pytest.raises(TypeError, match=r"prompt_ids\[0\]"):
+        model.generate([[1.5, 2.0]], 4)  # floats were truncated to ints
+
+
+@torch.no_grad()
+def test_token_ids_outside_the_vocabulary_raise_on_cpu():
+    """They had raised IndexError from the embedding (on CUDA they stay unchecked: a host sync per step)."""
+    model = TransformerLM(attn="dense", **TINY)
+    with pytest.raises(ValueError, match=r"ids must be token ids in \[0, 256\)"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="ids must be token ids"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="prompt_ids must be token ids"):
+        model.generate([1, 300], 2)
+    # columns past the longest prompt are never read, so they are not checked
+    padded = torch.tensor([[5, 6, -1], [7, 8, -1]])
+    assert model.generate(padded, 2, prompt_lengths=torch.tensor([2, 1])).shape == (2, 2)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"),

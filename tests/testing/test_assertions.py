@@ -4,7 +4,7 @@ disagree (wrong score_mod, wrong BlockMask, NaN), and dense_attention is itself 
 import pytest
 import torch
 
-from nsa_flex import masks
+from nsa_flex import masks, scores
 from nsa_flex.masks import Mask
 from nsa_flex.testing import TOLERANCE, assert_matches_dense, dense_attention
 from nsa_flex.testing import assertions
@@ -107,11 +107,32 @@ def test_defaults_follow_the_mask_extent():
         (dict(head_dim=0), ValueError, "head_dim"),
         (dict(block_size=0), ValueError, "block_size"),
         (dict(block_size=(16, 0)), ValueError, "block_size"),
+        (dict(q_len=-1), ValueError, "q_len"),  # had been a raw RuntimeError from torch.randn
+        (dict(kv_len=0), ValueError, "kv_len"),
+        (dict(batch=0), ValueError, "batch"),  # had fallen back to the default silently
+        (dict(dtype=torch.int64), TypeError, "dtype"),  # had been a KeyError
+        (dict(dtype=torch.float8_e4m3fn), ValueError, "atol"),  # no default tolerance: asks for atol
+        (dict(atol=-1), ValueError, "atol"),  # had been accepted, then a confusing AssertionError
+        (dict(atol="1e-3"), TypeError, "atol"),
+        (dict(device="bogus"), ValueError, "device must be a valid device string"),
+        (dict(heads=8, score_mod=scores.alibi(4)), ValueError, "score_mod"),
+        (dict(heads=8, score_mod=scores.relative_bias(torch.zeros(2, 5))), ValueError, "score_mod"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, exc, names):
+    args = dict(q_len=16, kv_len=16) | kwargs
     with pytest.raises(exc, match=names):
-        assert_matches_dense(masks.causal(), 16, 16, **kwargs)
+        assert_matches_dense(masks.causal(), **args)
+
+
+def test_heads_default_to_a_per_head_score_mod():
+    assert assert_matches_dense(masks.causal(), 16, score_mod=scores.relative_bias(torch.randn(3, 5))) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_a_cuda_device_without_cuda_names_device():
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        assert_matches_dense(masks.causal(), 16, device="cuda")
 
 
 # -- dense_attention ------------------------------------------------------------------------------------------
@@ -129,6 +150,25 @@ def test_dense_attention_is_plain_softmax_attention():
     torch.testing.assert_close(lse, torch.logsumexp(s, -1))
     # a bool tensor mask works the same
     torch.testing.assert_close(dense_attention(q, k, v, mask=mask), out)
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((1, 1, 4, 4), (1, 1, 4, 3), (1, 1, 4, 3)), "head dim"),  # had been an einsum RuntimeError
+    (((1, 3, 4, 4), (1, 2, 4, 4), (1, 2, 4, 4)), "multiple of kv heads"),
+    (((1, 1, 4, 4), (1, 1, 5, 4), (1, 1, 4, 4)), "k and v"),
+    (((1, 4, 4), (1, 1, 4, 4), (1, 1, 4, 4)), "q must have 4 dimensions"),
+])
+def test_dense_attention_checks_shapes(shapes, match):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        dense_attention(q, k, v)
+
+
+def test_dense_attention_takes_mixed_dtypes_and_checks_per_head_score_mods():
+    q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4)
+    assert dense_attention(q, k, v).dtype == torch.float64
+    with pytest.raises(ValueError, match="score_mod"):
+        dense_attention(q, k, v, score_mod=scores.alibi(8))
 
 
 def test_dense_attention_rows_that_see_nothing():

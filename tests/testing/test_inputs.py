@@ -27,6 +27,9 @@ def test_structured_neighbours_are_alike():
     (dict(kind="smooth"), ValueError, "kind must be one of"),
     (dict(T=0), ValueError, "T"),
     (dict(heads=2.5), TypeError, "heads"),
+    (dict(heads=3, kv_heads=2), ValueError, "heads must be a multiple of kv_heads"),  # had been accepted
+    (dict(device="bogus"), ValueError, "device"),
+    (dict(dtype=torch.long), TypeError, "dtype"),
 ])
 def test_bad_arguments(kwargs, error, match):
     args = dict(T=10, heads=2, kv_heads=1, head_dim=4) | kwargs
