@@ -10,19 +10,19 @@ Usage: ``python -m bench.block_mask [--seq-lens 8192 65536] [--num-selected 16] 
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 from nsa_flex import masks
+from nsa_flex.cli import ArgParser
 from nsa_flex.functional.branches import SELECTION_TILE_ROWS
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgParser(description=__doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--num-selected", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)

@@ -9,12 +9,11 @@ Usage: ``python -m bench.block_topk [--seq-lens 16384 65536]``
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from nsa_flex import functional as F
 from nsa_flex import testing
+from nsa_flex.cli import ArgParser
 from nsa_flex.functional import block_topk
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
@@ -32,7 +31,7 @@ def unfused(fn):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgParser(description=__doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)

@@ -11,7 +11,9 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# The default --out, relative like any command's output: under the directory a benchmark runs in (the checkout's
+# bench/results/ for `python -m bench.NAME` run there, ./bench/results/ for `nsa-flex bench NAME` run elsewhere).
+RESULTS = Path("bench", "results")
 
 
 def environment() -> dict:
@@ -87,11 +89,16 @@ def peak_memory(fn: Callable[[], object]) -> int:
 
 
 def save(name: str, payload: dict, directory: Path = RESULTS) -> Path:
-    """Write ``payload`` as ``<directory>/<name>.json`` and return the path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    """Write ``payload`` as ``<directory>/<name>.json`` and return the path; exits with a one-line message when
+    the directory (``--out``) cannot hold it."""
+    path = Path(directory) / f"{name}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+    except FileExistsError:  # from mkdir: a file where the directory should be
+        raise SystemExit(f"--out: {str(directory)!r} exists and is not a directory") from None
+    except OSError as err:
+        raise SystemExit(f"--out: cannot write {str(path)!r}: {err.strerror or err}") from None
     return path
 
 

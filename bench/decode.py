@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
+from nsa_flex.cli import ArgParser
 from nsa_flex.modules import NSACache
 
 from .common import RESULTS, cpu_time, cuda_graphed, cuda_time, environment, profile_into, save
@@ -113,7 +114,7 @@ def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536],
                    help="tokens already in the cache")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])

@@ -13,7 +13,6 @@ Usage: ``python -m bench.decode_sweep --context 65536 --batch 16 --grid _TARGET_
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import itertools
@@ -21,6 +20,7 @@ import itertools
 import torch
 
 from nsa_flex import functional as F
+from nsa_flex.cli import ArgParser
 from nsa_flex.functional import fused_decode
 
 from .common import cuda_graphed, cuda_time, environment, profile_into
@@ -41,7 +41,7 @@ def parse_grid(items: list[str]) -> dict[str, list[int]]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=int, default=65536)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--config", default="paper", choices=sorted(CONFIGS))

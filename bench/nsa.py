@@ -36,6 +36,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 from nsa_flex import masks
+from nsa_flex.cli import ArgParser
 from nsa_flex.functional import selected_kernel
 from nsa_flex.functional.nsa import gate
 from nsa_flex.testing import nsa_inputs
@@ -145,7 +146,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from nsa_flex.cli import ArgParser
+
 from .common import RESULTS, environment, save
 from .nsa import CONFIGS, bench_inputs, load_fla, methods
 
@@ -81,7 +83,7 @@ SMOKE_TRACE = [  # a tensor freed before a larger pair is alive together: the pe
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=65536)
     p.add_argument("--config", default="paper", choices=sorted(CONFIGS))
     p.add_argument("--inputs", default="random", choices=["random", "structured"])

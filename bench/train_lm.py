@@ -25,6 +25,7 @@ import contextlib
 import torch
 import torch.nn.functional as torch_F
 
+from nsa_flex.cli import ArgParser
 from nsa_flex.modules import TransformerLM
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile_into, save
@@ -60,7 +61,7 @@ def make_step(attn: str, context: int, batch: int, model_config: dict, device: t
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--attn", nargs="+", default=["nsa", "dense", "window"], choices=["nsa", "dense", "window"])
     p.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens // context)")

@@ -6,18 +6,24 @@ query-key pairs allowed) and its block sparsity (fraction of FlexAttention block
 and, if matplotlib is installed, a PNG with the BlockMask grid.
 
 Run:  python examples/compose_pattern.py [--png FILE.png] [--seq-len 512] [--block-size 64]
+
+Bad arguments give a one-line ``compose_pattern.py: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from typing import Optional, Sequence
 
 import torch
 
 from nsa_flex import masks
-from nsa_flex.cli import render_text, save_png, view_mask
+from nsa_flex.cli import ArgParser, CLIError, check_size, png_path, render_text, save_png, view_mask
+
+PROG = "compose_pattern.py"
 
 
 def summary_tokens(every: int) -> masks.Mask:
@@ -37,14 +43,32 @@ def build_pattern() -> masks.Mask:
     return local | sinks | summary_tokens(32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--png", default=os.path.join(tempfile.gettempdir(), "nsa_flex_compose_pattern.png"))
-    args = parser.parse_args()
-    T, bs = args.seq_len, args.block_size
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise CLIError(message)
 
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
+    parser = ArgParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=512, help="queries and keys (default 512)")
+    parser.add_argument("--block-size", type=int, default=64, help="BlockMask block size (default 64)")
+    parser.add_argument("--png", type=png_path, help="where to draw the PNG (default: in the temporary directory)",
+                        default=os.path.join(tempfile.gettempdir(), "nsa_flex_compose_pattern.png"))
+    args = parser.parse_args(argv)
+    for name in ("seq_len", "block_size"):
+        value = getattr(args, name)
+        _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    png_dir = os.path.dirname(os.path.abspath(args.png))
+    _check(os.path.isdir(png_dir), f"--png: no directory {png_dir!r} to write {args.png!r} in")
+    try:
+        check_size(build_pattern(), args.seq_len, args.seq_len, (args.block_size, args.block_size))
+    except ValueError as err:
+        raise CLIError(f"--seq-len {args.seq_len}, --block-size {args.block_size}: {err}") from None
+    return args
+
+
+def show(args: argparse.Namespace) -> None:
+    T, bs = args.seq_len, args.block_size
     pattern = build_pattern()
     print("pattern:", repr(pattern))
 
@@ -73,5 +97,15 @@ def main() -> None:
     torch.testing.assert_close(dense[0, 0], view.dense[0, 0])
 
 
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """Command-line entry point: 0 on success, 2 after a one-line error on stderr for bad input."""
+    try:
+        show(parse_args(argv, prog))
+    except CLIError as err:  # save_png's too: a PNG that cannot be written after all (no permission)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,16 +6,24 @@ by a training script. Several prompts of different lengths are decoded as one ba
 
     python examples/generate.py --prompt "Hello" --prompt "Native sparse attention" --max-new-tokens 64
     python examples/generate.py --checkpoint lm.pt --device cuda --temperature 0.8 --top-k 40
+
+Bad arguments (and a checkpoint that cannot be read) give a one-line ``generate.py: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
+from typing import Optional, Sequence
 
 import torch
 
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint
 from nsa_flex.modules import TransformerLM
+
+PROG = "generate.py"
 
 # A tiny byte-level NSA model (blocks small enough that a short demo crosses compression/selection blocks).
 TINY = dict(vocab_size=256, dim=64, depth=2, heads=4, kv_heads=2, attn="nsa", max_seq_len=512,
@@ -23,33 +31,56 @@ TINY = dict(vocab_size=256, dim=64, depth=2, heads=4, kv_heads=2, attn="nsa", ma
             selection_block_size=16, num_selected_blocks=4)
 
 
-def load_model(checkpoint: str | None, device: torch.device) -> TransformerLM:
+def load_model(checkpoint: Optional[str], device: torch.device) -> TransformerLM:
     if checkpoint is None:
         return TransformerLM(**TINY).to(device)
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = load_checkpoint(checkpoint, "--checkpoint")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         keys = list(state)[:5] if isinstance(state, dict) else None
-        raise SystemExit(f"{checkpoint}: expected a dict with 'config' (TransformerLM kwargs) and 'model' "
-                         f"(state_dict), got {type(state).__name__} (keys {keys})")
-    model = TransformerLM(**state["config"]).to(device)
-    model.load_state_dict(state["model"])
-    return model
+        raise CLIError(f"--checkpoint: {checkpoint!r}: expected a dict with 'config' (TransformerLM kwargs) and "
+                       f"'model' (state_dict), got {type(state).__name__} (keys {keys})")
+    try:
+        model = TransformerLM(**state["config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as err:  # a config or state dict this model cannot take
+        detail = " ".join(str(err).split())  # load_state_dict lists every missing key: one line, cut short
+        raise CLIError(f"--checkpoint: {checkpoint!r} does not fit a TransformerLM: {type(err).__name__}: "
+                       f"{detail[:200]}") from None
+    return model.to(device)
 
 
-def main(argv=None) -> list[bytes]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise CLIError(message)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
+    p = ArgParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help='torch.save({"config": ..., "model": state_dict}) file')
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: 1 for the tiny random model, whose many small ops only "
                         "contend on more; torch's default with a checkpoint)")
     args = p.parse_args(argv)
+    _check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check(args.temperature >= 0 and math.isfinite(args.temperature),
+           f"--temperature must be a number >= 0, got {args.temperature}")
+    _check(args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
+    _check(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+    _check(args.prompt is None or all(args.prompt), "--prompt must not be empty")
+    _check(args.device in ("cpu", "cuda") or args.device.startswith("cuda:"),
+           f"--device must be cpu or cuda, got {args.device!r}")
+    _check(args.device == "cpu" or torch.cuda.is_available(), f"--device {args.device}: CUDA is not available")
+    return args
 
+
+def generate(args: argparse.Namespace) -> list[bytes]:
+    """Decode the prompts with the model; prints each continuation and the timing, returns the new bytes."""
     threads = args.threads if args.threads is not None else (1 if args.checkpoint is None else None)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -58,8 +89,9 @@ def main(argv=None) -> list[bytes]:
     model = load_model(args.checkpoint, device).eval()
     prompts = args.prompt or ["The quick brown fox", "NSA: "]
     ids = [torch.tensor(list(s.encode("utf-8")), dtype=torch.long) for s in prompts]
-    if any(len(x) == 0 for x in ids):
-        raise SystemExit("prompts must not be empty")
+    longest = max(len(x) for x in ids) + args.max_new_tokens
+    _check(longest <= model.max_seq_len, f"the longest prompt plus --max-new-tokens is {longest} tokens, beyond "
+                                         f"the model's max_seq_len {model.max_seq_len}")
     if device.type == "cuda":  # compile the prefill's and the decode step's kernels outside the timing
         model.generate(ids, min(2, args.max_new_tokens), temperature=0)
         torch.cuda.synchronize()
@@ -82,5 +114,15 @@ def main(argv=None) -> list[bytes]:
     return out
 
 
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """Command-line entry point: 0 on success, 2 after a one-line error on stderr for bad input."""
+    try:
+        generate(parse_args(argv, prog))
+    except CLIError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
 
@@ -52,17 +53,8 @@ SMOKE = dict(context=64, steps=8, batch=4, dim=32, depth=2, heads=2, window=16, 
              out="runs/needle_smoke")
 
 
-class ArgError(Exception):
-    """A bad command line: one line ``PROG: error: <message>``, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ArgError(message)
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Passkey retrieval accuracy by depth for NSA / dense / window attention.")
+    p = ArgParser(prog=prog, description="Passkey retrieval accuracy by depth for NSA / dense / window attention.")
     a = p.add_argument
     a("--attn", nargs="+", default=None, help="attention types to train from scratch (default: nsa dense window)")
     a("--init", action="append", default=[], metavar="CKPT",
@@ -96,7 +88,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        raise ArgError(message)
+        raise CLIError(message)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
@@ -235,9 +227,9 @@ def build_models(args, device) -> list[tuple[str, TransformerLM, dict[str, Any]]
         try:
             models.append((attn, TransformerLM(**config).to(device), config))
         except (ValueError, TypeError) as err:
-            raise ArgError(f"model configuration ({attn}): {err}") from None
+            raise CLIError(f"model configuration ({attn}): {err}") from None
     for path in args.init:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path, "--init")
         _check(isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt,
                f"--init: {path!r} is not a train_lm.py checkpoint")
         config = dict(ckpt["config"])
@@ -273,9 +265,8 @@ def plot(path: Path, results: dict[str, Any]) -> bool:
 
 def run(args) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(args.out)
     models = build_models(args, device)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(args.out, "--out")  # a file in the way is a one-line error, before any training
     chance = 0.1 ** args.value_len
     print(f"{PROG}: context {args.context}, key {args.key_len} + value {args.value_len} digits, {args.steps} steps "
           f"x batch {args.batch} per model on {device.type}; chance of an exact value {chance:.0e}")
@@ -312,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         argv = ["--smoke"]
     try:
         run(parse_args(argv, prog))
-    except ArgError as err:
+    except CLIError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

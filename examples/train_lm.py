@@ -24,8 +24,8 @@ Run:
     python examples/train_lm.py --compare runs/nsa runs/dense --out runs/compare   # one plot, one table
     nsa-flex train --smoke                                                # the same script via the CLI
 
-Without arguments and without CUDA it runs the ``--smoke`` preset. Bad arguments give a one-line
-``train_lm.py: error: ...`` and exit status 2.
+Without arguments and without CUDA it runs the ``--smoke`` preset. Bad arguments (and an output directory that
+cannot be made, a checkpoint that cannot be read) give a one-line ``train_lm.py: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir
 from nsa_flex.data import WindowSampler, load_corpus
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
@@ -67,18 +68,9 @@ RESUME_KEYS = ("attn", "context", "batch", "dim", "depth", "heads", "dim_head", 
                "compress_mlp", "seed", "val_percent", "corpus", "max_files")
 
 
-class ArgError(Exception):
-    """A bad command line: reported as ``PROG: error: <message>`` (one line), exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise ArgError(message)
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train a byte-level TransformerLM (NSA / dense / window attention) on the "
-                                       "Python standard library's source.")
+    p = ArgParser(prog=prog, description="Train a byte-level TransformerLM (NSA / dense / window attention) on the "
+                                         "Python standard library's source.")
     a = p.add_argument
     a("--attn", default="nsa", help="attention: nsa, dense or window (default nsa)")
     a("--context", type=int, help=f"tokens (bytes) per training window (default {DEFAULTS['context']})")
@@ -144,11 +136,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        raise ArgError(message)
+        raise CLIError(message)
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in defaults (or the --smoke preset) and validate; raises ArgError with a one-line message."""
+    """Fill in defaults (or the --smoke preset) and validate; raises CLIError with a one-line message."""
     if args.compare and args.out is None:
         args.out = "runs/compare"
     preset = SMOKE if args.smoke else DEFAULTS
@@ -355,10 +347,6 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimizer state dicts keyed by parameter names (a collective under FSDP/DDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -479,7 +467,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     try:
         corpus = load_corpus(args.corpus, val_percent=args.val_percent, max_files=args.max_files)
     except ValueError as err:
-        raise ArgError(str(err)) from None
+        raise CLIError(str(err)) from None
     for split, data in (("train", corpus.train), ("validation", corpus.val)):
         _check(len(data) > args.context, f"the {split} split has {len(data)} bytes, fewer than --context + 1 = "
                                          f"{args.context + 1}")
@@ -492,7 +480,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     try:
         model = TransformerLM(**config)
     except (ValueError, TypeError) as err:
-        raise ArgError(f"model configuration: {err}") from None
+        raise CLIError(f"model configuration: {err}") from None
     num_params = sum(p.numel() for p in model.parameters())
     model.to(dist.device)
     if args.compile:  # per block and in place, so parameter names (and checkpoints) stay those of the model
@@ -509,8 +497,9 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     start_step, elapsed_before = 0, 0.0
 
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        _check(ckpt.get("format") == FORMAT, f"--resume: {str(ckpt_path)!r} is not a {PROG} checkpoint")
+        ckpt = load_checkpoint(ckpt_path, "--resume")
+        _check(isinstance(ckpt, dict) and ckpt.get("format") == FORMAT,
+               f"--resume: {str(ckpt_path)!r} is not a {PROG} checkpoint")
         saved = ckpt["args"]
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
                    for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
@@ -529,7 +518,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
         "world_size": dist.world, "torch": torch.__version__, "corpus": corpus.describe(), "history": history,
     }
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "--out")  # a file in the way is a one-line error, before any training
         print(f"{PROG}: {args.attn} attention, {num_params / 1e6:.2f}M parameters, context {args.context}, "
               f"global batch {args.batch} on {dist.world} x {dist.device.type}"
               f"{' (' + args.dist + ')' if args.dist != 'none' else ''}; {corpus.describe()}"
@@ -620,7 +609,7 @@ def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
         try:
             logs[str(run_dir)] = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ArgError(f"--compare: cannot read {str(path)!r}: {err}") from None
+            raise CLIError(f"--compare: cannot read {str(path)!r}: {err}") from None
     rows = []
     for name, log in logs.items():
         h, a, summary = log["history"], log["args"], log.get("summary", {})
@@ -638,7 +627,7 @@ def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
         print(f"{r['run']:<{width}}  {r['attn']:<6}  {r['context']:>7}  {r['parameters'] / 1e6:>5.2f}M  {r['steps']:>5}"
               f"  {fmt(r['train_loss'], '.4f'):<6}  {fmt(r['val_loss'], '.4f'):<6}  {fmt(r['val_bpb'], '.3f'):<9}"
               f"  {fmt(r['tokens_per_second'], '.0f')}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     write_json(out / "compare.json", {"runs": rows})
     try:
         import matplotlib
@@ -663,7 +652,8 @@ def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
-    """Command-line entry point: 0 on success, 2 (one-line error on stderr) for bad arguments."""
+    """Command-line entry point: 0 on success, 2 after a one-line error on stderr for bad input. Errors of the
+    parser itself (an unknown option, a malformed number) exit with status 2 the same way, as ``--help`` exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv and not torch.cuda.is_available():
         print(f"{prog}: no arguments and no CUDA: running the --smoke preset (see --help for a real run)")
@@ -674,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             compare_runs(args.compare, Path(args.out))
         else:
             train(args)
-    except ArgError as err:
+    except CLIError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

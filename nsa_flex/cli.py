@@ -15,7 +15,7 @@ only calls of the mask generators of :mod:`nsa_flex.masks` that take plain value
 numbers and lists of ints as arguments, combined with ``&``, ``|``, ``~`` and parentheses.
 
 Exit status: 0 on success, 1 when ``check``/``demo`` find a mismatch with dense attention, 2 for a bad
-command line or expression (with a one-line ``nsa-flex: error: ...`` on stderr).
+command line, expression or size (with a one-line ``nsa-flex[ COMMAND]: error: ...`` on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ _NOT_EXPRESSIBLE = frozenset(
     {"as_mask", "block_mask_from_indices", "num_compressed_blocks", "fine_selection", "document", "block_layout"}
 )
 _MAX_EXPR_CHARS = 10_000
-# Largest B*H*Q*KV drawn by `show` (the dense mask and torch's eager CPU BlockMask both materialize it).
-MAX_SHOW_PAIRS = 1 << 26
+# Largest B*H*Q*KV that `show` draws and `check` tests: both materialize the dense mask (and torch's eager CPU
+# BlockMask, or dense attention's scores) on the CPU, so a typo such as --q-len 100000 must not allocate 40 GB.
+MAX_PAIRS = 1 << 26
 # Text rendering: the mask panel is at most this many characters wide / high (terminal cells are ~2:1).
 _TEXT_COLS = 64
 _TEXT_ROWS = 32
@@ -61,7 +62,43 @@ class ExpressionError(ValueError):
 
 
 class CLIError(Exception):
-    """A command-line problem reported as ``nsa-flex: error: <message>`` with exit status 2."""
+    """A bad command line or input, reported as ``PROG: error: <message>`` (one line) with exit status 2.
+
+    Raised by the CLI and by the example scripts, whose ``main`` reports it under their own ``PROG``."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line, ``PROG: error: <message>`` on stderr, and
+    exit status 2, without the usage block (``--help`` still prints it). The parser of the CLI, its
+    subcommands, the examples and the bench scripts, so that every command line fails the same way."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def load_checkpoint(path: Union[str, Path], flag: str) -> Any:
+    """``torch.load`` onto the CPU of a file the command line names with ``flag``, ``weights_only`` (tensors and
+    plain containers, no code runs). A missing file or one that is not such a checkpoint is a one-line CLIError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise CLIError(f"{flag}: cannot read {str(path)!r}: {err.strerror or err}") from None
+    except Exception as err:  # torch.load fails on a non-checkpoint with anything from KeyError to RuntimeError
+        raise CLIError(f"{flag}: {str(path)!r} is not a checkpoint torch.load(weights_only=True) can read "
+                       f"({type(err).__name__})") from None
+
+
+def make_dir(path: Union[str, Path], flag: str) -> Path:
+    """Create the output directory (and its parents) the command line names with ``flag``; a one-line CLIError
+    when it cannot be (a file in the way, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CLIError(f"{flag}: {str(path)!r} exists and is not a directory") from None
+    except OSError as err:
+        raise CLIError(f"{flag}: cannot create the directory {str(path)!r}: {err.strerror or err}") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,16 +381,27 @@ def _scatter_blocks(num: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
     return grid[..., :kv_blocks]
 
 
+def check_size(mask: Mask, q_len: int, kv_len: int, block_size: tuple[int, int], action: str = "draw") -> None:
+    """Raise ValueError if materializing ``mask`` at these lengths takes more than :data:`MAX_PAIRS` entries,
+    naming what was to be done with them (``"draw"``, ``"check"``). Counted over the mask's batch and heads,
+    with the lengths rounded up to whole blocks: torch's BlockMask build evaluates every block it covers."""
+    B, H = mask.extent.batch or 1, mask.extent.heads or 1
+    q_pad, kv_pad = (math.ceil(n / b) * b for n, b in zip((q_len, kv_len), block_size))
+    entries = B * H * q_pad * kv_pad
+    if entries > MAX_PAIRS:
+        padded = "" if (q_pad, kv_pad) == (q_len, kv_len) else f", in whole blocks {q_pad} x {kv_pad}"
+        raise ValueError(
+            f"{entries:,} mask entries (B={B}, H={H}, q_len={q_len}, kv_len={kv_len}{padded}) are too many to "
+            f"{action}; the limit is {MAX_PAIRS:,} (e.g. 8192 x 8192 in blocks of 128)"
+        )
+
+
 def view_mask(mask: Mask, q_len: int, kv_len: int, block_size: tuple[int, int] = (128, 128)) -> MaskView:
     """Materialize ``mask`` for display on CPU. Raises ValueError if it is not defined for these lengths
-    or would be too large to draw (more than :data:`MAX_SHOW_PAIRS` pairs)."""
+    or would be too large to draw (see :func:`check_size`)."""
     mask.check(q_len, kv_len)
+    check_size(mask, q_len, kv_len, block_size)
     B, H = mask.extent.batch or 1, mask.extent.heads or 1
-    if B * H * q_len * kv_len > MAX_SHOW_PAIRS:
-        raise ValueError(
-            f"{B * H * q_len * kv_len:,} mask entries (B={B}, H={H}, q_len={q_len}, kv_len={kv_len}) are too "
-            f"many to draw; the limit is {MAX_SHOW_PAIRS:,} (e.g. 8192 x 8192)"
-        )
     dense = mask.to_dense(q_len, kv_len, device="cpu")
     bm = mask.to_block_mask(q_len, kv_len, device="cpu", block_size=block_size)
     kv_blocks = math.ceil(kv_len / block_size[1])
@@ -441,7 +489,8 @@ def render_text(view: MaskView, max_cols: int = _TEXT_COLS, max_rows: int = _TEX
 def save_png(view: MaskView, path: str, max_pixels: int = 1024) -> None:
     """Draw the mask (batch 0, head 0) with its block grid overlaid, and the block grid beside it, to a PNG.
 
-    Needs matplotlib (``pip install "nsa_flex[plot]"``); raises CLIError without it.
+    Needs matplotlib (``pip install "nsa_flex[plot]"``); raises CLIError without it. ``path`` should end in
+    ``.png`` (:func:`png_path` checks that on the command line): matplotlib picks the format by the suffix.
     """
     try:
         from matplotlib.colors import ListedColormap
@@ -515,11 +564,20 @@ def _positive(text: str) -> int:
 
 def _block_size(text: str) -> tuple[int, int]:
     """``"64"`` -> (64, 64); ``"128,64"`` -> (128, 64) (query block, key block)."""
-    parts = text.replace("x", ",").split(",")
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected B or Q_BLOCK,KV_BLOCK, got {text!r}")
-    sizes = [_positive(p.strip()) for p in parts]
+    try:
+        sizes = [int(part) for part in text.replace("x", ",").split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected B or Q_BLOCK,KV_BLOCK of positive integers, got {text!r}")
     return (sizes[0], sizes[-1])
+
+
+def png_path(text: str) -> str:
+    """An argparse type: a file name ending in ``.png``, checked before any work is done."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png, got {text!r}")
+    return text
 
 
 def _mask_arg(expr: str) -> Mask:
@@ -637,13 +695,15 @@ def run_checks(
 
 def cmd_check(args: argparse.Namespace) -> int:
     mask = _mask_arg(args.expr)
+    cases = check_cases(args.q_len, args.kv_len, args.examples, args.block_size, args.seed)
+    first = cases[0]  # the largest: later ones are no longer, in its blocks or in smaller ones dividing them
     try:
-        mask.check(args.q_len, args.kv_len or args.q_len)
+        mask.check(first.q_len, first.kv_len)
+        check_size(mask, first.q_len, first.kv_len, first.block_size, "check")
     except ValueError as err:
         raise CLIError(_one_line(err)) from None
     dtype = getattr(torch, args.dtype)
     print(f"checking {mask!r}: flex_attention vs float64 dense attention")
-    cases = check_cases(args.q_len, args.kv_len, args.examples, args.block_size, args.seed)
     passed, failed, skipped = run_checks(mask, cases, dtype)
     if failed:
         return 1
@@ -715,7 +775,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(mask_generators())
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog=PROG,
         description="Draw, check and demo composable FlexAttention sparse-attention masks.",
         epilog=f"EXPR combines mask generators with & | ~ and parentheses; generators: {names}.",
@@ -730,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--kv-len", type=_positive, default=None, help="number of keys (default: q-len)")
     show.add_argument("--block-size", type=_block_size, default=(128, 128), metavar="B[,KV_B]",
                       help="BlockMask block size (default 128)")
-    show.add_argument("--out", metavar="FILE.png", help="write a PNG (needs matplotlib)")
+    show.add_argument("--out", type=png_path, metavar="FILE.png", help="write a PNG (needs matplotlib)")
     show.add_argument("--text", action="store_true", help="print as text (the default unless --out is given)")
     show.set_defaults(func=cmd_show)
 
@@ -756,13 +816,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "nsa-flex train --help)")
     sub.add_parser("bench", add_help=False,
                    help=f"run a benchmark of the checkout's bench/ ({', '.join(BENCHMARKS)}; "
-                        "nsa-flex bench NAME --help; --smoke is a CPU check)")
+                        f"nsa-flex bench NAME --help). {BENCH_NOTES}")
     return parser
 
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = CHECKOUT / "examples" / "train_lm.py"
 BENCHMARKS = ("nsa", "decode", "decode_sweep", "train_lm", "block_mask", "block_topk", "train_toy", "peak_memory")
+BENCH_NOTES = ("--smoke is a quick CPU check, and the results go to bench/results/ under the current directory "
+               "unless --out DIR (all but decode_sweep, which only prints)")
 
 
 def _run_main(call) -> int:
@@ -796,7 +858,8 @@ def cmd_bench(argv: Sequence[str]) -> int:
     if not argv:
         raise CLIError(f"bench needs a benchmark name, one of {', '.join(BENCHMARKS)}")
     if argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG} bench {{{','.join(BENCHMARKS)}}} [ARGS]  ({PROG} bench NAME --help lists ARGS)")
+        print(f"usage: {PROG} bench {{{','.join(BENCHMARKS)}}} [ARGS]  ({PROG} bench NAME --help lists ARGS)\n"
+              f"{BENCH_NOTES}.")
         return 0
     name = argv[0]
     if name not in BENCHMARKS:

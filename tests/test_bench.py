@@ -83,3 +83,19 @@ def test_peak_memory_replay_finds_what_is_alive_at_the_peak(tmp_path):
     assert peak_memory.live_at_peak(peak_memory.SMOKE_TRACE, min_bytes=65)[1] == [blocks[0]]
     rows = peak_memory.main(["--smoke", "--out", str(tmp_path)])["rows"]
     assert [r["method"] for r in rows] == ["sdpa_causal", "nsa_flex"]
+
+
+def test_train_toy_benchmark_smoke(tmp_path):
+    from bench import train_toy
+
+    payload = train_toy.main(["--smoke", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "train_toy_smoke.json").read_text())["losses"] == payload["losses"]
+    assert len(payload["losses"]) == payload["args"]["steps"] and all(loss > 0 for loss in payload["losses"])
+
+
+def test_results_default_to_bench_results_under_the_working_directory(tmp_path, monkeypatch):
+    from bench import common
+
+    monkeypatch.chdir(tmp_path)
+    assert common.save("x_smoke", {"a": 1}) == common.RESULTS / "x_smoke.json"
+    assert json.loads((tmp_path / "bench" / "results" / "x_smoke.json").read_text()) == {"a": 1}

@@ -105,39 +105,67 @@ def test_mask_not_defined_for_lengths_exits_2(capsys):
     assert code == 2 and err.count("\n") == 1 and "covers q_len <= 64" in err
 
 
-def test_too_large_to_draw_exits_2(capsys):
-    code, _, err = run_cli(capsys, "show", "causal()", "--q-len", "100000")
-    assert code == 2 and "too many to draw" in err
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["show", "causal()", "--q-len", "100000"], "too many to draw"),
+        (["show", "causal()", "--q-len", "64", "--block-size", "100000"], "in whole blocks 100000 x 100000"),
+        (["check", "causal()", "--q-len", "100000", "--examples", "1"], "too many to check"),
+    ],
+)
+def test_too_large_to_materialize_exits_2_before_any_work(capsys, argv, fragment):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["show"], "the following arguments are required: EXPR"),
+        (["show", "causal()", "--q-len", "-5"], "argument --q-len: expected a positive integer, got -5"),
+        (["show", "causal()", "--q-len", "0"], "argument --q-len: expected a positive integer, got 0"),
+        (["show", "causal()", "--q-len", "ten"], "argument --q-len: expected a positive integer, got 'ten'"),
+        (["show", "causal()", "--kv-len", "0"], "argument --kv-len: expected a positive integer, got 0"),
+        (["show", "causal()", "--block-size", "16,0"], "argument --block-size: expected B or Q_BLOCK,KV_BLOCK"),
+        (["show", "causal()", "--block-size", "1,2,3"], "got '1,2,3'"),
+        (["show", "causal()", "--block-size", "-16"], "got '-16'"),
+        (["show", "causal()", "--out", "mask.txt"], "argument --out: expected a file name ending in .png"),
+        (["check", "causal()", "--examples", "-1"], "argument --examples: expected a positive integer, got -1"),
+        (["check", "causal()", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["check", "causal()", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+        (["demo", "extra"], "unrecognized arguments: extra"),
+        (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(capsys, argv, fragment):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and re.match(r"nsa-flex( \w+)?: error: ", err), err  # no usage block
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["show", "--help"], ["check", "-h"], ["bench", "--help"]])
+def test_help_prints_the_full_help_and_exits_0(capsys, argv):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == "" and out.startswith("usage: ")
+    if argv == ["--help"]:
+        words = " ".join(out.split())  # argparse wraps the help to the terminal's width
+        assert "show" in words and "causal" in words and "--smoke is a quick CPU check" in words
+    if argv[0] == "show":
+        assert "--block-size" in out and "FILE.png" in out
 
 
 @pytest.mark.parametrize(
     "argv",
-    [
-        [],
-        ["frobnicate"],
-        ["show"],
-        ["show", "causal()", "--q-len", "0"],
-        ["show", "causal()", "--q-len", "ten"],
-        ["show", "causal()", "--block-size", "1,2,3"],
-        ["check", "causal()", "--examples", "-1"],
-    ],
+    [["bench"], ["bench", "nonesuch"], ["bench", "train_toy", "--seq-len", "x"], ["bench", "train_toy", "--bogus"],
+     ["bench", "train_toy", "--smoke", "--compile"], ["bench", "nsa", "--bogus"], ["bench", "block_topk", "--bogus"],
+     ["bench", "decode_sweep", "--bogus"]],
 )
-def test_usage_errors_exit_2(capsys, argv):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2
-    # argparse prints its usage, then "nsa-flex[ SUBCOMMAND]: error: ..." as the last line.
-    assert re.match(r"nsa-flex( \w+)?: error: ", err.splitlines()[-1]), err
-
-
-def test_help_exits_0(capsys):
-    code, out, _ = run_cli(capsys, "--help")
-    assert code == 0 and "show" in out and "causal" in out and "bench" in out
-
-
-@pytest.mark.parametrize("argv", [["bench"], ["bench", "nonesuch"], ["bench", "train_lm", "--contexts", "x"]])
 def test_bench_usage_errors_exit_2_with_one_line(capsys, argv):
     code, _, err = run_cli(capsys, *argv)
-    assert code == 2 and re.match(r"nsa-flex( bench( \w+)?)?: error: ", err.splitlines()[-1]), err
+    assert code == 2 and err.count("\n") == 1 and re.match(r"nsa-flex( bench( \w+)?)?: error: ", err), err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")

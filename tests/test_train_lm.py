@@ -37,8 +37,21 @@ def curve(log: dict) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in h["train"]], [r["loss"] for r in h["val"]]
 
 
+def load(path: Path) -> dict:
+    """A checkpoint as anyone can read it, without the script: plain tensors and containers."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def exit_status(main, argv: list[str]) -> int:
+    """``main(argv)``'s status, also when argparse's own one-line errors exit (SystemExit(2))."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
 def params(out: Path) -> dict[str, torch.Tensor]:
-    return train_lm.load_checkpoint(out / "checkpoint.pt")["model"]
+    return load(out / "checkpoint.pt")["model"]
 
 
 @pytest.mark.parametrize("attn", ["dense", "nsa"])
@@ -98,7 +111,7 @@ def test_failed_checkpoint_write_leaves_the_last_good_one(corpus, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(argv)
     monkeypatch.setattr(train_lm.torch, "save", real_save)
-    ckpt = train_lm.load_checkpoint(out / "checkpoint.pt")  # still loadable: the step-2 one
+    ckpt = load(out / "checkpoint.pt")  # still loadable: the step-2 one
     assert ckpt["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.json"]  # no temporary left behind
     model = TransformerLM(**ckpt["config"])
@@ -118,7 +131,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         train_lm.atomic_write(path, broken)
-    assert train_lm.load_checkpoint(path)["step"] == 1
+    assert load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
@@ -132,7 +145,7 @@ def test_outputs_log_plot_and_checkpoint(corpus, tmp_path):
     assert [r["step"] for r in log["history"]["val"]] == [3]  # eval-every 0: only at the end
     assert log["model_config"]["attn"] == "dense" and log["num_parameters"] > 0
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert train_lm.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    assert load(out / "checkpoint.pt")["step"] == 3
 
 
 def test_compare_tabulates_and_plots_runs(corpus, tmp_path, capsys):
@@ -177,7 +190,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
-    code = train_lm.main(argv)
+    code = exit_status(train_lm.main, argv)
     captured = capsys.readouterr()
     assert code == 2
     lines = captured.err.strip().splitlines()
@@ -194,6 +207,25 @@ def test_resume_errors_are_one_line(corpus, tmp_path, capsys):
     assert train_lm.main(tiny(corpus, out, "--resume", "--dim", "32")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--dim 16 -> 32" in err
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert train_lm.main(tiny(corpus, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"train_lm.py: error: --resume: {str(out / 'checkpoint.pt')!r} is not a checkpoint "
+                   "torch.load(weights_only=True) can read (UnpicklingError)")
+
+
+@pytest.mark.parametrize("where, fragment", [("file", "exists and is not a directory"),
+                                             ("file/sub", "cannot create the directory")])
+def test_out_that_cannot_be_a_directory_is_a_one_line_error(corpus, tmp_path, capsys, where, fragment):
+    (tmp_path / "file").write_text("in the way")
+    assert train_lm.main(tiny(corpus, tmp_path / where)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_lm.py: error: --out: ") and fragment in lines[0], lines
 
 
 def test_empty_corpus_directory_is_a_one_line_error(tmp_path, capsys):
@@ -273,9 +305,11 @@ def test_needle_fine_tunes_a_train_lm_checkpoint(corpus, tmp_path):
         (["--smoke", "--context", "12"], "--context 12 is too short"),
         (["--init", "/nonexistent.pt"], "--init: no checkpoint file at '/nonexistent.pt'"),
         (["--smoke", "--steps", "-1"], "--steps must be >= 1"),
+        (["--smoke", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_needle_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment):
-    assert needle.main(argv) == 2
+    assert exit_status(needle.main, argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("needle.py: error: ") and fragment in lines[0], lines
