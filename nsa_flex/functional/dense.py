@@ -14,6 +14,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .._checks import positive_int, tensor
+
+# Query rows per chunk when the caller gives no chunk_size (the branches' CPU gradient path): memory
+# O(CHUNK_SIZE * KV) per head. Read at call time, so tests can make it small to run several chunks.
+CHUNK_SIZE = 1024
+
 # (q_start, q_stop) -> bool [B|1, H|1, q_stop - q_start, KV]
 MaskRows = Callable[[int, int], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -27,15 +33,19 @@ def dense_masked_attention(
     score_mod: Optional[ScoreMod] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: Optional[int] = None,
 ):
     """Attention with an explicit mask, in the dtype of ``q``. Returns ``out`` or ``(out, lse)``.
 
     ``mask`` is a bool tensor broadcastable to ``[B, Hq, Q, KV]`` or a function giving its rows
-    ``[q_start, q_stop)``; ``None`` means every key. GQA: ``Hq`` must be a multiple of ``Hkv``.
+    ``[q_start, q_stop)``; ``None`` means every key. GQA: ``Hq`` must be a multiple of ``Hkv``. Queries are
+    taken ``chunk_size`` at a time (default :data:`CHUNK_SIZE`).
     """
     B, Hq, Q, _ = q.shape
     Hkv, KV = k.shape[1], k.shape[2]
+    chunk_size = positive_int("chunk_size", CHUNK_SIZE if chunk_size is None else chunk_size)
+    if mask is not None and not callable(mask):
+        mask = _tensor_rows(mask, (B, Hq, Q, KV))
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
@@ -47,8 +57,7 @@ def dense_masked_attention(
         if score_mod is not None:
             scores = score_mod(scores, *_grid(B, Hq, start, stop, KV, q.device))
         if mask is not None:
-            rows = mask(start, stop) if callable(mask) else mask[..., start:stop, :]
-            scores = scores.masked_fill(~rows.to(q.device), float("-inf"))
+            scores = scores.masked_fill(~mask(start, stop).to(q.device), float("-inf"))
         out, lse = _safe_softmax_attend(scores, v)
         outs.append(out)
         lses.append(lse)
@@ -56,6 +65,18 @@ def dense_masked_attention(
     if return_lse:
         return out, torch.cat(lses, dim=2)
     return out
+
+
+def _tensor_rows(mask, full: tuple[int, int, int, int]) -> MaskRows:
+    """The rows of a bool tensor broadcastable to ``full = [B, Hq, Q, KV]`` (checked: torch's broadcasting rules)."""
+    tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True: may attend) or a function of rows, got dtype {mask.dtype}")
+    if mask.ndim > 4 or any(m not in (1, f) for m, f in zip(reversed(mask.shape), reversed(full))):
+        raise ValueError(f"mask must broadcast to [B, Hq, Q, KV] = {list(full)}, got shape {list(mask.shape)}")
+    if mask.ndim < 2 or mask.shape[-2] == 1:  # the same for every query (a key padding mask): no rows to cut
+        return lambda start, stop: mask
+    return lambda start, stop: mask[..., start:stop, :]
 
 
 def mask_rows(mask, B: int, H: int, KV: int, device) -> MaskRows:

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import positive_int
+from .._checks import positive_int, tensor
 from ..masks.compressed import check_compression
 from . import block_topk
 from .branches import check_qkv
@@ -53,6 +53,10 @@ def check_selection(block_size: int, stride: int, selection_block_size: int, num
 def overlap_weights(num_cmp: int, num_sel: int, block_size: int, stride: int, selection_block_size: int,
                     device=None, dtype=torch.float32) -> Float[Tensor, "Tc S"]:
     """``W[c, s]`` = number of tokens compressed block ``c`` shares with selection block ``s``."""
+    check_compression(block_size, stride)
+    positive_int("selection_block_size", selection_block_size)
+    positive_int("num_cmp", num_cmp, minimum=0)
+    positive_int("num_sel", num_sel, minimum=0)
     c = torch.arange(num_cmp, device=device).view(-1, 1)
     s = torch.arange(num_sel, device=device).view(1, -1)
     lo = torch.maximum(c * stride, s * selection_block_size)
@@ -109,6 +113,8 @@ def select_blocks(
     """
     B, Hq, Hkv, T = check_qkv(q, k_cmp, k_cmp, same_length=False)
     check_selection(block_size, stride, selection_block_size, num_selected, num_initial, num_local)
+    if lse is not None:
+        tensor("lse", lse, floating=True, shape=(B, Hq, T))
     S = math.ceil(T / selection_block_size)
     if S >= 1 << _INDEX_BITS:
         raise ValueError(f"at most {(1 << _INDEX_BITS) - 1} selection blocks are supported, got {S}")

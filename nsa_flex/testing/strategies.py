@@ -1,4 +1,5 @@
-"""Hypothesis strategies for property-testing masks: attention shapes, random mask compositions, NSA block indices.
+"""Hypothesis strategies for property-testing masks: attention shapes, random mask compositions, NSA block indices,
+and small NSA problems (``nsa_cases``).
 
 Needs ``hypothesis`` (the ``test`` extra). Typical use::
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from .. import masks as M
 
-__all__ = ["Shape", "block_indices", "block_sizes", "lengths", "masks", "shapes"]
+__all__ = ["Shape", "block_indices", "block_sizes", "lengths", "masks", "nsa_cases", "shapes"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -127,6 +128,55 @@ def block_indices(draw, B: int, Hkv: int, T: int, n: int, num_kv_blocks: int) ->
     idx = idx.masked_fill(torch.rand(shape, generator=gen) < p_unused, -1)
     idx = idx.masked_fill(torch.rand(B, Hkv, T, 1, generator=gen) < p_empty_row, -1)
     return idx.to(torch.int64)
+
+
+@st.composite
+def nsa_cases(draw, max_len: int = 140) -> dict:
+    """A small NSA problem: ``dict(B, Hq, Hkv, T, D, cfg, seed)``, ``cfg`` the keyword arguments of
+    ``nsa_attention`` / ``reference_nsa`` (mean compression) and ``seed`` one for drawing the inputs.
+
+    GQA ratios 1 to 16 (3 and 6 too), compression blocks ``l`` from ``d`` to ``2d`` (``l % d != 0`` too). In
+    three draws of four (where ``max_len`` leaves room) the last token has at least two selection blocks
+    beyond its forced ones and ``num_selected`` leaves it a choice among them, so that scores, not only the
+    forced blocks and the ``-1`` padding, decide; the other draws have any ``T`` up to ``max_len`` (half of
+    them within one compression block: few or no compressed keys) and ``num_selected`` up to 12, often past
+    the blocks there are.
+    """
+    G = draw(st.sampled_from([1, 2, 3, 4, 6, 16]))
+    Hkv = draw(st.integers(1, 2)) if G < 16 else 1
+    stride = draw(st.sampled_from([4, 8]))
+    block = draw(st.one_of(st.sampled_from([stride, 2 * stride]), st.integers(stride + 1, 2 * stride - 1)))
+    num_initial, num_local = draw(st.integers(0, 2)), draw(st.integers(0, 3))
+    # Room for the forced blocks and two more: T > (num_initial + num_local + 1) selection blocks.
+    roomy = [r for r in (1, 2, 4) if (num_initial + num_local + 1) * stride * r < max_len]
+    ranked = bool(roomy) and draw(st.sampled_from([True, True, True, False]))
+    sel = stride * draw(st.sampled_from(roomy if ranked else [1, 2, 4]))
+    if ranked:
+        # Hypothesis favours bounds: counted down from max_len, T is often long (many blocks to choose from).
+        T = max_len - draw(st.integers(0, max_len - max(block, (num_initial + num_local + 1) * sel + 1)))
+        own = (T - 1) // sel
+        forced = len({s for s in [*range(num_initial), *range(own - num_local + 1, own + 1)] if s >= 0})
+        num_selected = forced + draw(st.integers(1, own - forced))  # own + 1 - forced to choose from: not all
+    else:
+        T = draw(st.integers(1, block) | st.integers(1, max_len))
+        num_selected = draw(st.integers(1, 12))
+    return dict(
+        B=draw(st.integers(1, 2)),
+        Hq=G * Hkv,
+        Hkv=Hkv,
+        T=T,
+        D=draw(st.sampled_from([4, 8])),
+        cfg=dict(
+            compress_block_size=block,
+            compress_stride=stride,
+            selection_block_size=sel,
+            num_selected=num_selected,
+            num_initial=num_initial,
+            num_local=num_local,
+            window_size=draw(st.integers(1, 40)),
+        ),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _layout_leaves(seq_len: int, heads: Optional[int], device) -> list[st.SearchStrategy[M.Mask]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from helpers import assert_same_choices
 
 from nsa_flex import functional as F
 from nsa_flex.functional import block_topk, selection
@@ -52,27 +53,6 @@ def _unfused(q, k_cmp, lse, *config):
     return F.select_blocks(q.double().cpu(), k_cmp.double().cpu(), *config, lse=lse.double().cpu())
 
 
-def _assert_same_choices(got, want, q, k_cmp, lse, block, stride, sel, n, num_initial, num_local, tol=1e-5):
-    """Equal index lists, except that blocks whose float64 scores tie within ``tol`` (relative to the largest
-    score) may swap."""
-    got, want = got.cpu(), want.cpu()
-    differ = (got != want).any(-1)
-    if not differ.any():
-        return
-    B, Hq, T, D = q.shape
-    Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
-    S = -(-T // sel)
-    logits = torch.einsum("bhtd,bhcd->bhtc", q.double().cpu(), k_cmp.double().cpu().repeat_interleave(Hq // Hkv, 1))
-    visible = torch.arange(Tc) * stride + block - 1 <= torch.arange(T).view(-1, 1)
-    p = torch.where(visible, (logits * D**-0.5 - lse.double().cpu().unsqueeze(-1)).exp(), 0.0)
-    p = p.view(B, Hkv, Hq // Hkv, T, Tc).sum(2)
-    scores = p @ F.overlap_weights(Tc, S, block, stride, sel, dtype=torch.float64)
-    scale = max(1.0, scores.abs().max().item())  # float32 rounding is relative: a tie is within tol * scale
-    forced = selection.forced_rank(torch.arange(T), S, sel, num_initial, num_local) < num_initial + num_local
-    scores = torch.where(forced, float(T * Hq), scores)  # above any score: forced blocks must match exactly
-    scores = torch.cat([scores, torch.full_like(scores[..., :1], -1.0)], -1)  # index -1: padding
-    pick = lambda idx: scores.gather(-1, idx.clamp(min=-1) % (S + 1)).sort(-1).values  # noqa: E731
-    assert (pick(got) - pick(want))[differ].abs().max() <= tol * scale, "a block was chosen over a clearly better one"
 
 
 def test_kernel_is_taken_only_on_cuda_for_configs_it_handles():
@@ -93,7 +73,7 @@ def test_kernel_equals_unfused_selection(triton_device, case):
     q, k_cmp, lse = _problem(case, triton_device)
     got = _fused(q, k_cmp, lse, *_config(case))
     assert got.shape == (case["B"], case["Hkv"], case["T"], case["n"]) and got.dtype == torch.long
-    _assert_same_choices(got, _unfused(q, k_cmp, lse, *_config(case)), q, k_cmp, lse, *_config(case))
+    assert_same_choices(got, _unfused(q, k_cmp, lse, *_config(case)), q, k_cmp, lse, *_config(case))
 
 
 def test_kernel_breaks_ties_toward_lower_block_like_select_blocks(triton_device):
@@ -126,4 +106,4 @@ def test_gpu_select_blocks_takes_the_kernel_in_bf16_and_under_compile(kind, monk
     tiles = F.select_blocks(q, k_cmp, *cfg, lse=lse)
     same = (fused == tiles).all(-1).float().mean().item()
     assert same > 0.99, f"only {same:.2%} of tokens chose the same blocks"
-    _assert_same_choices(fused, tiles, q.float(), k_cmp.float(), lse, *cfg, tol=1e-3)
+    assert_same_choices(fused, tiles, q.float(), k_cmp.float(), lse, *cfg, tol=1e-3)

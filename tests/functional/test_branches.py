@@ -1,5 +1,7 @@
-"""Fast-path details of the branch functions (nsa_flex.functional.branches) against the float64 dense reference."""
+"""Fast-path details of the branch functions (nsa_flex.functional.branches), and the dense path under them on CPU
+(nsa_flex.functional.dense), against the float64 dense reference."""
 
+import math
 from unittest import mock
 
 import pytest
@@ -9,8 +11,9 @@ from hypothesis import strategies as st
 
 from nsa_flex import functional as F
 from nsa_flex import masks, testing
-from nsa_flex.functional import compressed_sdpa, cudnn_graph
+from nsa_flex.functional import compressed_sdpa, cudnn_graph, dense
 from nsa_flex.testing import reference
+from nsa_flex.testing import strategies as nst
 
 
 def _math_in_place_of_cudnn(monkeypatch):
@@ -20,8 +23,9 @@ def _math_in_place_of_cudnn(monkeypatch):
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 300), G=st.sampled_from([1, 2, 16]), Hkv=st.integers(1, 2),
-       stride=st.sampled_from([1, 4, 8, 16]), ratio=st.sampled_from([1, 2, 3]), layout=st.sampled_from(["bhtd", "bthd"]),
-       pass_query=st.sampled_from([None, "bthd", "bhtd", "unused"]), seed=st.integers(0, 2**16))
+       stride=st.sampled_from([1, 4, 8, 16]), ratio=st.sampled_from([1, 2, 3]),
+       layout=st.sampled_from(["bhtd", "bthd"]), pass_query=st.sampled_from([None, "bthd", "bhtd", "unused"]),
+       seed=st.integers(0, 2**16))
 def test_folded_compressed_attention_equals_dense(B, T, G, Hkv, stride, ratio, layout, pass_query, seed):
     """The stride folded into the heads (token ``l - 1 + i*d + r`` -> causal row ``i`` of head ``r*H + h``),
     the partial last group and the rows that see nothing: outputs, lse and gradients equal the dense
@@ -150,3 +154,73 @@ def test_cudnn_path_not_taken_when_determinism_is_required(monkeypatch):
         assert compressed_sdpa.cudnn_attention_ready(0)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 90), G=st.sampled_from([1, 3]), Hkv=st.integers(1, 2),
+       chunk=st.integers(1, 40), seed=st.integers(0, 2**16), data=st.data())
+def test_branches_cpu_gradient_path_in_chunks_matches_reference(B, T, G, Hkv, chunk, seed, data):
+    """On CPU with gradients each branch is dense_masked_attention over its mask_mod's rows, ``dense.CHUNK_SIZE``
+    queries at a time (here few, so that several chunks run): outputs, lse and gradients equal the float64
+    reference, which takes all queries at once."""
+    block, stride, sel, window = 8, 4, 8, 5
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, G * Hkv, T, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, T, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k_cmp, v_cmp = F.mean_pool(k, block, stride), F.mean_pool(v, block, stride)
+    idx = data.draw(nst.block_indices(B, Hkv, T, 3, math.ceil(T / sel)))
+    with mock.patch.object(dense, "CHUNK_SIZE", chunk):
+        cmp, lse = F.compressed_attention(q, k_cmp, v_cmp, block, stride, return_lse=True)
+        outs = [cmp, F.selected_attention(q, k, v, idx, sel), F.sliding_window_attention(q, k, v, window)]
+    visible = torch.arange(k_cmp.shape[2]) * stride + block - 1 <= torch.arange(T).view(-1, 1)
+    ref_cmp, ref_lse = testing.dense_attention(q, k_cmp, v_cmp, visible, return_lse=True)
+    refs = [ref_cmp, testing.dense_attention(q, k, v, masks.fine_selection(idx, sel, G)),
+            testing.dense_attention(q, k, v, masks.sliding_window(window))]
+    assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
+    seen = ref_lse > float("-inf")
+    torch.testing.assert_close(lse[seen], ref_lse[seen], rtol=0, atol=1e-12)
+    for name, out, ref in zip(("compressed", "selected", "window"), outs, refs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12, msg=name)
+    dos = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in refs]
+    # retained: both sides go through the same mean pooling into k_cmp, v_cmp
+    grads = torch.autograd.grad(sum((o * do).sum() for o, do in zip(outs, dos)), (q, k, v), retain_graph=True)
+    want = torch.autograd.grad(sum((o * do).sum() for o, do in zip(refs, dos)), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+@given(B=st.integers(1, 2), Q=st.integers(1, 60), KV=st.integers(1, 60), chunk=st.integers(1, 16),
+       mask_shape=st.sampled_from(["full", "key padding", "2d", "none"]), seed=st.integers(0, 2**16))
+def test_dense_masked_attention_in_chunks_with_score_mod_and_tensor_masks(B, Q, KV, chunk, mask_shape, seed):
+    """A score_mod of the query position, and bool masks of every broadcastable shape (a key padding mask
+    ``[B, 1, 1, KV]`` is the same for every chunk's rows), give in chunks what all queries at once give."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 4, Q, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, 2, KV, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    shape = {"full": (B, 4, Q, KV), "key padding": (B, 1, 1, KV), "2d": (Q, KV), "none": None}[mask_shape]
+    mask = None if shape is None else torch.rand(shape, generator=gen) < 0.7
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * (q_idx - kv_idx).abs() + 0.2 * h
+
+    out, lse = F.dense_masked_attention(q, k, v, mask, score_mod, return_lse=True, chunk_size=chunk)
+    want, want_lse = testing.dense_attention(q, k, v, mask, score_mod, return_lse=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+
+
+def test_dense_masked_attention_rejects_bad_chunk_sizes_and_masks():
+    q, k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 1, 9, 4), torch.randn(1, 1, 9, 4)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"chunk_size must be an int >= 1, got {bad}"):
+            F.dense_masked_attention(q, k, v, chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        F.dense_masked_attention(q, k, v, chunk_size=2.0)
+    want = r"mask must broadcast to \[B, Hq, Q, KV\] = \[1, 2, 10, 9\], got shape \[1, 2, 10, 10\]"
+    with pytest.raises(ValueError, match=want):
+        F.dense_masked_attention(q, k, v, torch.ones(1, 2, 10, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must broadcast"):
+        F.dense_masked_attention(q, k, v, torch.ones(1, 1, 1, 10, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor .* got dtype torch.float32"):
+        F.dense_masked_attention(q, k, v, torch.ones(1, 2, 10, 9))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        F.dense_masked_attention(q, k, v, [[True] * 9] * 10)

@@ -1,43 +1,19 @@
 """NSA functional layer vs the float64 loop reference (nsa_flex.testing.reference_nsa)."""
 
+from unittest import mock
+
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
+from helpers import assert_same_choices
 
 from nsa_flex import functional as F
-from nsa_flex import testing
+from nsa_flex import masks, testing
 from nsa_flex.functional import selection
+from nsa_flex.testing.strategies import nsa_cases
 
 FP32_TOL = 1e-5
-
-
-@st.composite
-def nsa_cases(draw, max_len=140):
-    """Small NSA problems: GQA ratios 1..16, odd T (also T < one compression block), n beyond the blocks."""
-    G = draw(st.sampled_from([1, 2, 4, 16]))
-    Hkv = draw(st.integers(1, 2)) if G < 16 else 1
-    stride = draw(st.sampled_from([4, 8]))
-    block = stride * draw(st.sampled_from([1, 2]))
-    sel = stride * draw(st.sampled_from([1, 2, 4]))
-    T = draw(st.one_of(st.integers(1, block), st.integers(1, max_len)))
-    return dict(
-        B=draw(st.integers(1, 2)),
-        Hq=G * Hkv,
-        Hkv=Hkv,
-        T=T,
-        D=draw(st.sampled_from([4, 8])),
-        cfg=dict(
-            compress_block_size=block,
-            compress_stride=stride,
-            selection_block_size=sel,
-            num_selected=draw(st.integers(1, 12)),
-            num_initial=draw(st.integers(0, 2)),
-            num_local=draw(st.integers(0, 3)),
-            window_size=draw(st.integers(1, 40)),
-        ),
-        seed=draw(st.integers(0, 2**16)),
-    )
 
 
 def make_inputs(case, dtype=torch.float32, requires_grad=False):
@@ -52,18 +28,53 @@ def make_inputs(case, dtype=torch.float32, requires_grad=False):
     return [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
 
 
-@given(nsa_cases())
-def test_block_selection_matches_reference_exactly(case):
-    q, k, _, _ = make_inputs(case, torch.float64)
+def _selection_problem(case):
+    """float64 q, compressed keys and values, and select_blocks' configuration."""
+    q, k, v, _ = make_inputs(case, torch.float64)
     cfg = case["cfg"]
     l, d = cfg["compress_block_size"], cfg["compress_stride"]
-    k_cmp = F.mean_pool(k, l, d)
-    args = (l, d, cfg["selection_block_size"], cfg["num_selected"], cfg["num_initial"], cfg["num_local"])
-    got = F.select_blocks(q, k_cmp, *args)
-    want = testing.reference_select_blocks(q, k_cmp, *args)
-    assert got.dtype == torch.long and got.shape == want.shape
-    # Same sets (order within the n is free).
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    config = (l, d, cfg["selection_block_size"], cfg["num_selected"], cfg["num_initial"], cfg["num_local"])
+    return q, F.mean_pool(k, l, d), F.mean_pool(v, l, d), config
+
+
+def _reference_lse(q, k_cmp, v_cmp, block_size, stride):
+    """The compressed attention's float64 lse, which assert_same_choices scores the blocks with."""
+    # a bool [T, Tc] mask, not compressed_causal: a Mask is defined for Tc >= 1 only
+    visible = torch.arange(k_cmp.shape[2]) * stride + block_size - 1 <= torch.arange(q.shape[2]).view(-1, 1)
+    return testing.dense_attention(q, k_cmp, v_cmp, visible, return_lse=True)[1]
+
+
+@given(nsa_cases(), st.integers(1, 16))
+def test_block_selection_matches_reference_exactly(case, chunk):
+    """float64: the reference's blocks, with the softmax normalizer recomputed or taken from the compressed
+    branch's lse (as nsa_attention passes it), in one chunk of queries or in chunks of ``chunk``."""
+    q, k_cmp, v_cmp, config = _selection_problem(case)
+    _, lse = F.compressed_attention(q, k_cmp, v_cmp, *config[:2], return_lse=True)
+    want = testing.reference_select_blocks(q, k_cmp, *config)
+    runs = [F.select_blocks(q, k_cmp, *config), F.select_blocks(q, k_cmp, *config, lse=lse)]
+    S = -(-case["T"] // config[2])
+    # select_blocks takes _TILE_ELEMENTS // (B * Hq * max(Tc, S)) queries a chunk
+    with mock.patch.object(selection, "_TILE_ELEMENTS", chunk * case["B"] * case["Hq"] * max(k_cmp.shape[2], S)):
+        runs += [F.select_blocks(q, k_cmp, *config), F.select_blocks(q, k_cmp, *config, lse=lse)]
+    for got in runs:
+        assert got.dtype == torch.long and got.shape == want.shape
+        # Same sets (order within the n is free).
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@given(nsa_cases())
+def test_fp32_block_selection_matches_reference_up_to_near_ties(case):
+    """float32 scores ranked as int64 keys choose the float64 reference's blocks, except that blocks whose
+    float64 scores tie within float32 rounding may swap; with and without the compressed branch's lse."""
+    q, k_cmp, v_cmp, config = _selection_problem(case)
+    want = testing.reference_select_blocks(q, k_cmp, *config)
+    q32, k_cmp32 = q.float(), k_cmp.float()
+    _, lse32 = F.compressed_attention(q32, k_cmp32, v_cmp.float(), *config[:2], return_lse=True)
+    ref_lse = _reference_lse(q, k_cmp, v_cmp, *config[:2])
+    for lse in (None, lse32):
+        got = F.select_blocks(q32, k_cmp32, *config, lse=lse)
+        assert got.dtype == torch.long and got.shape == want.shape
+        assert_same_choices(got, want, q, k_cmp, ref_lse, *config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # int64-key top-k and stable sort
@@ -102,15 +113,24 @@ def test_overlap_pattern_is_the_band_of_overlap_weights(stride, blocks, extra, r
 
 @given(nsa_cases())
 def test_nsa_and_each_branch_match_reference_fp32(case):
+    """Each branch and the gated sum against float64 references. float32 scores may order a float64 near-tie
+    differently, so the blocks are checked up to such ties and the selected branch against the reference
+    attention over the blocks nsa_attention chose."""
     q, k, v, g = make_inputs(case)
-    out, branches = F.nsa_attention(q, k, v, g, return_branches=True, **case["cfg"])
-    ref, ref_branches = testing.reference_nsa(q, k, v, g, return_branches=True, **case["cfg"])
-    # fp32 scores may order a float64 near-tie differently; such draws compare nothing meaningful.
-    assume(torch.equal(branches["block_indices"].sort(-1).values, ref_branches["block_indices"].sort(-1).values))
+    cfg = case["cfg"]
+    out, branches = F.nsa_attention(q, k, v, g, return_branches=True, **cfg)
+    _, ref = testing.reference_nsa(q, k, v, g, return_branches=True, **cfg)
+    q64, k_cmp, v_cmp, config = _selection_problem(case)
+    lse = _reference_lse(q64, k_cmp, v_cmp, *config[:2])
+    assert_same_choices(branches["block_indices"], ref["block_indices"], q64, k_cmp, lse, *config)
+    chosen = masks.fine_selection(branches["block_indices"], cfg["selection_block_size"], case["Hq"] // case["Hkv"])
+    ref["selected"] = testing.dense_attention(q, k, v, chosen)
     for name in ("compressed", "selected", "window"):
-        err = (branches[name].double() - ref_branches[name]).abs().max().item() if q.numel() else 0.0
+        err = (branches[name].double() - ref[name]).abs().max().item()
         assert err <= FP32_TOL, f"{name} branch differs by {err}"
-    assert (out.double() - ref).abs().max().item() <= FP32_TOL
+    g = g.double()
+    ref_out = g[..., 0:1] * ref["compressed"] + g[..., 1:2] * ref["selected"] + g[..., 2:3] * ref["window"]
+    assert (out.double() - ref_out).abs().max().item() <= FP32_TOL
     assert not torch.isnan(out).any()
 
 
@@ -195,6 +215,27 @@ def test_bad_shapes_raise():
         F.sliding_window_attention(q, k.double(), v, 4)
 
 
+def test_select_blocks_rejects_an_lse_of_the_wrong_shape_or_dtype():
+    q, k_cmp = torch.randn(1, 4, 20, 4), torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"lse must have shape \[1, 4, 20\], got \[3\]"):
+        F.select_blocks(q, k_cmp, 8, 4, 8, 2, lse=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"lse must have shape \[1, 4, 20\], got \[1, 2, 20\]"):
+        F.select_blocks(q, k_cmp, 8, 4, 8, 2, lse=torch.zeros(1, 2, 20))  # per kv head, not per query head
+    with pytest.raises(TypeError, match="lse must have a floating dtype"):
+        F.select_blocks(q, k_cmp, 8, 4, 8, 2, lse=torch.zeros(1, 4, 20, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "args, error, name",
+    [((4, 2, 0, 4, 8), ValueError, "block_size"), ((4, 2, 8, 0, 8), ValueError, "stride"),
+     ((4, 2, 8, 16, 8), ValueError, "stride"), ((4, 2, 8, 4, 0), ValueError, "selection_block_size"),
+     ((-1, 2, 8, 4, 8), ValueError, "num_cmp"), ((4, 2.0, 8, 4, 8), TypeError, "num_sel")],
+)
+def test_overlap_weights_rejects_bad_sizes(args, error, name):
+    with pytest.raises(error, match=name):
+        F.overlap_weights(*args)
+
+
 @pytest.mark.parametrize("selected_gated", [False, True])
 def test_gate_function_gradients_and_layouts(monkeypatch, selected_gated):
     """The CUDA gate (an autograd Function around two compiled kernels, run here uncompiled): float64
@@ -222,3 +263,28 @@ def test_gate_function_gradients_and_layouts(monkeypatch, selected_gated):
         assert o.grad.stride() == o.stride()
     if selected_gated:
         assert (g.grad[..., 1] == 0).all()
+
+
+ARGUMENT_CFG = dict(compress_block_size=4, compress_stride=2, selection_block_size=4, num_selected=2, window_size=4)
+
+
+@pytest.mark.parametrize("fine_qk, error, match", [
+    (("q",), TypeError, r"fine_qk must be a pair.*a tuple of length 1"),  # had been an IndexError
+    (("q", "q", "k"), TypeError, "fine_qk must be a pair"),
+    (("q", None), TypeError, r"fine_qk\[1\] must be a torch.Tensor"),
+    (("q", "q"), ValueError, r"fine_qk\[1\] must have shape"),  # k has 1 head, q 2
+])
+def test_nsa_attention_rejects_fine_qk_that_is_not_a_pair_like_q_and_k(fine_qk, error, match):
+    q, k, v, gates = testing.nsa_inputs(16, 2, 1, 4)
+    named = {"q": q, "k": k, None: None}
+    with pytest.raises(error, match=match):
+        F.nsa_attention(q, k, v, gates, fine_qk=tuple(named[x] for x in fine_qk), **ARGUMENT_CFG)
+
+
+@pytest.mark.parametrize("scale, error", [("a", TypeError), (True, TypeError), (0.0, ValueError),
+                                          (-1.0, ValueError), (float("inf"), ValueError)])
+def test_nsa_attention_rejects_a_scale_that_is_not_a_positive_number(scale, error):
+    """scale='a' had raised torch's TypeError from inside an einsum, not naming scale."""
+    q, k, v, gates = testing.nsa_inputs(16, 2, 1, 4)
+    with pytest.raises(error, match="scale"):
+        F.nsa_attention(q, k, v, gates, scale=scale, **ARGUMENT_CFG)

@@ -5,6 +5,7 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from nsa_flex import masks
+from nsa_flex.functional import selection
 from nsa_flex.testing import strategies as nst
 
 
@@ -96,3 +97,45 @@ def test_lengths_cover_block_edges():
     quick = settings(max_examples=2000, database=None, derandomize=True)
     for n in (127, 128, 129):
         find(nst.lengths(), lambda x, n=n: x == n, settings=quick)
+
+
+def _scores_decide(case) -> bool:
+    """Whether the last token's choice is (partly) by score: it has compressed keys to score with, free slots
+    after its forced blocks, and more unforced blocks than free slots."""
+    cfg, T = case["cfg"], case["T"]
+    if T < cfg["compress_block_size"]:
+        return False
+    own = (T - 1) // cfg["selection_block_size"]
+    forced = {s for s in [*range(cfg["num_initial"]), *(own - i for i in range(cfg["num_local"]))] if 0 <= s <= own}
+    free = cfg["num_selected"] - min(cfg["num_selected"], len(forced))
+    return 0 < free < own + 1 - len(forced)
+
+
+@given(nst.nsa_cases())
+def test_nsa_cases_are_valid(case):
+    cfg = case["cfg"]
+    assert case["Hq"] % case["Hkv"] == 0 and 1 <= case["T"] <= 140
+    selection.check_selection(cfg["compress_block_size"], cfg["compress_stride"], cfg["selection_block_size"],
+                              cfg["num_selected"], cfg["num_initial"], cfg["num_local"])
+    assert cfg["window_size"] >= 1
+
+
+def test_nsa_cases_mostly_leave_the_choice_to_scores_and_reach_edge_cases():
+    """Where no choice is by score a ranking bug goes unseen, so most draws must leave one. Also reached: GQA
+    ratios that are not powers of two, l % d != 0, no compressed key at all, num_selected past the blocks."""
+    decided = []
+
+    @settings(max_examples=300, database=None, derandomize=True)
+    @given(nst.nsa_cases())
+    def draw(case):
+        decided.append(_scores_decide(case))
+
+    draw()
+    assert sum(decided) / len(decided) > 0.6
+    quick = settings(max_examples=500, database=None, derandomize=True)
+    find(nst.nsa_cases(), lambda c: c["Hq"] // c["Hkv"] == 3 and c["Hkv"] == 2, settings=quick)
+    find(nst.nsa_cases(), lambda c: c["Hq"] // c["Hkv"] == 6, settings=quick)
+    find(nst.nsa_cases(), lambda c: c["cfg"]["compress_block_size"] % c["cfg"]["compress_stride"], settings=quick)
+    find(nst.nsa_cases(), lambda c: c["T"] < c["cfg"]["compress_block_size"], settings=quick)
+    find(nst.nsa_cases(), lambda c: c["cfg"]["num_selected"] > -(-c["T"] // c["cfg"]["selection_block_size"]),
+         settings=quick)
