@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
 # Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
-#   tests    the gpu-marked tests and the Triton kernel tests (six processes side by side; compilation is
+#   tests    the gpu-marked tests and the Triton kernel tests (seven processes side by side; compilation is
 #            CPU-bound), ~8 min (nineteenth session: 448 s, tests/functional alone 432 s);
 #            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
 #            TEST_TIMEOUT (seconds, default 480) bounds each (tests/functional/test_gpu.py alone did not finish
@@ -76,9 +76,11 @@ phase_tests() {  # optional arguments: pytest selections, each run as its own pr
     # interpreted in CPU CI) run natively here; the later -m overrides the first.
     local kernels="tests/functional/test_fused_decode.py tests/functional/test_cache_update.py \
 tests/functional/test_block_topk.py tests/functional/test_selected_kernel.py -m 'not gpu'"
+    # tests/functional in one process needed 515 s on a fresh machine (twentieth session): test_gpu.py (the
+    # fast-path cases, about 30 s each after compiling) gets its own
     [ $# -gt 0 ] || shards=("tests/masks -k '$first'" "tests/masks -k 'generators and not ($first)'"
-                            "tests/masks -k 'not generators'" "tests/functional" "tests/modules tests/test_*.py"
-                            "$kernels")
+                            "tests/masks -k 'not generators'" "tests/functional --ignore=tests/functional/test_gpu.py"
+                            "tests/functional/test_gpu.py" "tests/modules tests/test_*.py" "$kernels")
     for shard in "${shards[@]}"; do
         i=$((i + 1))
         eval "$timeout $pytest $shard" 2>&1 | quiet > "$out/tests_$i.log" &
