@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from nsa_flex import masks
-from nsa_flex.cli import ArgParser, CLIError, check_size, png_path, render_text, save_png, view_mask
+from nsa_flex.cli import ArgParser, CLIError, check_size, png_path, render_text, report_errors, save_png, view_mask
 
 PROG = "compose_pattern.py"
 
@@ -99,12 +99,8 @@ def show(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """Command-line entry point: 0 on success, 2 after a one-line error on stderr for bad input."""
-    try:
-        show(parse_args(argv, prog))
-    except CLIError as err:  # save_png's too: a PNG that cannot be written after all (no permission)
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    # save_png's CLIError too: a PNG that cannot be written after all (no permission)
+    return report_errors(prog, lambda: show(parse_args(argv, prog)))
 
 
 if __name__ == "__main__":

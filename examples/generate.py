@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, report_errors
 from nsa_flex.modules import TransformerLM
 
 PROG = "generate.py"
@@ -116,12 +116,7 @@ def generate(args: argparse.Namespace) -> list[bytes]:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """Command-line entry point: 0 on success, 2 after a one-line error on stderr for bad input."""
-    try:
-        generate(parse_args(argv, prog))
-    except CLIError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(prog, lambda: generate(parse_args(argv, prog)))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
 
@@ -301,12 +301,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     if not argv and not torch.cuda.is_available():
         print(f"{prog}: no arguments and no CUDA: running the --smoke preset (see --help for a real run)")
         argv = ["--smoke"]
-    try:
-        run(parse_args(argv, prog))
-    except CLIError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(prog, lambda: run(parse_args(argv, prog)))
 
 
 if __name__ == "__main__":

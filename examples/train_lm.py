@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors
 from nsa_flex.data import WindowSampler, load_corpus
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
@@ -658,16 +658,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     if not argv and not torch.cuda.is_available():
         print(f"{prog}: no arguments and no CUDA: running the --smoke preset (see --help for a real run)")
         argv = ["--smoke"]
-    try:
+
+    def run() -> None:
         args = parse_args(argv, prog)
         if args.compare:
             compare_runs(args.compare, Path(args.out))
         else:
             train(args)
-    except CLIError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(prog, run)
 
 
 if __name__ == "__main__":

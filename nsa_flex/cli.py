@@ -30,8 +30,8 @@ import random
 import sys
 import time
 import types
-from pathlib import Path
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -74,6 +74,17 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def report_errors(prog: str, run: Callable[[], object]) -> int:
+    """Run a command (``run()``): its int status, else 0; a :class:`CLIError` becomes one line
+    ``prog: error: <message>`` on stderr and status 2. The entry point of the CLI and of the examples."""
+    try:
+        status = run()
+    except CLIError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0
 
 
 def load_checkpoint(path: Union[str, Path], flag: str) -> Any:
@@ -882,21 +893,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     forwarded = {"train": cmd_train, "bench": cmd_bench}
     if argv[:1] and argv[0] in forwarded:
-        try:
-            return forwarded[argv[0]](argv[1:])
-        except CLIError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            return 2
+        return report_errors(PROG, lambda: forwarded[argv[0]](argv[1:]))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage errors (status 2) and --help/--version (status 0)
         return exit_.code if isinstance(exit_.code, int) else 2
-    try:
-        return args.func(args)
-    except CLIError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return report_errors(PROG, lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover
