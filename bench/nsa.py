@@ -124,7 +124,13 @@ def load_fla() -> Optional[Callable]:
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
+    """Time vs T, log scale, a panel per (config, inputs); skipped with a message without matplotlib (the JSON is
+    the result, written row by row before this)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path}); the JSON has every row")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

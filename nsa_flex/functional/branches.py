@@ -1,8 +1,12 @@
-"""The three NSA attention branches, each one FlexAttention call with one of our masks.
+"""The three NSA attention branches: sliding window, compressed keys, selected blocks.
 
 Every function takes FlexAttention's layout ``[B, H, T, D]`` with ``Hq`` query heads and ``Hkv`` key/value
-heads (GQA, ``Hq % Hkv == 0``). Where FlexAttention cannot give gradients (the CPU), the same mask drives the
-exact dense path of :mod:`nsa_flex.functional.dense`; forward results of both paths agree.
+heads (GQA, ``Hq % Hkv == 0``). Each branch is defined by one of our masks and runs, by default, as a
+FlexAttention call with it; on CUDA, faster paths take over where they apply: the window as one banded cuDNN
+attention (:mod:`.window_cudnn`, with cudnn-frontend), the compressed branch in fp16/bf16 as one causal cuDNN
+attention (:mod:`.compressed_sdpa`), the selected branch as Triton kernels (:mod:`.selected_kernel`). Where
+FlexAttention cannot give gradients (the CPU), the same mask drives the exact dense path of
+:mod:`nsa_flex.functional.dense`. Every path is tested against the float64 reference.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from .flex import flex, needs_dense_path
 
 # FlexAttention tile for the static (window, compressed) masks; 128 has valid forward and backward kernels.
 STATIC_BLOCK = 128
-# Query rows per tile of the selection branch (DESIGN.md: one token's 16 heads per tile was the robust choice).
+# Query rows per tile of the selection branch's FlexAttention path: whole tokens' G heads, at least 16 rows
+# (tl.dot's smallest tile).
 SELECTION_TILE_ROWS = 16
 
 

@@ -2,7 +2,7 @@
 
 * On CUDA, ``flex_attention`` runs through ``torch.compile``; without it torch uses an unfused path that
   materializes ``Q x KV`` scores. Dynamo gives up compiling a frame after ``recompile_limit`` recompiles and
-  then, by default, *silently* runs it eagerly (DESIGN.md pitfall 2: out of memory at T=32k). We compile
+  then, by default, *silently* runs it eagerly (out of memory at T=32k, found early in this project). We compile
   with ``fail_on_recompile_limit_hit`` so that case raises an error that says what to do.
 * On CPU, eager FlexAttention is exact (it materializes scores, which is what CPU tests want) but has no
   backward; :func:`needs_dense_path` tells the functional layer to take its exact dense path instead.
@@ -53,7 +53,7 @@ RECOMPILE_LIMIT = 64
 
 @functools.lru_cache(maxsize=None)
 def enable_small_block_kernels() -> bool:
-    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks (DESIGN.md pitfall 1).
+    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks.
 
     Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
     user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError``. (The forward

@@ -108,7 +108,8 @@ def select_blocks(
 
     ``lse``, the compressed branch's log-sum-exp, saves recomputing the softmax normalizer when given. On CUDA
     with ``lse`` given (``l'/d`` a power of two as in the paper, ``Tc > 0``) one fused Triton kernel scores
-    and ranks (:mod:`.block_topk`): memory is the output alone. Otherwise it works a chunk of queries at a
+    and ranks (:mod:`.block_topk`; its :func:`~.block_topk.supported` lists the configurations): memory is the
+    output and a scratch row per program, both linear in ``T``. Otherwise it works a chunk of queries at a
     time: memory ``O(chunk * Tc)`` per head, never ``[B, Hq, T, Tc]``.
     """
     B, Hq, Hkv, T = check_qkv(q, k_cmp, k_cmp, same_length=False)

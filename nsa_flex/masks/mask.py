@@ -158,7 +158,7 @@ class Mask:
 
         B and H default to the sizes the mask depends on; ``None`` broadcasts over that dimension.
         On CUDA the mask is evaluated by a compiled kernel (no ``Q x KV`` tensor is built); on CPU it is
-        evaluated eagerly (inductor's CPU codegen fails for Q != KV, DESIGN.md pitfall 3).
+        evaluated eagerly (inductor's CPU codegen fails for Q != KV).
         """
         self.check(q_len, kv_len, B, H)
         B, H = self._sizes(B, H)
@@ -175,7 +175,7 @@ def build_block_mask(
     mask_mod: MaskMod, q_len: int, kv_len: int, B: Optional[int], H: Optional[int], device, block: tuple[int, int]
 ) -> BlockMask:
     """``create_block_mask`` the way every nsa_flex mask is built: compiled on CUDA (no Q x KV tensor), eager
-    on CPU (inductor's CPU codegen fails for Q != KV, DESIGN.md pitfall 3)."""
+    on CPU (inductor's CPU codegen fails for Q != KV)."""
     compile_it = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
     with warnings.catch_warnings():
         # torch >= 2.11 suggests torch.compile(create_block_mask) instead; the flag still does exactly that.

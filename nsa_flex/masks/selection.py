@@ -118,7 +118,7 @@ def block_mask_from_indices(
     ceil(kv_len/block_size)`` entries per head, which is below ``T*n`` while ``kv_len <= q_block_size*n*block_size``.
     ``compute_q_blocks=False`` skips the transposed (query-side) indices that only the backward pass reads.
 
-    ``rows_per_token = G`` builds the GQA-folded mask (DESIGN.md "Performance design"): queries are laid out
+    ``rows_per_token = G`` builds the GQA-folded mask (docs/design.md, "functional"): queries are laid out
     ``[B, Hkv, T*G, D]`` with token ``t``'s ``G`` heads as rows ``t*G .. t*G+G-1``, so a query tile of
     ``q_block_size`` rows covers ``q_block_size / G`` tokens and each selected KV block is loaded once for all
     ``G`` heads. Then ``q_len`` counts rows (``T*G``) and ``group_size`` must be 1.

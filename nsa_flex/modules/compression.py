@@ -107,11 +107,7 @@ class Compressor(nn.Module):
             raise ValueError(f"{name} must be blocks [B, H, N, block_size={self.block_size}, D], got {list(x.shape)}")
 
     def blocks(self, x: Float[Tensor, "B H T D"]) -> Float[Tensor, "B H Tc l D"]:
-        """The ``Tc`` compression blocks of ``x``; when ``Tc = 0`` an empty tensor still connected to ``x``."""
-        B, H, T, D = x.shape
-        if self.num_blocks(T) == 0:
-            # functional.compression_blocks returns fresh zeros here; slice x instead so autograd sees it.
-            return x[:, :, :0].unsqueeze(3).expand(B, H, 0, self.block_size, D)
+        """The ``Tc`` compression blocks of ``x``; when ``Tc = 0`` an empty view still connected to ``x``."""
         return compression_blocks(x, self.block_size, self.stride)
 
     def forward(self, x: Float[Tensor, "B H T D"]) -> Float[Tensor, "B H Tc D"]:

@@ -1,7 +1,7 @@
 """A slow, obviously-correct float64 NSA: explicit loops and dense masks, no FlexAttention, no shared code
 with :mod:`nsa_flex.functional` beyond the float64 masked softmax of :func:`dense_attention`.
 
-Written straight from DESIGN.md "Exact semantics"; the fast paths are tested against it. (The argument checks
+Written straight from docs/design.md "Exact semantics"; the fast paths are tested against it. (The argument checks
 are :func:`nsa_attention`'s own, so both refuse the same inputs.)
 """
 
