@@ -22,7 +22,8 @@ def load_example(name: str) -> ModuleType:
 
 def assert_same_choices(got, want, q, k_cmp, lse, block, stride, sel, n, num_initial, num_local, tol=1e-5):
     """Equal index lists, except that blocks whose float64 scores tie within ``tol`` (relative to the largest
-    score) may swap. The block_topk kernel's check, and test_nsa.py's of the float32 ranking against the float64 reference."""
+    score) may swap. The block_topk kernel's check, and test_nsa.py's of the float32 ranking against the float64
+    reference."""
     got, want = got.cpu(), want.cpu()
     differ = (got != want).any(-1)
     if not differ.any():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from einops import rearrange
@@ -116,7 +116,7 @@ def compressed_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     return_query: bool = False,
-):
+) -> Union[Tensor, tuple[Tensor, ...]]:
     """Attention over compressed keys: query ``t`` sees compressed key ``c`` iff ``c*stride + block_size - 1 <= t``.
 
     ``Tc`` may be 0 (``T < block_size``): the output is then all zeros (and ``lse = -inf``). Rows that see no
@@ -158,7 +158,7 @@ def selected_attention(
     scale: Optional[float] = None,
     return_query: bool = False,
     gate: Optional[Float[Tensor, "B Hq T"]] = None,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over each token's selected key blocks (all ``G`` query heads of a kv head share them).
 
     Query ``t`` sees key ``j`` iff ``j // block_size`` is in ``block_indices[b, kv_head, t]`` and ``j <= t``

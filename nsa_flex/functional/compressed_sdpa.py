@@ -83,7 +83,8 @@ def compressed_attention_cudnn(
 
 
 def _groups(T: int, block_size: int, stride: int) -> tuple[int, int, int]:
-    """(first token that sees a key ``l - 1``, whole groups of ``d`` tokens after it, tokens in a last partial group)."""
+    """(first token that sees a key ``l - 1``, whole groups of ``d`` tokens after it, tokens in a last partial
+    group)."""
     start = block_size - 1
     return start, (T - start) // stride, (T - start) % stride
 

@@ -176,7 +176,7 @@ def nsa_decode(
     rotary_base: Optional[float] = None,
     return_branches: bool = False,
     use_kernel: Optional[bool] = None,
-):
+) -> Union[Tensor, tuple[Tensor, dict]]:
     """NSA output of ``T`` new queries (a few; typically 1) over a cache (module docstring).
 
     Args:

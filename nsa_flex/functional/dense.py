@@ -34,7 +34,7 @@ def dense_masked_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention with an explicit mask, in the dtype of ``q``. Returns ``out`` or ``(out, lse)``.
 
     ``mask`` is a bool tensor broadcastable to ``[B, Hq, Q, KV]`` or a function giving its rows

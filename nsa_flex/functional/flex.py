@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch._functorch.config as functorch_config
@@ -148,7 +148,7 @@ def flex(
     scale: Optional[float] = None,
     return_lse: bool = False,
     kernel_options: Optional[dict] = None,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``flex_attention(q, k, v, ...)`` with GQA enabled when ``Hq != Hkv``; returns ``out`` or ``(out, lse)``.
 
     ``block_mask`` is a torch ``BlockMask`` (e.g. ``mask.to_block_mask(...)``) or None. Rows that see no key
@@ -186,9 +186,9 @@ def flex(
     except Exception as err:  # dynamo's own exception type moved between releases
         if "recompile" in type(err).__name__.lower() or "recompile_limit" in str(err):
             raise SlowPathError(
-                f"compiled flex_attention hit dynamo's recompile limit ({RECOMPILE_LIMIT}); torch would now fall back to an unfused "
-                "kernel that materializes Q x KV scores. Keep shapes stable (pad sequence lengths to a few "
-                "buckets) or raise nsa_flex.functional.flex.RECOMPILE_LIMIT deliberately."
+                f"compiled flex_attention hit dynamo's recompile limit ({RECOMPILE_LIMIT}); torch would now fall "
+                "back to an unfused kernel that materializes Q x KV scores. Keep shapes stable (pad sequence "
+                "lengths to a few buckets) or raise nsa_flex.functional.flex.RECOMPILE_LIMIT deliberately."
             ) from err
         raise
 

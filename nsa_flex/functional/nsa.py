@@ -38,7 +38,8 @@ def resolve_compressors(compress: CompressSpec, block_size: int, stride: int) ->
             raise TypeError(f"compress as a tuple must be (key_compressor, value_compressor), got {compress!r}")
         return compress
     if not callable(compress):
-        raise TypeError(f"compress must be 'mean' or callable [B, H, T, D] -> [B, H, Tc, D], got {type(compress).__name__}")
+        raise TypeError("compress must be 'mean' or callable [B, H, T, D] -> [B, H, Tc, D], got "
+                        f"{type(compress).__name__}")
     return compress, compress
 
 
@@ -80,7 +81,7 @@ def nsa_attention(
     scale: Optional[float] = None,
     fine_qk: Optional[tuple[Tensor, Tensor]] = None,
     return_branches: bool = False,
-):
+) -> Union[Tensor, tuple[Tensor, dict]]:
     """NSA attention. ``gates[..., i]`` weighs (compressed, selected, window); typically a sigmoid, in ``[0, 1]``.
 
     ``compress`` maps ``[B, Hkv, T, D] -> [B, Hkv, Tc, D]`` with ``Tc = max(0, (T - l) // d + 1)``.

@@ -1,7 +1,8 @@
 """``SparseAttention``: a Native Sparse Attention layer (DeepSeek, 2025) on :func:`nsa_flex.functional.nsa_attention`.
 
 Constructor names follow lucidrains' ``native-sparse-attention-pytorch`` ``SparseAttention`` so that its users
-feel at home; the semantics (block boundaries, scoring, forced blocks, window) are those of docs/design.md ("Exact semantics").
+feel at home; the semantics (block boundaries, scoring, forced blocks, window) are those of docs/design.md
+("Exact semantics").
 """
 
 from __future__ import annotations

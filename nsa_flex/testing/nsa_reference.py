@@ -7,7 +7,7 @@ are :func:`nsa_attention`'s own, so both refuse the same inputs.)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -72,7 +72,8 @@ def reference_select_blocks(
 
 
 def _dense(T: int, KV: int, allowed) -> Tensor:
-    return torch.tensor([[bool(allowed(t, j)) for j in range(KV)] for t in range(T)], dtype=torch.bool).view(1, 1, T, KV)
+    rows = [[bool(allowed(t, j)) for j in range(KV)] for t in range(T)]
+    return torch.tensor(rows, dtype=torch.bool).view(1, 1, T, KV)
 
 
 def reference_nsa(
@@ -91,7 +92,7 @@ def reference_nsa(
     scale: Optional[float] = None,
     fine_qk: Optional[tuple[Tensor, Tensor]] = None,
     return_branches: bool = False,
-):
+) -> Union[Tensor, tuple[Tensor, dict]]:
     """Float64 NSA with the signature of :func:`nsa_flex.functional.nsa_attention` (CPU; tiny sizes only).
 
     ``compress`` is ``"mean"``, a callable, or a ``(key, value)`` pair of callables.

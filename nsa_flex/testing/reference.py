@@ -22,7 +22,7 @@ def dense_attention(
     score_mod: Optional[ScoreMod] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``softmax(q k^T * scale + score_mod, masked) v`` in float64 with an explicit, unfused softmax.
 
     ``mask`` is a Mask, any mask_mod, or a bool tensor broadcastable to ``[B, Hq, Q, KV]``. GQA: ``Hq`` a
