@@ -1,4 +1,4 @@
-"""compressed_causal: dense form == DESIGN.md's definition, number of compressed keys == a brute-force count,
+"""compressed_causal: dense form == the definition in docs/design.md, number of compressed keys == a brute-force count,
 flex == float64 dense with Q_LEN != KV_LEN, rows before the first complete block give 0, argument errors."""
 
 import numpy as np
@@ -42,7 +42,7 @@ def test_num_compressed_blocks_counts_complete_blocks(T, ld):
 
 
 def test_small_example():
-    # l=4, d=2, 16 tokens -> 7 compressed blocks starting at 0, 2, ..., 12 (DESIGN.md, seed 004 note).
+    # l=4, d=2, 16 tokens -> 7 compressed blocks starting at 0, 2, ..., 12 (docs/design.md "Exact semantics").
     assert masks.num_compressed_blocks(16, 4, 2) == 7
     dense = masks.compressed_causal(block_size=4, stride=2).to_dense(16, 7)[0, 0]
     assert not dense[:3].any()  # t < l - 1 sees nothing

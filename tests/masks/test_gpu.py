@@ -2,7 +2,7 @@
 compositions and score_mods; fine_selection / block_mask_from_indices on the GPU. Skipped without CUDA.
 
 Each Hypothesis example builds new mask_mod closures, which compiled flex_attention guards on; dynamo is reset
-per example so the recompile limit (which nsa_flex turns into an error, DESIGN.md pitfall 2) is never reached.
+per example so the recompile limit (which nsa_flex turns into a SlowPathError) is never reached.
 """
 
 import math

@@ -1,5 +1,6 @@
-"""NSA fine selection: dense form == a loop definition (DESIGN.md), block_mask_from_indices == create_block_mask of
-the mask block for block, flex == float64 dense, rows with nothing selected give 0, argument errors."""
+"""NSA fine selection: dense form == a loop definition (docs/design.md "Exact semantics"),
+block_mask_from_indices == create_block_mask of the mask block for block, flex == float64 dense, rows with
+nothing selected give 0, argument errors."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Static generators: dense form == an independent numpy definition (DESIGN.md "Exact semantics"), FlexAttention ==
-float64 dense attention on Hypothesis-drawn shapes, and argument errors."""
+"""Static generators: dense form == an independent numpy definition (docs/design.md "Exact semantics"),
+FlexAttention == float64 dense attention on Hypothesis-drawn shapes, and argument errors."""
 
 import numpy as np
 import pytest
