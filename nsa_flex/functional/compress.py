@@ -11,17 +11,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._checks import tensor
-from ..masks.compressed import check_compression, num_compressed_blocks
+from ..masks.compressed import num_compressed_blocks
 
 
 def compression_blocks(
     x: Float[Tensor, "B H T D"], block_size: int, stride: int
 ) -> Float[Tensor, "B H Tc l D"]:
     """The ``Tc`` blocks of ``l = block_size`` tokens, ``stride`` apart, as a (strided, copy-free) view."""
-    tensor("x", x, ndim=4)
-    check_compression(block_size, stride)
-    B, H, T, D = x.shape
-    Tc = num_compressed_blocks(T, block_size, stride)
+    B, H, T, D = tensor("x", x, ndim=4).shape
+    Tc = num_compressed_blocks(T, block_size, stride)  # also validates block_size and stride
     if Tc == 0:  # an empty view of x, so autograd still connects compressors to x
         return x[:, :, :0].unsqueeze(3).expand(B, H, 0, block_size, D)
     return x.unfold(2, block_size, stride).transpose(-1, -2)
@@ -35,8 +33,7 @@ def mean_pool(x: Float[Tensor, "B H T D"], block_size: int, stride: int) -> Floa
     over the overlapping unfolded view had torch's ``unfold_backward`` (0.37 ms for each of k and v at 64k
     tokens, paper configuration, H100). ``x`` must be floating (a mean of integers would come back int64)."""
     tensor("x", x, ndim=4, floating=True)
-    check_compression(block_size, stride)
-    Tc = num_compressed_blocks(x.shape[2], block_size, stride)
+    Tc = num_compressed_blocks(x.shape[2], block_size, stride)  # also validates block_size and stride
     if Tc == 0 or block_size % stride:
         return compression_blocks(x, block_size, stride).mean(dim=-2)
     per_block = block_size // stride

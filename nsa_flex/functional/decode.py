@@ -361,9 +361,15 @@ def _write(k_cache, v_cache, k, v, positions, use_kernel, rotary_base) -> None:
     v_cache.scatter_(2, idx.expand(B, H, T, v_cache.shape[-1]), v.to(v_cache.dtype))
 
 
-def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> None:
+def _check_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
+    """``k_cache [B, H, L, D]`` and ``v_cache [B, H, L, Dv]``; returns ``(B, H, L, D)``."""
     B, H, L, D = tensor("k_cache", k_cache, ndim=4, floating=True).shape
     tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, H, L, None))
+    return B, H, L, D
+
+
+def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> None:
+    B, H, _, D = _check_caches(k_cache, v_cache)
     T = tensor("k", k, ndim=4, floating=True, shape=(B, H, None, D)).shape[2]
     tensor("v", v, ndim=4, floating=True, shape=(B, H, T, v_cache.shape[-1]))
     _check_positions(positions, B, T)
@@ -467,8 +473,7 @@ def update_compressed(
     cache hands them out). The key blocks are then cut from those two, and ``k_ring`` moves on to the ``l``
     raw keys ending at the last new token.
     """
-    B, Hkv, L, _ = tensor("k_cache", k_cache, ndim=4, floating=True).shape
-    tensor("v_cache", v_cache, ndim=4, floating=True, shape=(B, Hkv, L, None))
+    B = _check_caches(k_cache, v_cache)[0]
     tensor("positions", positions, ndim=2, integer=True, shape=(B, None))
     _check_compression(k_cache, v_cache, k_cmp, v_cmp, positions, k_compress, v_compress, block_size, stride, k_ring,
                        k_new)
