@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 from nsa_flex import masks
-from nsa_flex.cli import ArgParser, CLIError, check_size, png_path, render_text, report_errors, save_png, view_mask
+from nsa_flex.cli import (ArgParser, CLIError, check_size, png_path, render_text, report_errors, require, save_png,
+                          view_mask)
 
 PROG = "compose_pattern.py"
 
@@ -43,11 +44,6 @@ def build_pattern() -> masks.Mask:
     return local | sinks | summary_tokens(32)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise CLIError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
     parser = ArgParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=512, help="queries and keys (default 512)")
@@ -57,9 +53,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argpar
     args = parser.parse_args(argv)
     for name in ("seq_len", "block_size"):
         value = getattr(args, name)
-        _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        require(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     png_dir = os.path.dirname(os.path.abspath(args.png))
-    _check(os.path.isdir(png_dir), f"--png: no directory {png_dir!r} to write {args.png!r} in")
+    require(os.path.isdir(png_dir), f"--png: no directory {png_dir!r} to write {args.png!r} in")
     try:
         check_size(build_pattern(), args.seq_len, args.seq_len, (args.block_size, args.block_size))
     except ValueError as err:

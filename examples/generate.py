@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, report_errors
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, report_errors, require, require_device
 from nsa_flex.modules import TransformerLM
 
 PROG = "generate.py"
@@ -49,11 +49,6 @@ def load_model(checkpoint: Optional[str], device: torch.device) -> TransformerLM
     return model.to(device)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise CLIError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
     p = ArgParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help='torch.save({"config": ..., "model": state_dict}) file')
@@ -67,15 +62,13 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argpar
                    help="CPU intra-op threads (default: 1 for the tiny random model, whose many small ops only "
                         "contend on more; torch's default with a checkpoint)")
     args = p.parse_args(argv)
-    _check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    _check(args.temperature >= 0 and math.isfinite(args.temperature),
-           f"--temperature must be a number >= 0, got {args.temperature}")
-    _check(args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
-    _check(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
-    _check(args.prompt is None or all(args.prompt), "--prompt must not be empty")
-    _check(args.device in ("cpu", "cuda") or args.device.startswith("cuda:"),
-           f"--device must be cpu or cuda, got {args.device!r}")
-    _check(args.device == "cpu" or torch.cuda.is_available(), f"--device {args.device}: CUDA is not available")
+    require(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    require(args.temperature >= 0 and math.isfinite(args.temperature),
+            f"--temperature must be a number >= 0, got {args.temperature}")
+    require(args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}")
+    require(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+    require(args.prompt is None or all(args.prompt), "--prompt must not be empty")
+    require_device(args.device)
     return args
 
 
@@ -90,8 +83,8 @@ def generate(args: argparse.Namespace) -> list[bytes]:
     prompts = args.prompt or ["The quick brown fox", "NSA: "]
     ids = [torch.tensor(list(s.encode("utf-8")), dtype=torch.long) for s in prompts]
     longest = max(len(x) for x in ids) + args.max_new_tokens
-    _check(longest <= model.max_seq_len, f"the longest prompt plus --max-new-tokens is {longest} tokens, beyond "
-                                         f"the model's max_seq_len {model.max_seq_len}")
+    require(longest <= model.max_seq_len, f"the longest prompt plus --max-new-tokens is {longest} tokens, beyond "
+                                          f"the model's max_seq_len {model.max_seq_len}")
     if device.type == "cuda":  # compile the prefill's and the decode step's kernels outside the timing
         model.generate(ids, min(2, args.max_new_tokens), temperature=0)
         torch.cuda.synchronize()

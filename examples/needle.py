@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors, require, require_device
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
 
@@ -86,11 +86,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise CLIError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
     args = build_parser(prog).parse_args(argv)
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
@@ -99,24 +94,22 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argpar
     if args.attn is None:
         args.attn = [] if args.init else ["nsa", "dense", "window"]
     for attn in args.attn:
-        _check(attn in ("nsa", "dense", "window"), f"unknown attention type {attn!r} (choose nsa, dense or window)")
+        require(attn in ("nsa", "dense", "window"), f"unknown attention type {attn!r} (choose nsa, dense or window)")
     for name in ("context", "steps", "batch", "key_len", "value_len", "dim", "depth", "heads", "window",
                  "compress_block", "compress_stride", "selection_block", "num_selected", "depths", "eval_samples"):
-        _check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    _check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
-    _check(args.context >= needle_len(args) + tail_len(args) + 1,
-           f"--context {args.context} is too short for a needle of {needle_len(args)} and a question of "
-           f"{tail_len(args)} bytes")
-    _check(args.compress_mlp in COMPRESSORS,
-           f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
+        require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    require(args.context >= needle_len(args) + tail_len(args) + 1,
+            f"--context {args.context} is too short for a needle of {needle_len(args)} and a question of "
+            f"{tail_len(args)} bytes")
+    require(args.compress_mlp in COMPRESSORS,
+            f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
     if "nsa" in args.attn:
-        _check(args.context > args.compress_block,
-               f"--context {args.context} must be > --compress-block {args.compress_block} for nsa")
+        require(args.context > args.compress_block,
+                f"--context {args.context} must be > --compress-block {args.compress_block} for nsa")
     for path in args.init:
-        _check(os.path.isfile(path), f"--init: no checkpoint file at {path!r}")
-    if args.device is not None:
-        _check(args.device == "cpu" or (args.device.startswith("cuda") and torch.cuda.is_available()),
-               f"--device must be cpu or an available cuda device, got {args.device!r}")
+        require(os.path.isfile(path), f"--init: no checkpoint file at {path!r}")
+    require_device(args.device)
     return args
 
 
@@ -230,11 +223,11 @@ def build_models(args, device) -> list[tuple[str, TransformerLM, dict[str, Any]]
             raise CLIError(f"model configuration ({attn}): {err}") from None
     for path in args.init:
         ckpt = load_checkpoint(path, "--init")
-        _check(isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt,
-               f"--init: {path!r} is not a train_lm.py checkpoint")
+        require(isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt,
+                f"--init: {path!r} is not a train_lm.py checkpoint")
         config = dict(ckpt["config"])
-        _check(args.context <= config["max_seq_len"],
-               f"--context {args.context} is beyond the checkpoint's max_seq_len {config['max_seq_len']} ({path})")
+        require(args.context <= config["max_seq_len"],
+                f"--context {args.context} is beyond the checkpoint's max_seq_len {config['max_seq_len']} ({path})")
         model = TransformerLM(**config)
         model.load_state_dict(ckpt["model"])
         models.append((f"{config['attn']} (fine-tuned {Path(path).parent.name or path})", model.to(device), config))

@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors
+from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors, require, require_device
 from nsa_flex.data import WindowSampler, load_corpus
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
@@ -134,11 +134,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise CLIError(message)
-
-
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in defaults (or the --smoke preset) and validate; raises CLIError with a one-line message."""
     if args.compare and args.out is None:
@@ -147,48 +142,45 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    _check(args.attn in ("nsa", "dense", "window"),
-           f"unknown attention type {args.attn!r} (choose nsa, dense or window)")
-    _check(args.dist in ("none", "ddp", "fsdp"), f"--dist must be none, ddp or fsdp, got {args.dist!r}")
-    _check(args.precision in ("auto", "bf16", "fp32"),
-           f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
-    _check(args.compress_mlp in COMPRESSORS,
-           f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
+    require(args.attn in ("nsa", "dense", "window"),
+            f"unknown attention type {args.attn!r} (choose nsa, dense or window)")
+    require(args.dist in ("none", "ddp", "fsdp"), f"--dist must be none, ddp or fsdp, got {args.dist!r}")
+    require(args.precision in ("auto", "bf16", "fp32"),
+            f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
+    require(args.compress_mlp in COMPRESSORS,
+            f"--compress-mlp must be one of {sorted(COMPRESSORS)}, got {args.compress_mlp!r}")
     for name in ("context", "steps", "batch", "dim", "depth", "heads", "mlp_mult", "window", "compress_block",
                  "compress_stride", "selection_block", "num_selected", "eval_batches"):
         value = getattr(args, name)
-        _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        require(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     for name in ("dim_head", "kv_heads", "max_seq_len", "max_files", "stop_after"):
         value = getattr(args, name)
-        _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    _check(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0, got {args.time_limit}")
+        require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require(args.time_limit is None or args.time_limit > 0, f"--time-limit must be > 0, got {args.time_limit}")
     for name in ("eval_every", "ckpt_every", "warmup"):
         value = getattr(args, name)
-        _check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    _check(args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
-    _check(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-    _check(args.grad_clip >= 0, f"--grad-clip must be >= 0, got {args.grad_clip}")
-    _check(args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}")
-    _check(args.batch % args.grad_accum == 0,
-           f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum}")
-    _check(0 < args.val_percent < 100, f"--val-percent must be in (0, 100), got {args.val_percent}")
+        require(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}")
+    require(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    require(args.grad_clip >= 0, f"--grad-clip must be >= 0, got {args.grad_clip}")
+    require(args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}")
+    require(args.batch % args.grad_accum == 0,
+            f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum}")
+    require(0 < args.val_percent < 100, f"--val-percent must be in (0, 100), got {args.val_percent}")
     if args.max_seq_len is None:
         args.max_seq_len = args.context
-    _check(args.context <= args.max_seq_len,
-           f"--context {args.context} is beyond the model's max_seq_len {args.max_seq_len}")
+    require(args.context <= args.max_seq_len,
+            f"--context {args.context} is beyond the model's max_seq_len {args.max_seq_len}")
     if args.attn == "nsa":
-        _check(args.context > args.compress_block,
-               f"--context {args.context} must be > --compress-block {args.compress_block} for nsa "
-               "(no compressed key would exist)")
+        require(args.context > args.compress_block,
+                f"--context {args.context} must be > --compress-block {args.compress_block} for nsa "
+                "(no compressed key would exist)")
     if args.corpus is not None:
-        _check(os.path.exists(args.corpus), f"corpus path {args.corpus!r} does not exist")
-    if args.device is not None:
-        _check(args.device in ("cpu", "cuda") or args.device.startswith("cuda:"),
-               f"--device must be cpu or cuda, got {args.device!r}")
-        _check(args.device == "cpu" or torch.cuda.is_available(), f"--device {args.device}: CUDA is not available")
+        require(os.path.exists(args.corpus), f"corpus path {args.corpus!r} does not exist")
+    require_device(args.device)
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
-    _check(not (args.compile and on_cpu and args.attn != "dense"),
-           f"--compile with --attn {args.attn} needs CUDA: compiled FlexAttention has no backward on CPU")
+    require(not (args.compile and on_cpu and args.attn != "dense"),
+            f"--compile with --attn {args.attn} needs CUDA: compiled FlexAttention has no backward on CPU")
     return args
 
 
@@ -226,17 +218,17 @@ class Dist:
         self.mode = args.dist
         self.initialized = False
         if args.dist == "none":
-            _check(world == 1, f"launched with WORLD_SIZE={world} (torchrun?): pass --dist ddp or --dist fsdp")
+            require(world == 1, f"launched with WORLD_SIZE={world} (torchrun?): pass --dist ddp or --dist fsdp")
             self.rank, self.world, self.local_rank = 0, 1, 0
             self.device = torch.device(args.device or ("cuda" if use_cuda else "cpu"))
         else:
-            _check("RANK" in os.environ and "MASTER_ADDR" in os.environ,
-                   f"--dist {args.dist} needs torchrun (RANK/MASTER_ADDR are not set), e.g. "
-                   f"torchrun --nproc-per-node 2 examples/train_lm.py --dist {args.dist} ...")
+            require("RANK" in os.environ and "MASTER_ADDR" in os.environ,
+                    f"--dist {args.dist} needs torchrun (RANK/MASTER_ADDR are not set), e.g. "
+                    f"torchrun --nproc-per-node 2 examples/train_lm.py --dist {args.dist} ...")
             self.rank, self.world = int(os.environ["RANK"]), world
             self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            _check(args.batch % (world * args.grad_accum) == 0,
-                   f"--batch {args.batch} must be divisible by world size {world} x --grad-accum {args.grad_accum}")
+            require(args.batch % (world * args.grad_accum) == 0,
+                    f"--batch {args.batch} must be divisible by world size {world} x --grad-accum {args.grad_accum}")
             if use_cuda:
                 self.device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(self.device)
@@ -249,8 +241,8 @@ class Dist:
             if self.owns_group:
                 dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                         device_id=self.device if use_cuda else None)
-            _check(dist.get_world_size() == world, f"the process group has {dist.get_world_size()} ranks, "
-                                                   f"WORLD_SIZE says {world}")
+            require(dist.get_world_size() == world, f"the process group has {dist.get_world_size()} ranks, "
+                                                    f"WORLD_SIZE says {world}")
 
     @property
     def main(self) -> bool:
@@ -462,15 +454,15 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT
     if args.resume:
-        _check(ckpt_path.exists(), f"--resume: no checkpoint at {str(ckpt_path)!r}")
+        require(ckpt_path.exists(), f"--resume: no checkpoint at {str(ckpt_path)!r}")
     resume = args.resume or (args.auto_resume and ckpt_path.exists())
     try:
         corpus = load_corpus(args.corpus, val_percent=args.val_percent, max_files=args.max_files)
     except ValueError as err:
         raise CLIError(str(err)) from None
     for split, data in (("train", corpus.train), ("validation", corpus.val)):
-        _check(len(data) > args.context, f"the {split} split has {len(data)} bytes, fewer than --context + 1 = "
-                                         f"{args.context + 1}")
+        require(len(data) > args.context, f"the {split} split has {len(data)} bytes, fewer than --context + 1 = "
+                                          f"{args.context + 1}")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -498,20 +490,20 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict[str, Any]:
 
     if resume:
         ckpt = load_checkpoint(ckpt_path, "--resume")
-        _check(isinstance(ckpt, dict) and ckpt.get("format") == FORMAT,
-               f"--resume: {str(ckpt_path)!r} is not a {PROG} checkpoint")
+        require(isinstance(ckpt, dict) and ckpt.get("format") == FORMAT,
+                f"--resume: {str(ckpt_path)!r} is not a {PROG} checkpoint")
         saved = ckpt["args"]
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
                    for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-        _check(not changed, "--resume: the checkpoint was trained with other settings: " + ", ".join(changed))
+        require(not changed, "--resume: the checkpoint was trained with other settings: " + ", ".join(changed))
         load_full_state(model, optimizer, ckpt)
         train_sampler.load_state_dict(ckpt["train_sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if dist.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         start_step, history, elapsed_before = ckpt["step"], ckpt["history"], ckpt.get("elapsed", 0.0)
-        _check(start_step <= args.steps,
-               f"--resume: the checkpoint is at step {start_step}, beyond --steps {args.steps}")
+        require(start_step <= args.steps,
+                f"--resume: the checkpoint is at step {start_step}, beyond --steps {args.steps}")
 
     log: dict[str, Any] = {
         "args": vars(args), "model_config": config, "num_parameters": num_params, "device": str(dist.device),
@@ -605,7 +597,7 @@ def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
     logs = {}
     for run_dir in run_dirs:
         path = Path(run_dir) / LOG
-        _check(path.is_file(), f"--compare: no {LOG} in {run_dir!r}")
+        require(path.is_file(), f"--compare: no {LOG} in {run_dir!r}")
         try:
             logs[str(run_dir)] = json.loads(path.read_text())
         except (OSError, ValueError) as err:

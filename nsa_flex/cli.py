@@ -87,6 +87,21 @@ def report_errors(prog: str, run: Callable[[], object]) -> int:
     return status if isinstance(status, int) else 0
 
 
+def require(cond: bool, message: str) -> None:
+    """A command line's check: :class:`CLIError` with ``message`` unless ``cond``."""
+    if not cond:
+        raise CLIError(message)
+
+
+def require_device(device: Optional[str], flag: str = "--device") -> None:
+    """``device`` (the value of ``flag``; None: the script picks) is cpu, or cuda / cuda:N on a machine with
+    CUDA; else a one-line CLIError."""
+    if device is None:
+        return
+    require(device in ("cpu", "cuda") or device.startswith("cuda:"), f"{flag} must be cpu or cuda, got {device!r}")
+    require(device == "cpu" or torch.cuda.is_available(), f"{flag} {device}: CUDA is not available")
+
+
 def load_checkpoint(path: Union[str, Path], flag: str) -> Any:
     """``torch.load`` onto the CPU of a file the command line names with ``flag``, ``weights_only`` (tensors and
     plain containers, no code runs). A missing file or one that is not such a checkpoint is a one-line CLIError."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nsa_flex import masks
-from nsa_flex.cli import ExpressionError, main, mask_generators, parse_mask
+from nsa_flex.cli import CLIError, ExpressionError, main, mask_generators, parse_mask, require_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,3 +273,14 @@ def test_python_m_nsa_flex_demo_runs():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
     assert "passed, 0 failed" in proc.stdout
+
+
+def test_require_device_takes_cpu_and_cuda_forms_the_examples_share():
+    require_device(None)  # the script picks
+    require_device("cpu")
+    for bad in ("gpu", "cudax", ""):
+        with pytest.raises(CLIError, match=rf"^--device must be cpu or cuda, got {bad!r}$"):
+            require_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(CLIError, match=r"^--device cuda:1: CUDA is not available$"):
+            require_device("cuda:1")
