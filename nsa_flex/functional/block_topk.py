@@ -19,8 +19,11 @@ and walks the selection blocks left to right, ``CH`` at a time (``CH * r`` compr
 
 Memory is the ``[B, Hkv, T, n]`` output and the scratch rows (both linear in ``T``); HBM traffic is reading
 ``q``, ``k_cmp`` and ``lse`` (the unfused path wrote and re-read ``[B, Hq, T, Tc]`` float32 logits). The kernel
-is registered as the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` traces it instead of breaking
-the graph; without triton (CPU installs) this module defines only :func:`supported`, which then says no.
+is registered as the custom op ``nsa_flex::block_topk`` so that ``torch.compile`` keeps it in the graph without
+breaking it. It is an opaque op there, launched as in eager mode: a ``triton_op`` would have inductor compile the
+kernel again, and torch's analysis of what a kernel writes stops at the inline assembly of ``cta_barrier``
+(it then takes every input as written, with a warning and its traceback at each compile). Without triton (CPU
+installs) this module defines only :func:`supported`, which then says no.
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ except ImportError:  # CPU-only installs: select_blocks never asks for the kerne
 INDEX_BITS = 24
 FORCED_KEY = 1 << 62
 # Query rows (tokens x padded group) per program: as many as keep a step's logits tile at 64 x 256 float32 (the
-# accumulator of 4 warps). 64k tokens, paper configuration (64 keys a step), H100, ms: 256 rows 7.17, 128 rows
-# 8.21, 64 rows 10.44; 8 warps 8.79 at 128 rows, 10.1 at 256; with n = 32 (128 keys a step) 128 rows 8.73, 256
-# rows 21.7 (docs/results/block_topk_transposed_h100_session15.log).
+# accumulator of 4 warps); two programs share an SM (255 registers a thread, 100 KiB of shared memory each), their
+# key tiles double-buffered by Triton's pipeliner (three buffers would leave one program per SM). 64k tokens,
+# paper configuration (64 keys a step), H100, ms: 6.46-6.75 against 7.10-7.32 for the same kernel before its
+# loads were pipelined; 128 rows 7.6, or 6.3-6.5 with three programs per SM under a cap of 168 registers (the
+# launch option `maxnreg`, which torch.compile's capture of Triton kernels does not forward); 8 warps 8.4 at 128
+# rows, 6.3 at 256 under a cap of 128 (docs/results/block_topk_pipelined_h100_session21.log). With n = 32 (128
+# keys a step) 128 rows were 8.73 and 256 rows 21.7 (block_topk_transposed_h100_session15.log).
 _LOGITS = 64 * 256
 _MAX_ROWS = 256
+_LAUNCH = dict(num_warps=4, num_stages=2)
 LOG2E = math.log2(math.e)
 _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
@@ -84,10 +92,9 @@ def block_topk(q: Float[Tensor, "B Hq T D"], k_cmp: Float[Tensor, "B Hkv Tc D"],
 
 
 def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int, stride: int,
-           selection_block_size: int, num_selected: int, num_initial: int, num_local: int,
-           wrap=lambda kernel: kernel) -> Tensor:
-    """Run the kernel directly (tests on Triton's interpreter use this; the custom op passes
-    ``wrap=torch.library.wrap_triton``). Arguments as in :func:`block_topk`."""
+           selection_block_size: int, num_selected: int, num_initial: int, num_local: int) -> Tensor:
+    """Run the kernel (the custom op's body; tests on Triton's interpreter call it directly). Arguments as in
+    :func:`block_topk`."""
     B, Hq, T, D = q.shape
     Hkv, Tc = k_cmp.shape[1], k_cmp.shape[2]
     G = Hq // Hkv
@@ -103,17 +110,24 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     grid = (math.ceil(T / BT), B * Hkv)
     # per program, BT rows of [previous step's last r sums | this step's CH * r sums]: linear in T (68 MiB at 64k)
     scratch = torch.empty(grid[0] * grid[1] * BT * (r + CH * r), dtype=torch.float32, device=q.device)
-    wrap(block_topk_kernel)[grid](
+    block_topk_kernel[grid](
         q, k_cmp, lse, w, out, scratch,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
         T, Tc, S, Hkv, scale,
         G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32, LOG2E=LOG2E,
-        num_warps=4,
+        IEEE=q.dtype == torch.float32, LOG2E=LOG2E, ASM_BARRIER=not _interpreted(),
+        **_LAUNCH,
     )
     return out
+
+
+def _interpreted() -> bool:
+    """Whether the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which has no inline assembly."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(block_topk_kernel, InterpretedFunction)
 
 
 def next_pow2(x: int) -> int:
@@ -122,12 +136,16 @@ def next_pow2(x: int) -> int:
 
 
 if triton is not None:
-    @torch.library.triton_op("nsa_flex::block_topk", mutates_args={})
+    @torch.library.custom_op("nsa_flex::block_topk", mutates_args=())
     def block_topk_op(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block_size: int,
                       stride: int, selection_block_size: int, num_selected: int, num_initial: int,
                       num_local: int) -> Tensor:
         return launch(q, k_cmp, lse, w, scale, block_size, stride, selection_block_size, num_selected,
-                      num_initial, num_local, wrap=torch.library.wrap_triton)
+                      num_initial, num_local)
+
+    @block_topk_op.register_fake
+    def _(q, k_cmp, lse, w, scale, block_size, stride, selection_block_size, num_selected, num_initial, num_local):
+        return q.new_empty((q.shape[0], k_cmp.shape[1], q.shape[2], num_selected), dtype=torch.long)
 
     @triton.jit
     def ranking_keys(score, s, own, S, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
@@ -185,6 +203,20 @@ if triton is not None:
         return tl.reshape(h, x.shape)
 
     @triton.jit
+    def cta_barrier(token, ASM: tl.constexpr):
+        """``bar.sync 0``: every thread of the program waits here, and its earlier memory writes are visible to
+        the others after it. ``tl.debug_barrier`` does the same, but Triton 3.6's software pipeliner leaves a
+        loop holding one unpipelined, so each step's key tile was loaded synchronously; inline assembly with side
+        effects keeps its place among the loads and stores around it and lets the pipeliner work. ``token``
+        threads the barriers' order through the loop. ``ASM`` false (under the interpreter): ``tl.debug_barrier``."""
+        if ASM:
+            token = tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
+                                              is_pure=False, pack=1)
+        else:
+            tl.debug_barrier()
+        return token
+
+    @triton.jit
     def block_topk_kernel(
         Q, K, LSE, W, OUT, SCRATCH,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, sob, soh, sot, son,
@@ -193,6 +225,7 @@ if triton is not None:
         STRIDE: tl.constexpr, BLOCK: tl.constexpr, SEL: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
         CH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
         INDEX_BITS: tl.constexpr, FORCED: tl.constexpr, IEEE: tl.constexpr, LOG2E: tl.constexpr,
+        ASM_BARRIER: tl.constexpr,
     ):
         BC: tl.constexpr = CH * R  # compressed keys per step
         pid_t = tl.program_id(0)
@@ -211,6 +244,7 @@ if triton is not None:
         # rows, get lse = +inf, so p = 0 without a mask
         lse = tl.load(LSE + b * slb + (h * G + row_g) * slh + row_pos * slt, mask=row_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         qk_scale = scale * LOG2E
         tok = tl.arange(0, BT)
         pos = pid_t * BT + tok
@@ -237,6 +271,7 @@ if triton is not None:
         # chunks before this one hold only compressed blocks complete before the program's first token
         first_masked = ((pid_t * BT - BLOCK + 1) // STRIDE + 1) // BC
         k_ptr = K + b * skb + h * skh + col[:, None] * skt + d[None, :] * skd
+        sync = tl.zeros((1,), tl.int32)
         for chunk in range(0, num_chunks):
             c = chunk * BC + col
             k = tl.load(k_ptr + chunk * BC * skt, mask=(c < Tc)[:, None] & (d < D)[None, :], other=0.0)
@@ -246,13 +281,13 @@ if triton is not None:
                 logits = tl.dot(k, tl.trans(q), input_precision="ieee")
             else:
                 logits = tl.dot(k, tl.trans(q))
-            # float32 throughout (inductor may pass `scale` as a double)
-            p = tl.exp2((logits * qk_scale).to(tl.float32) - lse[None, :])
+            p = tl.exp2(logits * qk_scale - lse[None, :])
             if chunk >= first_masked:
                 p = tl.where(c[:, None] * STRIDE + (BLOCK - 1) <= row_pos[None, :], p, 0.0)
             p = tl.sum(tl.reshape(p, (BC, BT, GP)), axis=2)  # [BC, BT], summed over the group
             tl.store(scr_t + R + col[:, None], p)
-            tl.debug_barrier()  # the sums, and the previous step's last block, visible to the whole program
+            # the sums, and the previous step's last block, visible to the whole program
+            sync = cta_barrier(sync, ASM_BARRIER)
             p = tl.load(scr + R + col[None, :])
             before = tl.load(scr + col[None, :])  # shifted one selection block: the predecessor's sums
             scores = block_sum(p * w_own[None, :], R) + block_sum(before * w_halo[None, :], R)
@@ -261,7 +296,8 @@ if triton is not None:
             # the step's n largest keys, descending, against the ascending running list: the pairwise maxima are
             # the n largest of both, in bitonic order
             top = bitonic_merge(tl.maximum(top, tl.topk(key, NP)), NP)
-            tl.debug_barrier()  # every row read before the last selection block moves to the front
+            # every row read before the last selection block moves to the front
+            sync = cta_barrier(sync, ASM_BARRIER)
             tl.store(scr + col[None, :] - (BC - R), p, mask=col[None, :] >= BC - R)
 
         index = block_index(tl.sort(top, descending=True), S, INDEX_BITS)
