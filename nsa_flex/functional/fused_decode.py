@@ -317,6 +317,7 @@ if triton is not None:
         DVP: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr,
         P: tl.constexpr, IEEE: tl.constexpr,
     ):
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         row, b, h, t, pos = _token(POS, spb, spt, T, Hkv)
         split = tl.program_id(1)
         g = tl.arange(0, GP)
@@ -339,7 +340,7 @@ if triton is not None:
                         mask=ok[:, None] & (d < D)[None, :], other=0.0)
             v = tl.load(V + b * svb + h * svh + c[:, None] * svc + dv[None, :] * svd,
                         mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-            s = tl.where(ok[None, :], (_dot_t(q, k, IEEE) * scale).to(tl.float32), float("-inf"))
+            s = tl.where(ok[None, :], _dot_t(q, k, IEEE) * scale, float("-inf"))
             tl.store(LOGITS + (((b * Hkv + h) * G + g)[:, None] * T + t) * C + c[None, :], s,
                      mask=(g < G)[:, None] & ok[None, :])
             m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
@@ -354,6 +355,7 @@ if triton is not None:
         DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, TILES: tl.constexpr, SPLITS_SEL: tl.constexpr,
         IEEE: tl.constexpr,
     ):
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         row, b, h, t, pos = _token(POS, spb, spt, T, Hkv)
         split = tl.program_id(1)
         is_sel = split < SPLITS_SEL  # else window tiles
@@ -389,7 +391,7 @@ if triton is not None:
             s = _dot_t(q1, k1, IEEE)
             if ROTARY:
                 s += _dot_t(q2, tl.load(k_rows + (e + HALF)[None, :] * skd, mask=k_ok, other=0.0), IEEE)
-            s = tl.where(ok[None, :], (s * scale).to(tl.float32), float("-inf"))
+            s = tl.where(ok[None, :], s * scale, float("-inf"))
             m_i, l_i, acc = _online(s, v, m_i, l_i, acc, IEEE)
         _store_partial(M, LSUM, ACC, row, split, tl.num_programs(1), m_i, l_i, acc, G, GP, DV, DVP)
 

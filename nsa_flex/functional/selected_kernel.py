@@ -257,6 +257,7 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
     ):
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
         h = tl.program_id(1) % Hkv
@@ -273,7 +274,7 @@ if triton is not None:
         for j in range(0, N):
             tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
                                    sin, BS, DP, D, DVP, DV)
-            s = tl.where(ok[None, :], (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32), float("-inf"))
+            s = tl.where(ok[None, :], _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
@@ -299,6 +300,7 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
         DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr, GATED: tl.constexpr,
     ):
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         t = tl.program_id(0)
         b = tl.program_id(1) // Hkv
         h = tl.program_id(1) % Hkv
@@ -327,7 +329,7 @@ if triton is not None:
             tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
                                    sin, BS, DP, D, DVP, DV)
             p, ds = _probs(q, do, k, v, lse, delta, ok[None, :] & rows, scale, IEEE)
-            dq += (_dot(ds.to(k.dtype), k, IEEE) * scale).to(tl.float32)  # inductor may pass a double scale
+            dq += _dot(ds.to(k.dtype), k, IEEE) * scale
         dq_ptr = DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd
         if ADD:  # another branch's gradient of q, summed into in place
             dq += tl.load(dq_ptr, mask=rows & (d < D)[None, :], other=0.0).to(tl.float32)
@@ -341,6 +343,7 @@ if triton is not None:
         CHUNK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
         DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, NEGATIVE_ROWS: tl.constexpr,
     ):
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
         seg = tl.load(WORK + tl.program_id(0))  # (b, h, block), -1 past the last chunk
         if NEGATIVE_ROWS:  # the correction pass has work only if the dq kernel saw a gate below zero
             seg = tl.where(tl.load(NEGATIVE) != 0, seg, -1)
@@ -382,7 +385,7 @@ if triton is not None:
                     factor = tl.where(gate < 0, -2.0, 0.0)[:, None]
                     p = p * factor
                     ds = ds * factor
-                dk += (_dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale).to(tl.float32)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
                 dvb += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             tl.atomic_add(DK + b * sdkb + h * sdkh + tok[:, None] * sdkt + d[None, :] * sdkd, dk,
                           mask=in_seq[:, None] & (d < D)[None, :])
@@ -409,7 +412,7 @@ if triton is not None:
     @triton.jit
     def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
         """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``."""
-        s = (_dot(q, tl.trans(k), IEEE) * scale).to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE) * scale
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)
         return p, p * (dp - delta[:, None])
