@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._checks import number, positive_int, tensor
 from .branches import check_qkv, compressed_attention, selected_attention, sliding_window_attention
-from .compress import mean_pool
+from .compress import mean_pool, num_compressed_blocks
 from .flex import RECOMPILE_LIMIT
 from .selection import check_selection, select_blocks
 
@@ -95,7 +95,7 @@ def nsa_attention(
     k_compress, v_compress = resolve_compressors(compress, compress_block_size, compress_stride)
 
     k_cmp, v_cmp = k_compress(k), v_compress(v)
-    Tc = max(0, (T - compress_block_size) // compress_stride + 1)
+    Tc = num_compressed_blocks(T, compress_block_size, compress_stride)
     for name, x in (("compressed keys", k_cmp), ("compressed values", v_cmp)):
         expected = (B, k.shape[1], Tc)
         if x.ndim != 4 or tuple(x.shape[:3]) != expected:

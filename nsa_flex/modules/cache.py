@@ -146,7 +146,7 @@ class NSACache(KVCache):
         block_and_stride(compress_block_size, compress_stride, "compress_block_size", "compress_stride")
         super().__init__(batch_size, kv_heads, dim_head, max_len, device, dtype, dim_value)
         self.compress_block_size, self.compress_stride = compress_block_size, compress_stride
-        self.num_compressed = max(0, (max_len - compress_block_size) // compress_stride + 1)
+        self.num_compressed = F.num_compressed_blocks(max_len, compress_block_size, compress_stride)
         C1 = self.num_compressed + 1
         self.k_cmp = torch.zeros(batch_size, kv_heads, C1, dim_head, device=device, dtype=dtype)
         self.v_cmp = torch.zeros(batch_size, kv_heads, C1, self.v.shape[-1], device=device, dtype=dtype)

@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._checks import block_and_stride, positive_int, tensor
-from ..functional import compression_blocks
+from ..functional import compression_blocks, num_compressed_blocks
 
 __all__ = [
     "AttentionPool",
@@ -94,7 +94,7 @@ class Compressor(nn.Module):
 
     def num_blocks(self, seq_len: int) -> int:
         """``Tc = max(0, (T - l) // d + 1)`` for ``seq_len = T`` tokens."""
-        return max(0, (seq_len - self.block_size) // self.stride + 1)
+        return num_compressed_blocks(seq_len, self.block_size, self.stride)
 
     def check_input(self, x: Tensor, name: str = "x", ndim: int = 4) -> None:
         """Validate ``x [B, H, T, D]`` (or blocks ``[B, H, N, l, D]`` with ``ndim=5``) against this module."""
