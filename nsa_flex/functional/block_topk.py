@@ -117,17 +117,18 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32, LOG2E=LOG2E, ASM_BARRIER=not _interpreted(),
+        IEEE=q.dtype == torch.float32, LOG2E=LOG2E, ASM_BARRIER=_ptx_barrier(),
         **_LAUNCH,
     )
     return out
 
 
-def _interpreted() -> bool:
-    """Whether the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which has no inline assembly."""
+def _ptx_barrier() -> bool:
+    """Whether ``cta_barrier`` may be PTX: an NVIDIA build (ROCm reports its GPUs as CUDA too) and the kernel
+    compiled, not run by Triton's interpreter (``TRITON_INTERPRET=1``), which has no inline assembly."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(block_topk_kernel, InterpretedFunction)
+    return torch.version.hip is None and not isinstance(block_topk_kernel, InterpretedFunction)
 
 
 def next_pow2(x: int) -> int:
@@ -208,7 +209,7 @@ if triton is not None:
         the others after it. ``tl.debug_barrier`` does the same, but Triton 3.6's software pipeliner leaves a
         loop holding one unpipelined, so each step's key tile was loaded synchronously; inline assembly with side
         effects keeps its place among the loads and stores around it and lets the pipeliner work. ``token``
-        threads the barriers' order through the loop. ``ASM`` false (under the interpreter): ``tl.debug_barrier``."""
+        threads the barriers' order through the loop. ``ASM`` false (:func:`_ptx_barrier`): ``tl.debug_barrier``."""
         if ASM:
             token = tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
                                               is_pure=False, pack=1)
