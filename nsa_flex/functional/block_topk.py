@@ -48,10 +48,11 @@ FORCED_KEY = 1 << 62
 # accumulator of 4 warps); two programs share an SM (255 registers a thread, 100 KiB of shared memory each), their
 # key tiles double-buffered by Triton's pipeliner (three buffers would leave one program per SM). 64k tokens,
 # paper configuration (64 keys a step), H100, ms: 6.46-6.75 against 7.10-7.32 for the same kernel before its
-# loads were pipelined; 128 rows 7.6, or 6.3-6.5 with three programs per SM under a cap of 168 registers (the
-# launch option `maxnreg`, which torch.compile's capture of Triton kernels does not forward); 8 warps 8.4 at 128
-# rows, 6.3 at 256 under a cap of 128 (docs/results/block_topk_pipelined_h100_session21.log). With n = 32 (128
-# keys a step) 128 rows were 8.73 and 256 rows 21.7 (block_topk_transposed_h100_session15.log).
+# loads were pipelined; 128 rows 7.6, or 6.3-6.5 with three programs per SM under a cap of 168 registers
+# (`maxnreg=168`: not taken when measured, as torch.compile's capture of a triton_op does not forward it; the
+# opaque op launches as eager code does, so it could be now); 8 warps 8.4 at 128 rows, 6.3 at 256 under a cap of
+# 128 (docs/results/block_topk_pipelined_h100_session21.log). With n = 32 (128 keys a step) 128 rows were 8.73
+# and 256 rows 21.7 (block_topk_transposed_h100_session15.log).
 _LOGITS = 64 * 256
 _MAX_ROWS = 256
 _LAUNCH = dict(num_warps=4, num_stages=2)
