@@ -55,6 +55,18 @@ def _unfused(q, k_cmp, lse, *config):
 
 
 
+def test_compiled_graphs_see_the_op_through_its_fake():
+    """torch.compile traces the opaque op with fake tensors: its fake gives ``[B, Hkv, T, n]`` int64 without
+    launching anything (the kernel runs only on real tensors, as in eager code)."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k_cmp, lse, w = torch.empty(2, 6, 100, 16), torch.empty(2, 3, 5, 16), torch.empty(2, 6, 100), torch.empty(3)
+        out = torch.ops.nsa_flex.block_topk(q, k_cmp, lse, w, 0.25, 32, 16, 64, 7, 1, 2)
+    assert out.shape == (2, 3, 100, 7) and out.dtype == torch.long
+
+
 def test_kernel_is_taken_only_on_cuda_for_configs_it_handles():
     q = torch.randn(1, 4, 64, 16)
     assert not block_topk.supported(q, 32, 16, 64, 16)  # CPU: always the chunked torch path
