@@ -113,3 +113,15 @@ def score_mod_heads(name: str, score_mod, heads: int) -> None:
     own = getattr(score_mod, "num_heads", None)
     if own is not None and own != heads:
         raise ValueError(f"{name} {score_mod!r} is defined for {own} heads, got {heads} query heads")
+
+
+def index_range(name: str, value: Tensor, high: int, bound: str, noun: str = "") -> None:
+    """ValueError unless the integer tensor ``value`` lies in ``[0, high)`` (``bound`` says what ``high`` is,
+    ``noun`` what the entries are), checked only where that costs no host sync: on CPU tensors outside a
+    compiled graph. Elsewhere a no-op; the callers' docstrings say what an entry out of range does there."""
+    if value.device.type != "cpu" or value.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 0 or hi >= high:
+        raise ValueError(f"{name} must be {noun + ' ' if noun else ''}in [0, {high}) ({bound}), got min {lo}, "
+                         f"max {hi}")

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import block_and_stride, number, positive_int, tensor
+from .._checks import block_and_stride, index_range, number, positive_int, tensor
 from . import cache_update, fused_decode
 from .selection import block_scores, check_selection, overlap_pattern, top_blocks
 
@@ -102,11 +102,8 @@ def _check_positions(positions: Tensor, B: int, T: int, L: Optional[int] = None)
     host sync: on CPU tensors outside a compiled graph (a decode step's positions live on the GPU, where the
     callers' caches check room on the host instead)."""
     tensor("positions", positions, ndim=2, integer=True, shape=(B, T))
-    if L is None or positions.device.type != "cpu" or positions.numel() == 0 or torch.compiler.is_compiling():
-        return
-    lo, hi = int(positions.min()), int(positions.max())
-    if lo < 0 or hi >= L:
-        raise ValueError(f"positions must be in [0, {L}) (the cache's length), got min {lo}, max {hi}")
+    if L is not None:
+        index_range("positions", positions, L, "the cache's length")
 
 
 def cached_attention(

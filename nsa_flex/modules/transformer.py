@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import positive_int, tensor
+from .._checks import index_range, positive_int, tensor
 from .attention import SparseAttention, check_head_layout
 from .cache import KVCache, NSACache
 from .rotary import RotaryEmbedding
@@ -241,15 +241,7 @@ class TransformerLM(nn.Module):
         tensor("ids", ids, ndim=2, integer=True)
         if ids.shape[1] > self.max_seq_len:
             raise ValueError(f"ids has {ids.shape[1]} tokens, more than max_seq_len={self.max_seq_len}")
-        self._check_token_range("ids", ids)
-
-    def _check_token_range(self, name: str, ids: Tensor) -> None:
-        """ValueError unless ``ids`` lie in ``[0, vocab_size)``; a no-op where it would sync (see check_ids)."""
-        if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
-            return
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"{name} must be token ids in [0, {self.vocab_size}) (vocab_size), got min {lo}, max {hi}")
+        index_range("ids", ids, self.vocab_size, "vocab_size", "token ids")
 
     def logits(self, x: Float[Tensor, "B T dim"]) -> Float[Tensor, "B T V"]:
         """Final norm and the head tied to the embedding."""
@@ -347,7 +339,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"the longest prompt ({hi} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                              f"max_seq_len={self.max_seq_len}")
         # the columns that are used, checked before the move, while a CPU prompt for a CUDA model needs no sync
-        self._check_token_range("prompt_ids", ids[:, :hi])
+        index_range("prompt_ids", ids[:, :hi], self.vocab_size, "vocab_size", "token ids")
         ids = ids.to(device)
         # Compiled FlexAttention specializes on the prefill length (functional/flex.py): pad it to a power of two
         # so prompts of any length share a few kernels; prompt_lengths masks the padding out.
