@@ -45,17 +45,20 @@ except ImportError:  # CPU-only installs: select_blocks never asks for the kerne
 INDEX_BITS = 24
 FORCED_KEY = 1 << 62
 # Query rows (tokens x padded group) per program: as many as keep a step's logits tile at 64 x 256 float32 (the
-# accumulator of 4 warps); two programs share an SM (255 registers a thread, 100 KiB of shared memory each), their
-# key tiles double-buffered by Triton's pipeliner (three buffers would leave one program per SM). 64k tokens,
-# paper configuration (64 keys a step), H100, ms: 6.46-6.75 against 7.10-7.32 for the same kernel before its
-# loads were pipelined; 128 rows 7.6, or 6.3-6.5 with three programs per SM under a cap of 168 registers
-# (`maxnreg=168`: not taken when measured, as torch.compile's capture of a triton_op does not forward it; the
-# opaque op launches as eager code does, so it could be now); 8 warps 8.4 at 128 rows, 6.3 at 256 under a cap of
-# 128 (docs/results/block_topk_pipelined_h100_session21.log). With n = 32 (128 keys a step) 128 rows were 8.73
-# and 256 rows 21.7 (block_topk_transposed_h100_session15.log).
+# accumulator of 4 warps), two programs per SM (255 registers a thread, 100 KiB of shared memory each), their key
+# tiles double-buffered by Triton's pipeliner (three buffers would leave one program per SM). Steps of 64 keys
+# (the paper's l'/d * 16) on 16-bit inputs take 128 rows instead, three programs per SM under a cap of 160
+# registers (64 KiB of shared memory each, no spills): 64k tokens, paper configuration, H100, 6.36-6.43 ms against
+# 6.60-6.73 for 256 rows (docs/results/block_topk_three_per_sm_h100_session22.log; ncu: 2 or 3 warps per
+# scheduler, tensor and MUFU pipes each about 34% busy, the warps mostly waiting on dependencies and barriers).
+# The cap spills wider steps (n = 32 or l' = 128: 128 keys a step, 7.4 -> 13.0 ms) and the float32 kernel (50 ->
+# 56 ms), which keep the two-program form. Before the loads were pipelined the kernel took 7.10-7.32 ms; 8 warps
+# were 8.4 at 128 rows, 6.3-7.2 at 256 under a cap of 128 (block_topk_pipelined_h100_session21.log). With n = 32,
+# 256 rows were 21.7 (block_topk_transposed_h100_session15.log).
 _LOGITS = 64 * 256
 _MAX_ROWS = 256
 _LAUNCH = dict(num_warps=4, num_stages=2)
+_THREE_PER_SM = dict(keys=64, rows=128, maxnreg=160)  # the cap is NVIDIA's launch option: none elsewhere
 LOG2E = math.log2(math.e)
 _MIN_CHUNK = 16  # selection blocks per step; tl.dot wants >= 16 of each dimension (head_dim is padded to 16)
 
@@ -104,10 +107,13 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
     out = torch.empty((B, Hkv, T, num_selected), dtype=torch.long, device=q.device)
     if T == 0:
         return out
+    nvidia_compiled = _nvidia_compiled()
     GP = next_pow2(G)
     NP = next_pow2(num_selected)
     CH = max(_MIN_CHUNK, NP)
-    BT = max(1, min(_MAX_ROWS, _LOGITS // (CH * r)) // GP)
+    three = CH * r == _THREE_PER_SM["keys"] and q.element_size() == 2
+    BT = max(1, (_THREE_PER_SM["rows"] if three else min(_MAX_ROWS, _LOGITS // (CH * r))) // GP)
+    cap = {"maxnreg": _THREE_PER_SM["maxnreg"]} if three and nvidia_compiled else {}
     grid = (math.ceil(T / BT), B * Hkv)
     # per program, BT rows of [previous step's last r sums | this step's CH * r sums]: linear in T (68 MiB at 64k)
     scratch = torch.empty(grid[0] * grid[1] * BT * (r + CH * r), dtype=torch.float32, device=q.device)
@@ -118,15 +124,16 @@ def launch(q: Tensor, k_cmp: Tensor, lse: Tensor, w: Tensor, scale: float, block
         G=G, GP=GP, BT=BT, D=D, DP=max(16, next_pow2(D)), STRIDE=stride, BLOCK=block_size,
         SEL=selection_block_size, R=r, L=L, CH=CH, N=num_selected, NP=NP,
         NUM_INITIAL=num_initial, NUM_LOCAL=num_local, INDEX_BITS=INDEX_BITS, FORCED=FORCED_KEY,
-        IEEE=q.dtype == torch.float32, LOG2E=LOG2E, ASM_BARRIER=_ptx_barrier(),
-        **_LAUNCH,
+        IEEE=q.dtype == torch.float32, LOG2E=LOG2E, ASM_BARRIER=nvidia_compiled,
+        **_LAUNCH, **cap,
     )
     return out
 
 
-def _ptx_barrier() -> bool:
-    """Whether ``cta_barrier`` may be PTX: an NVIDIA build (ROCm reports its GPUs as CUDA too) and the kernel
-    compiled, not run by Triton's interpreter (``TRITON_INTERPRET=1``), which has no inline assembly."""
+def _nvidia_compiled() -> bool:
+    """Whether the kernel is compiled for NVIDIA: ``cta_barrier`` may then be PTX and the launch may cap
+    registers. Not on ROCm (which reports its GPUs as CUDA too), nor under Triton's interpreter
+    (``TRITON_INTERPRET=1``), which has no inline assembly."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return torch.version.hip is None and not isinstance(block_topk_kernel, InterpretedFunction)
@@ -210,7 +217,7 @@ if triton is not None:
         the others after it. ``tl.debug_barrier`` does the same, but Triton 3.6's software pipeliner leaves a
         loop holding one unpipelined, so each step's key tile was loaded synchronously; inline assembly with side
         effects keeps its place among the loads and stores around it and lets the pipeliner work. ``token``
-        threads the barriers' order through the loop. ``ASM`` false (:func:`_ptx_barrier`): ``tl.debug_barrier``."""
+        threads the barriers' order through the loop. ``ASM`` false (:func:`_nvidia_compiled`): ``tl.debug_barrier``."""
         if ASM:
             token = tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
                                               is_pure=False, pack=1)
