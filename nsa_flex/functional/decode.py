@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._checks import block_and_stride, index_range, number, positive_int, tensor
 from . import cache_update, fused_decode
-from .selection import block_scores, check_selection, overlap_pattern, top_blocks
+from .selection import block_scores, check_selection, static_overlap_pattern, top_blocks
 
 __all__ = ["append_to_cache", "cached_attention", "compiled_nsa_decode", "nsa_decode", "rotary_at", "update_compressed",
            "write_cache"]
@@ -246,7 +246,7 @@ def nsa_decode(
     def rank_blocks(p_cmp: Tensor) -> Tensor:
         """Block choices exactly as select_blocks: banded overlap sums of the group's probabilities, then
         top-n (the torch ranking; the kernels' choose_blocks is the same)."""
-        scores = block_scores(p_cmp.sum(dim=2), overlap_pattern(l, d, ls, dev, work), ls // d, S_all)
+        scores = block_scores(p_cmp.sum(dim=2), static_overlap_pattern(l, d, ls, dev, work), ls // d, S_all)
         chosen = top_blocks(scores, pos.view(B, 1, T), n, ls, num_initial, num_local, G * l)
         if chosen.shape[-1] < n:
             chosen = torch.cat([chosen, chosen.new_full((B, Hkv, T, n - S_all), -1)], dim=-1)

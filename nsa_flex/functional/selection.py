@@ -77,6 +77,24 @@ def overlap_pattern(block_size: int, stride: int, selection_block_size: int, dev
     return (hi - lo).clamp(min=0).to(dtype)
 
 
+def static_overlap_pattern(block_size: int, stride: int, selection_block_size: int, device: torch.device,
+                           dtype: torch.dtype) -> Float[Tensor, "m"]:
+    """:func:`overlap_pattern`, built once per configuration, device and dtype (a constant of the model, which
+    otherwise cost about ten tiny kernel launches a call). Built afresh, never cached, while torch.compile traces
+    (the value belongs in the graph) or a CUDA graph captures (capture records kernels without running them)."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return overlap_pattern(block_size, stride, selection_block_size, device, dtype)
+    return _cached_overlap_pattern(block_size, stride, selection_block_size, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_overlap_pattern(block_size: int, stride: int, selection_block_size: int, device: torch.device,
+                            dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):  # a plain tensor, usable by later training steps whatever the first call ran in
+        return overlap_pattern(block_size, stride, selection_block_size, device, dtype)
+
+
 def forced_rank(q_pos: Tensor, num_sel: int, selection_block_size: int, num_initial: int, num_local: int) -> Tensor:
     """``rank[t, s]``: position of block ``s`` in ``t``'s forced list (initial, own, previous), else a large value."""
     K = num_initial + num_local
@@ -121,7 +139,7 @@ def select_blocks(
         raise ValueError(f"at most {(1 << _INDEX_BITS) - 1} selection blocks are supported, got {S}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    w = overlap_pattern(block_size, stride, selection_block_size, q.device, work)
+    w = static_overlap_pattern(block_size, stride, selection_block_size, q.device, work)
     Tc = k_cmp.shape[2]
     if lse is not None and Tc and block_topk.supported(q, block_size, stride, selection_block_size, num_selected):
         return block_topk.block_topk(q, k_cmp, lse.to(torch.float32), w, scale, block_size, stride,

@@ -111,6 +111,19 @@ def test_overlap_pattern_is_the_band_of_overlap_weights(stride, blocks, extra, r
     assert torch.equal(banded, W)
 
 
+def test_static_overlap_pattern_is_built_once_as_a_plain_tensor():
+    """select_blocks reuses one band per configuration; one first built under inference_mode still serves a
+    training step (an inference tensor would be refused there), and compiled code builds its own in-graph."""
+    with torch.inference_mode():
+        w = selection.static_overlap_pattern(24, 8, 16, "cpu", torch.float32)
+    assert not w.is_inference()
+    assert selection.static_overlap_pattern(24, 8, 16, torch.device("cpu"), torch.float32) is w
+    assert torch.equal(w, selection.overlap_pattern(24, 8, 16))
+    traced = torch.compile(lambda: selection.static_overlap_pattern(24, 8, 16, "cpu", torch.float32) + 0,
+                           fullgraph=True, backend="eager")
+    assert torch.equal(traced(), w)
+
+
 @given(nsa_cases())
 def test_nsa_and_each_branch_match_reference_fp32(case):
     """Each branch and the gated sum against float64 references. float32 scores may order a float64 near-tie
