@@ -38,6 +38,15 @@ _INDEX_BITS, _FORCED_KEY = block_topk.INDEX_BITS, block_topk.FORCED_KEY
 def check_selection(block_size: int, stride: int, selection_block_size: int, num_selected: int,
                     num_initial: int, num_local: int) -> None:
     """Validate an NSA selection configuration (ValueError/TypeError naming the argument)."""
+    check_band(block_size, stride, selection_block_size)
+    positive_int("num_selected", num_selected)
+    positive_int("num_initial", num_initial, minimum=0)
+    positive_int("num_local", num_local, minimum=0)
+
+
+def check_band(block_size: int, stride: int, selection_block_size: int) -> None:
+    """Validate the sizes that fix the overlap band (:func:`overlap_pattern`): a compression, and selection
+    blocks that are whole multiples of its stride."""
     check_compression(block_size, stride)
     positive_int("selection_block_size", selection_block_size)
     if selection_block_size % stride:
@@ -45,9 +54,6 @@ def check_selection(block_size: int, stride: int, selection_block_size: int, num
             f"selection_block_size must be a multiple of the compression stride, got "
             f"selection_block_size={selection_block_size}, stride={stride}"
         )
-    positive_int("num_selected", num_selected)
-    positive_int("num_initial", num_initial, minimum=0)
-    positive_int("num_local", num_local, minimum=0)
 
 
 def overlap_weights(num_cmp: int, num_sel: int, block_size: int, stride: int, selection_block_size: int,
@@ -71,6 +77,7 @@ def overlap_pattern(block_size: int, stride: int, selection_block_size: int, dev
     ``r = selection_block_size // stride`` compressed blocks start in each selection block and the ``L =
     ceil(block_size / stride) - 1`` before them reach into it, so ``m = r + L`` weights describe all of ``W``.
     """
+    check_band(block_size, stride, selection_block_size)
     r, L = block_topk.band(block_size, stride, selection_block_size)
     start = (torch.arange(r + L, device=device) - L) * stride  # first token of each compressed block, from s*l'
     lo, hi = start.clamp(min=0), (start + block_size).clamp(max=selection_block_size)
@@ -88,7 +95,7 @@ def static_overlap_pattern(block_size: int, stride: int, selection_block_size: i
     return _cached_overlap_pattern(block_size, stride, selection_block_size, device, dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 8.0 must not hit 8's entry, past overlap_pattern's checks
 def _cached_overlap_pattern(block_size: int, stride: int, selection_block_size: int, device: torch.device,
                             dtype: torch.dtype) -> Tensor:
     with torch.inference_mode(False):  # a plain tensor, usable by later training steps whatever the first call ran in

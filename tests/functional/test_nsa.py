@@ -249,6 +249,19 @@ def test_overlap_weights_rejects_bad_sizes(args, error, name):
         F.overlap_weights(*args)
 
 
+@pytest.mark.parametrize(
+    "args, error, name",
+    [((0, 4, 8), ValueError, "block_size"), ((8, 0, 8), ValueError, "stride"), ((8, 16, 32), ValueError, "stride"),
+     ((8, 4, 0), ValueError, "selection_block_size"), ((8, 4, 6), ValueError, "multiple of the compression stride"),
+     ((8, 4, 8.0), TypeError, "selection_block_size")],
+)
+def test_overlap_pattern_rejects_bad_sizes_also_through_its_cache(args, error, name):
+    with pytest.raises(error, match=name):
+        selection.overlap_pattern(*args)
+    with pytest.raises(error, match=name):
+        selection.static_overlap_pattern(*args, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("selected_gated", [False, True])
 def test_gate_function_gradients_and_layouts(monkeypatch, selected_gated):
     """The CUDA gate (an autograd Function around two compiled kernels, run here uncompiled): float64
