@@ -1,11 +1,16 @@
-"""Selected-block attention as Triton kernels that walk each token's block list (no BlockMask).
+"""Selected-block attention as Triton kernels that walk the tokens' block lists (no BlockMask).
 
 FlexAttention runs NSA's selection branch over a BlockMask whose index lists torch stores as
 ``[num_q_tiles, num_kv_blocks]`` per head: with one token's ``G`` heads per 16-row tile that is quadratic in
-``T`` (4 GiB at 64k tokens). Here, as in fla's NSA kernels, one program takes one token and one kv head, the
-``G`` query heads of the group as the rows of a tile, and loops over the token's ``n`` selected blocks:
+``T`` (4 GiB at 64k tokens). Here, as in fla's NSA kernels, the forward and dq programs walk block lists: one
+program takes one kv head and a tile of query rows, the ``G`` query heads of ``tokens`` consecutive tokens
+(:func:`tile_shape`: one token when ``G >= 16``, else as many as fill 16 rows), and loops over the union of
+those tokens' selected blocks (:func:`_tile_lists`), each row attending only to its own token's. Loading a
+block once for all the tile's tokens that list it moves fewer bytes (the kernels are bound by them), and at
+most half the tile's rows are padding (a program of one token at ``G = 4`` left 12 of 16 empty):
 
-* forward: online softmax over each block's keys ``<= t``; writes ``o`` and the log-sum-exp;
+* forward: online softmax over each block's keys ``<= t`` (a row's own token ``t``); writes ``o`` and the
+  log-sum-exp;
 * backward, ``dq``: the same walk, recomputing ``p = exp(s - lse)``;
 * backward, ``dk, dv``: one program per (kv block, kv head, chunk of the tokens that selected it) walks those
   tokens, a few at a time with their query rows stacked into one tile (lists from one sort of the O(T*n)
@@ -51,25 +56,82 @@ def supported(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> bool:
 def _meta(q: Tensor, v: Tensor, k_heads: int, block_size: int) -> dict:
     D, Dv = q.shape[-1], v.shape[-1]
     G = q.shape[1] // k_heads
-    return dict(G=G, GP=max(16, next_pow2(G)), D=D, DP=max(16, next_pow2(D)), DV=Dv, DVP=max(16, next_pow2(Dv)),
+    rows, tokens = tile_shape(G)
+    return dict(G=G, ROWS=rows, TOKENS=tokens, D=D, DP=max(16, next_pow2(D)), DV=Dv, DVP=max(16, next_pow2(Dv)),
                 BS=block_size, IEEE=q.dtype == torch.float32)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float,
+def tile_shape(G: int) -> tuple[int, int]:
+    """``(rows, tokens)`` of a forward / dq program: the ``G`` query heads of ``tokens`` consecutive tokens,
+    stacked unpadded into a tile of ``rows`` (a power of two, at least ``tl.dot``'s 16): one token for
+    ``G >= 16``, sixteen for ``G = 1``.
+
+    Against one token a program (H100, bf16, 32k tokens, D=128, l'=64, n=16, forward+backward in ms, random /
+    structured inputs; ``docs/results/selected_tiles_h100_session23.log``): G = 1 18.4 -> 12.3 / 16.9 -> 4.7,
+    G = 2 18.8 -> 15.3 / 17.4 -> 7.0, G = 4 19.8 -> 17.5 / 18.2 -> 10.3, G = 8 21.2 -> 21.2 / 20.1 -> 17.3
+    (its forward alone on random inputs, whose neighbours share only the forced blocks, 8.8 -> 9.8: the one
+    case that lost); bench.train_lm's step at 4k (G = 4, D = 64, n = 8) 79.3 -> 66.6 ms."""
+    rows = max(16, next_pow2(G))
+    return rows, rows // G
+
+
+Tiles = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
+
+
+def _tile_lists(idx: Tensor, tokens: int) -> Tiles:
+    """The block lists the forward and dq programs walk: ``(blocks, members, counts)``. With one token a
+    program, the token's own list (``idx``, sorted, ``-1`` in unused slots) and ``None, None``. With more,
+    for the tile of tokens ``p * tokens ...``: ``blocks [B, Hkv, P, tokens * n]`` the union of their lists,
+    ascending (its first ``counts [B, Hkv, P]`` entries, then ``-1``), and ``members`` the same shape, bit
+    ``i`` set where the tile's ``i``-th token lists that block. O(T * n), static shapes: a sort of each
+    tile's entries, each run of equal blocks summed into one (a token lists a block at most once, so the sum
+    of the runs' bits is their union), a second sort to pack the runs' ends to the front."""
+    if tokens == 1:
+        return idx, None, None
+    B, Hkv, T, n = idx.shape
+    P = -(-T // tokens)
+    width = tokens * n
+    entries = torch.nn.functional.pad(idx, (0, 0, 0, P * tokens - T), value=-1).reshape(B, Hkv, P, width)
+    blk, order = entries.sort(dim=-1, stable=True)
+    bit = torch.ones_like(order).bitwise_left_shift(order // n)  # the entry's token, as a bit
+    starts = torch.ones_like(blk, dtype=torch.bool)
+    starts[..., 1:] = blk[..., 1:] != blk[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    pos = torch.arange(width, device=idx.device)
+    run_start = torch.where(starts, pos, 0).cummax(dim=-1).values
+    total = bit.cumsum(dim=-1)
+    members = total - (total - bit).gather(-1, run_start)  # the run's bits so far: all of them at its end
+    keep = ends & (blk >= 0)
+    packed, order = torch.where(keep, blk, torch.iinfo(blk.dtype).max).sort(dim=-1)
+    valid = torch.arange(width, device=idx.device) < keep.sum(dim=-1, keepdim=True)
+    blocks = torch.where(valid, packed, -1).to(torch.int32)
+    members = torch.where(valid, members.gather(-1, order), 0).to(torch.int32)
+    return blocks, members, keep.sum(dim=-1, dtype=torch.int32)
+
+
+def _tile_strides(tiles: Tiles) -> tuple[int, ...]:
+    """The lists' strides (``members`` shares ``blocks``'), then ``counts``' (zeros when there are none)."""
+    blocks, _, counts = tiles
+    return (*blocks.stride(), *((0, 0, 0) if counts is None else counts.stride()))
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, tiles: Tiles, block_size: int, scale: float,
             gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32, gated)``; rows that see no key give ``o = 0``,
-    ``lse = -inf``. With ``gate [B, Hq, T]``, ``gated = gate[..., None] * o`` (written by the same kernel), else
-    ``None``."""
+    """``(o [B, Hq, T, Dv], lse [B, Hq, T] float32, gated)`` from the lists of :func:`_tile_lists`; rows that
+    see no key give ``o = 0``, ``lse = -inf``. With ``gate [B, Hq, T]``, ``gated = gate[..., None] * o``
+    (written by the same kernel), else ``None``."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     o = rows_like(q, v.shape[-1])
     lse = rows_like(q, None, torch.float32)
     gated = None if gate is None else torch.empty_like(o)
+    blocks, members, counts = tiles
     if o.numel():
-        selected_fwd_kernel[(T, B * Hkv)](
-            q, k, v, idx, o, lse, gate, gated, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *o.stride(),
-            *lse.stride(), *_gate_strides(gate), Hkv, idx.shape[-1], scale, GATED=gate is not None,
-            **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
+        selected_fwd_kernel[(blocks.shape[2], B * Hkv)](
+            q, k, v, blocks, members, counts, o, lse, gate, gated, *q.stride(), *k.stride(), *v.stride(),
+            *_tile_strides(tiles), *o.stride(), *lse.stride(), *_gate_strides(gate), T, Hkv, blocks.shape[-1],
+            scale, GATED=gate is not None, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
     return o, lse, gated
 
 
@@ -94,10 +156,11 @@ _DQ_LAUNCH = dict(num_warps=2, num_stages=2)
 _DKV_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
-def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, block_size: int,
-             scale: float, dq_other: Optional[Tensor] = None,
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, tiles: Tiles, o: Tensor, lse: Tensor,
+             block_size: int, scale: float, dq_other: Optional[Tensor] = None,
              gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(dq, dk, dv, dgate)`` in the inputs' dtypes (``dk, dv`` accumulated in float32). ``dq_other``, another
+    """``(dq, dk, dv, dgate)`` in the inputs' dtypes (``dk, dv`` accumulated in float32); ``idx`` the tokens'
+    block lists, ``tiles`` the forward's :func:`_tile_lists` of them. ``dq_other``, another
     gradient of ``q`` (q's shape and dtype), is added into by the dq kernel and returned as ``dq``: one pass over
     a q-sized tensor instead of a separate sum. With ``gate``, ``do`` is the gradient of ``gate[..., None] * o``
     and ``dgate = rowsum(do * o)`` (else ``None``): the dq kernel scales the rows it loads; for the dk/dv kernel
@@ -122,15 +185,17 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor
     # with a gate, the dk/dv kernel's log-sum-exp (lse - log|gate|) and the flag of negative gates
     lse_dkv = lse if gate is None else rows_like(q, None, torch.float32)
     negative = None if gate is None else torch.zeros(1, device=q.device, dtype=torch.int32)
-    selected_dq_kernel[(T, B * Hkv)](
-        q, k, v, idx, do, o, lse, delta, dq, gate, lse_dkv, negative, *q.stride(), *k.stride(), *v.stride(),
-        *do.stride(), *lse.stride(), *delta.stride(), *_gate_strides(gate), *o.stride(), *idx.stride(),
-        *dq.stride(), Hkv, idx.shape[-1], scale, ADD=dq_other is not None, GATED=gate is not None, **meta,
-        **_DQ_LAUNCH)
+    blocks, members, counts = tiles
+    selected_dq_kernel[(blocks.shape[2], B * Hkv)](
+        q, k, v, blocks, members, counts, do, o, lse, delta, dq, gate, lse_dkv, negative, *q.stride(),
+        *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(), *_gate_strides(gate), *o.stride(),
+        *_tile_strides(tiles), *dq.stride(), T, Hkv, blocks.shape[-1], scale, ADD=dq_other is not None,
+        GATED=gate is not None, **meta, **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
-    rows = max(_DKV_ROWS, meta.pop("GP"))  # the dk/dv tile stacks tokens' G rows unpadded: at least one token
+    meta.pop("TOKENS")
+    rows = max(_DKV_ROWS, meta.pop("ROWS"))  # the dk/dv tile stacks tokens' G rows unpadded: at least one token
     # With a gate, the pass takes every row's gate as |gate| (folded into lse_dkv); a second launch, whose
     # programs return at once unless some gate is below zero, adds -2x those rows' share (a sign test per row
     # inside the one pass took it from 15.4 to 16.8 ms, 64k tokens, paper configuration, H100).
@@ -187,8 +252,9 @@ def _chunks(counts: Tensor, pairs: int, chunk: int) -> Tensor:
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, gate, block_size, scale, pass_query):
-        o, lse, gated = forward(q, k, v, idx, block_size, scale, gate)
-        ctx.save_for_backward(q, k, v, idx, o, lse, gate)
+        tiles = _tile_lists(idx, tile_shape(q.shape[1] // k.shape[1])[1])
+        o, lse, gated = forward(q, k, v, tiles, block_size, scale, gate)
+        ctx.save_for_backward(q, k, v, idx, o, lse, gate, *tiles)
         ctx.block_size, ctx.scale = block_size, scale
         out = o if gate is None else gated
         if pass_query:  # q goes out again (as a view): other attention's gradients of it come back here
@@ -198,11 +264,11 @@ class _SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dq_other=None):
-        q, k, v, idx, o, lse, gate = ctx.saved_tensors
+        q, k, v, idx, o, lse, gate, *tiles = ctx.saved_tensors
         if do is None:  # only the passed-on q was used
             return dq_other, None, None, None, None, None, None, None
         dq_other = gradient_to_add_into(dq_other, q)
-        dq, dk, dv, dgate = backward(do, q, k, v, idx, o, lse, ctx.block_size, ctx.scale, dq_other, gate)
+        dq, dk, dv, dgate = backward(do, q, k, v, idx, tiles, o, lse, ctx.block_size, ctx.scale, dq_other, gate)
         return dq, dk, dv, None, dgate, None, None, None
 
 
@@ -230,18 +296,44 @@ def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B 
 
 if triton is not None:
     @triton.jit
-    def _block(KB, VB, ib, t, j, sk_t, sk_d, sv_t, sv_d, si_n, BS: tl.constexpr, DP: tl.constexpr,
-               D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr):
-        """Block ``j`` of the token's list (``KB``, ``VB``: this sequence and kv head's keys and values): its
-        keys' rows, which of them are visible (``<= t``; none for a ``-1`` slot), the K and V tiles."""
-        blk = tl.load(ib + j * si_n)
+    def _tile_rows(p, h, T, G: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr):
+        """Program ``p``'s query rows (see :func:`tile_shape`): row ``r`` is head ``h * G + r % G`` of token
+        ``p * TOKENS + r // G``. Returns the rows' heads, tokens, token slots and validity (padding rows, and
+        tokens past ``T``, are not), and the tile's last token."""
+        r = tl.arange(0, ROWS)
+        slot = r // G
+        t = p * TOKENS + slot
+        last = tl.minimum(p * TOKENS + TOKENS - 1, T - 1)
+        return h * G + r % G, t, slot, (slot < TOKENS) & (t < T), last
+
+    @triton.jit
+    def _list_length(COUNTS, b, h, p, scb, sch, scp, N, TOKENS: tl.constexpr):
+        """How many entries of the program's list to walk: a token's whole list, or the union's count."""
+        if TOKENS == 1:
+            length = N
+        else:  # (a constexpr branch: with one token COUNTS is None and this is never compiled)
+            length = tl.load(COUNTS + b * scb + h * sch + p * scp)
+        return length
+
+    @triton.jit
+    def _block(KB, VB, IDX, MEMBERS, lists, j, t, slot, row_ok, last, sk_t, sk_d, sv_t, sv_d, si_n, BS: tl.constexpr,
+               DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr, TOKENS: tl.constexpr):
+        """Entry ``j`` of the program's list (at ``lists`` in ``IDX``, with ``MEMBERS`` for a union; ``KB``,
+        ``VB``: this sequence and kv head's keys and values):
+        its keys' rows, which keys each query row sees (``[ROWS, BS]``: keys ``<= t`` of a block the row's own
+        token lists; none for a ``-1`` entry), and the K and V tiles (keys after the tile's last token unread)."""
+        blk = tl.load(IDX + lists + j * si_n)
         tok = blk * BS + tl.arange(0, BS)
-        ok = (blk >= 0) & (tok <= t)
+        ok = (blk >= 0) & (tok <= last)
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
         k = tl.load(KB + tok[:, None] * sk_t + d[None, :] * sk_d, mask=ok[:, None] & (d < D)[None, :], other=0.0)
         v = tl.load(VB + tok[:, None] * sv_t + dv[None, :] * sv_d, mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-        return tok, ok, k, v
+        visible = ok[None, :] & (tok[None, :] <= t[:, None]) & row_ok[:, None]
+        if TOKENS > 1:  # the union of several tokens' lists: which of them list this block
+            listed = (tl.load(MEMBERS + lists + j * si_n) >> slot) & 1
+            visible = visible & (listed != 0)[:, None]
+        return visible, k, v
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -251,86 +343,87 @@ if triton is not None:
 
     @triton.jit
     def selected_fwd_kernel(
-        Q, K, V, IDX, O, LSE, GATE, OG,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sit, sin, sob, soh, sot, sod,
-        slb, slh, slt, sgb, sgh, sgt, Hkv, N, scale,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
+        Q, K, V, IDX, MEMBERS, COUNTS, O, LSE, GATE, OG,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sip, sin, scb, sch, scp,
+        sob, soh, sot, sod, slb, slh, slt, sgb, sgh, sgt, T, Hkv, N, scale,
+        G: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
     ):
         scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
-        t = tl.program_id(0)
+        p = tl.program_id(0)
         b = tl.program_id(1) // Hkv
         h = tl.program_id(1) % Hkv
-        g = tl.arange(0, GP)
+        head, t, slot, row_ok, last = _tile_rows(p, h, T, G, ROWS, TOKENS)
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
-        rows = (g < G)[:, None]
-        q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + t * sqt + d[None, :] * sqd,
+        rows = row_ok[:, None]
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
                     mask=rows & (d < D)[None, :], other=0.0)
-        m_i = tl.full((GP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, DVP), tl.float32)
-        ib = IDX + b * sib + h * sih + t * sit
-        for j in range(0, N):
-            tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
-                                   sin, BS, DP, D, DVP, DV)
-            s = tl.where(ok[None, :], _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, DVP), tl.float32)
+        lists = b * sib + h * sih + p * sip
+        for j in range(0, _list_length(COUNTS, b, h, p, scb, sch, scp, N, TOKENS)):
+            visible, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, IDX, MEMBERS, lists, j,
+                                   t, slot, row_ok, last, skt, skd, svt, svd, sin, BS, DP, D, DVP, DV, TOKENS)
+            s = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            p_ij = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p_ij, axis=1)
+            acc = acc * alpha[:, None] + _dot(p_ij.to(v.dtype), v, IEEE)
             m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-        o_offsets = b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod
+        o_offsets = b * sob + head[:, None] * soh + t[:, None] * sot + dv[None, :] * sod
         tl.store(O + o_offsets, o.to(O.dtype.element_ty), mask=rows & (dv < DV)[None, :])
-        tl.store(LSE + b * slb + (h * G + g) * slh + t * slt, lse, mask=g < G)
+        tl.store(LSE + b * slb + head * slh + t * slt, lse, mask=row_ok)
         if GATED:  # the gated output, laid out as o
-            gate = tl.load(GATE + b * sgb + (h * G + g) * sgh + t * sgt, mask=g < G, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + b * sgb + head * sgh + t * sgt, mask=row_ok, other=0.0).to(tl.float32)
             tl.store(OG + o_offsets, (o * gate[:, None]).to(OG.dtype.element_ty), mask=rows & (dv < DV)[None, :])
 
     @triton.jit
     def selected_dq_kernel(
-        Q, K, V, IDX, DO, O, LSE, DELTA, DQ, GATE, LSE_DKV, NEGATIVE,
+        Q, K, V, IDX, MEMBERS, COUNTS, DO, O, LSE, DELTA, DQ, GATE, LSE_DKV, NEGATIVE,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdoh, sdot, sdod, slb, slh, slt,
-        sdlb, sdlh, sdlt, sgb, sgh, sgt, sob, soh, sot, sod, sib, sih, sit, sin, sdqb, sdqh, sdqt, sdqd,
-        Hkv, N, scale,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-        DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr, GATED: tl.constexpr,
+        sdlb, sdlh, sdlt, sgb, sgh, sgt, sob, soh, sot, sod, sib, sih, sip, sin, scb, sch, scp,
+        sdqb, sdqh, sdqt, sdqd, T, Hkv, N, scale,
+        G: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, ADD: tl.constexpr,
+        GATED: tl.constexpr,
     ):
         scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as doubles: keep the tiles in float32
-        t = tl.program_id(0)
+        p = tl.program_id(0)
         b = tl.program_id(1) // Hkv
         h = tl.program_id(1) % Hkv
-        g = tl.arange(0, GP)
+        head, t, slot, row_ok, last = _tile_rows(p, h, T, G, ROWS, TOKENS)
         d = tl.arange(0, DP)
         dv = tl.arange(0, DVP)
-        rows = (g < G)[:, None]
-        q, do, lse = _token_rows(Q, DO, LSE, b, h * G + g, t, g < G, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+        rows = row_ok[:, None]
+        q, do, lse = _token_rows(Q, DO, LSE, b, head, t, row_ok, sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
                                  slb, slh, slt, DP, D, DVP, DV)
-        o = tl.load(O + b * sob + (h * G + g)[:, None] * soh + t * sot + dv[None, :] * sod,
+        o = tl.load(O + b * sob + head[:, None] * soh + t[:, None] * sot + dv[None, :] * sod,
                     mask=rows & (dv < DV)[None, :], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        row_stats = b * sdlb + (h * G + g) * sdlh + t * sdlt  # delta's layout, which LSE_DKV shares
-        tl.store(DELTA + row_stats, delta, mask=g < G)  # with a gate: also the gate's gradient
+        row_stats = b * sdlb + head * sdlh + t * sdlt  # delta's layout, which LSE_DKV shares
+        tl.store(DELTA + row_stats, delta, mask=row_ok)  # with a gate: also the gate's gradient
         if GATED:  # do is the gradient of gate * o: o's gradient is gate * do
-            gate = tl.load(GATE + b * sgb + (h * G + g) * sgh + t * sgt, mask=g < G, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + b * sgb + head * sgh + t * sgt, mask=row_ok, other=0.0).to(tl.float32)
             # for the dk/dv kernel: |gate| folded into its log-sum-exp (a zero gate gives +inf, so p = 0)
-            tl.store(LSE_DKV + row_stats, lse - tl.log(tl.abs(gate)), mask=g < G)
+            tl.store(LSE_DKV + row_stats, lse - tl.log(tl.abs(gate)), mask=row_ok)
             if tl.min(gate) < 0:
                 tl.store(NEGATIVE, 1)
             delta = delta * gate
             do = (do.to(tl.float32) * gate[:, None]).to(do.dtype)
-        dq = tl.zeros((GP, DP), tl.float32)
-        ib = IDX + b * sib + h * sih + t * sit
-        for j in range(0, N):
-            tok, ok, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, ib, t, j, skt, skd, svt, svd,
-                                   sin, BS, DP, D, DVP, DV)
-            p, ds = _probs(q, do, k, v, lse, delta, ok[None, :] & rows, scale, IEEE)
+        dq = tl.zeros((ROWS, DP), tl.float32)
+        lists = b * sib + h * sih + p * sip
+        for j in range(0, _list_length(COUNTS, b, h, p, scb, sch, scp, N, TOKENS)):
+            visible, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, IDX, MEMBERS, lists, j,
+                                   t, slot, row_ok, last, skt, skd, svt, svd, sin, BS, DP, D, DVP, DV, TOKENS)
+            p_ij, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE) * scale
-        dq_ptr = DQ + b * sdqb + (h * G + g)[:, None] * sdqh + t * sdqt + d[None, :] * sdqd
+        dq_ptr = DQ + b * sdqb + head[:, None] * sdqh + t[:, None] * sdqt + d[None, :] * sdqd
         if ADD:  # another branch's gradient of q, summed into in place
             dq += tl.load(dq_ptr, mask=rows & (d < D)[None, :], other=0.0).to(tl.float32)
         tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rows & (d < D)[None, :])
@@ -411,7 +504,7 @@ if triton is not None:
 
     @triton.jit
     def _probs(q, do, k, v, lse, delta, visible, scale, IEEE: tl.constexpr):
-        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[GP, BS]``."""
+        """``p = exp(s - lse)`` on the visible keys and ``ds = p * (do . v - delta)``, both ``[ROWS, BS]``."""
         s = _dot(q, tl.trans(k), IEEE) * scale
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE).to(tl.float32)

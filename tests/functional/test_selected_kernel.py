@@ -4,6 +4,7 @@ under Triton's interpreter (small shapes); without triton these tests skip."""
 
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -108,20 +109,57 @@ def test_dkv_work_list_covers_every_chunk_once(counts, chunk):
     assert all(s == -1 and c == 0 for s, c in zip(seg[len(want):], first[len(want):]))
 
 
+@given(G=st.integers(1, 128))
+def test_tile_shape_stacks_whole_tokens_in_at_least_16_rows(G):
+    from nsa_flex.functional.selected_kernel import tile_shape
+
+    rows, tokens = tile_shape(G)
+    assert rows >= 16 and rows & (rows - 1) == 0  # tl.dot's tile: a power of two, at least 16
+    assert tokens * G <= rows < (tokens + 1) * G  # as many whole tokens as fit
+    assert 2 * tokens * G > rows  # so at most half the rows are padding
+
+
+@given(T=st.integers(1, 40), n=st.integers(1, 6), tokens=st.integers(2, 16), blocks=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_tile_lists_are_the_union_of_the_tiles_token_lists(T, n, tokens, blocks, seed):
+    """Each tile's list holds every block one of its tokens lists, once, ascending, then -1; its members bits
+    say exactly which of the tile's tokens list it."""
+    from nsa_flex.functional.selected_kernel import _tile_lists
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, blocks, (2, 2, T, n), generator=gen).sort(dim=-1).values
+    idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)  # a set per token, as the kernels get it
+    lists, members, counts = _tile_lists(idx.int(), tokens)
+    assert lists.shape == members.shape == (2, 2, -(-T // tokens), tokens * n) and counts.shape == lists.shape[:3]
+    for b, h, p in np.ndindex(*counts.shape):
+        want = {}
+        for i, t in enumerate(range(p * tokens, min(T, (p + 1) * tokens))):
+            for block in idx[b, h, t].tolist():
+                if block >= 0:
+                    want[block] = want.get(block, 0) | 1 << i
+        c = counts[b, h, p]
+        assert lists[b, h, p, :c].tolist() == sorted(want)
+        assert members[b, h, p, :c].tolist() == [want[x] for x in sorted(want)]
+        assert (lists[b, h, p, c:] == -1).all() and (members[b, h, p, c:] == 0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["random", "structured"])
-def test_gpu_kernels_equal_flex_path_bf16_paper_config(kind, monkeypatch):
-    """64 query heads, 4 kv heads, D=128, l'=64, n=16 at 4096 tokens in bf16, the blocks select_blocks
-    chooses: the kernels against the FlexAttention path (same inputs, both float32 inside), forward and
-    gradients, eagerly and in a fullgraph compile (whose output and dq equal the eager ones bit for bit)."""
+@pytest.mark.parametrize("heads, kv_heads, D, n", [(64, 4, 128, 16), (8, 2, 64, 8)], ids=["paper", "lm"])
+def test_gpu_kernels_equal_flex_path_bf16(kind, heads, kv_heads, D, n, monkeypatch):
+    """At 4096 tokens in bf16 with l'=64 and the blocks select_blocks chooses, in the paper configuration (64
+    query heads on 4 kv heads, D=128, n=16: one token a program) and bench.train_lm's attention (8 on 2,
+    D=64, n=8: tiles of 4 tokens): the kernels against the FlexAttention path (same inputs, both float32
+    inside), forward and gradients, eagerly and in a fullgraph compile (whose output and dq equal the eager
+    ones bit for bit)."""
     from nsa_flex import testing
     from nsa_flex.functional import selected_kernel
 
     T = 4096
-    q, k, v, _ = testing.nsa_inputs(T, 64, 4, 128, kind, "cuda", torch.bfloat16)
+    q, k, v, _ = testing.nsa_inputs(T, heads, kv_heads, D, kind, "cuda", torch.bfloat16)
     k_cmp = F.mean_pool(k, 32, 16)
     _, lse = F.compressed_attention(q, k_cmp, F.mean_pool(v, 32, 16), 32, 16, return_lse=True)
-    idx = F.select_blocks(q, k_cmp, 32, 16, 64, 16, lse=lse)
+    idx = F.select_blocks(q, k_cmp, 32, 16, 64, n, lse=lse)
     do = torch.randn_like(q)
     assert selected_kernel.supported(q, k, v, 64)
     kernel = _grads(lambda q, k, v: F.selected_attention(q, k, v, idx, 64), do, q, k, v)
