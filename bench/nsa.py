@@ -22,7 +22,7 @@ Writes ``bench/results/nsa.json`` and ``bench/results/nsa.png``.
 
 ``--smoke`` runs a tiny CPU version of the same code (CI runs it so the script cannot rot).
 
-Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs paper small] [--layout bthd]
+Usage: ``python -m bench.nsa [--seq-lens 8192 16384 32768 65536] [--configs paper small gqa4] [--layout bthd]
 [--smoke]``
 """
 
@@ -45,7 +45,10 @@ from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, prof
 
 PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
                  num_initial=1, num_local=2, window_size=512)
-CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128)}
+# paper: the NSA paper's attention; small: issue 5's second configuration; gqa4: a Llama-3-8B-like layer (32 query
+# heads on 8 kv heads), where the selected kernels stack four tokens' heads a program (not in the default run)
+CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128),
+           "gqa4": dict(heads=32, kv_heads=8, head_dim=128)}
 
 
 def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
