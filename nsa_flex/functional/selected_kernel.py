@@ -126,12 +126,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tiles: Tiles, block_size: int, scal
     o = rows_like(q, v.shape[-1])
     lse = rows_like(q, None, torch.float32)
     gated = None if gate is None else torch.empty_like(o)
-    blocks, members, counts = tiles
     if o.numel():
-        selected_fwd_kernel[(blocks.shape[2], B * Hkv)](
-            q, k, v, blocks, members, counts, o, lse, gate, gated, *q.stride(), *k.stride(), *v.stride(),
-            *_tile_strides(tiles), *o.stride(), *lse.stride(), *_gate_strides(gate), T, Hkv, blocks.shape[-1],
-            scale, GATED=gate is not None, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
+        selected_fwd_kernel[(tiles[0].shape[2], B * Hkv)](
+            q, k, v, *tiles, o, lse, gate, gated, *q.stride(), *k.stride(), *v.stride(), *_tile_strides(tiles),
+            *o.stride(), *lse.stride(), *_gate_strides(gate), T, Hkv, tiles[0].shape[-1], scale,
+            GATED=gate is not None, **_meta(q, v, Hkv, block_size), **_FWD_LAUNCH)
     return o, lse, gated
 
 
@@ -185,12 +184,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, tiles: Ti
     # with a gate, the dk/dv kernel's log-sum-exp (lse - log|gate|) and the flag of negative gates
     lse_dkv = lse if gate is None else rows_like(q, None, torch.float32)
     negative = None if gate is None else torch.zeros(1, device=q.device, dtype=torch.int32)
-    blocks, members, counts = tiles
-    selected_dq_kernel[(blocks.shape[2], B * Hkv)](
-        q, k, v, blocks, members, counts, do, o, lse, delta, dq, gate, lse_dkv, negative, *q.stride(),
-        *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(), *_gate_strides(gate), *o.stride(),
-        *_tile_strides(tiles), *dq.stride(), T, Hkv, blocks.shape[-1], scale, ADD=dq_other is not None,
-        GATED=gate is not None, **meta, **_DQ_LAUNCH)
+    selected_dq_kernel[(tiles[0].shape[2], B * Hkv)](
+        q, k, v, *tiles, do, o, lse, delta, dq, gate, lse_dkv, negative, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *lse.stride(), *delta.stride(), *_gate_strides(gate), *o.stride(), *_tile_strides(tiles),
+        *dq.stride(), T, Hkv, tiles[0].shape[-1], scale, ADD=dq_other is not None, GATED=gate is not None, **meta,
+        **_DQ_LAUNCH)
     offsets, counts, tokens = _token_lists(idx, block_size)
     S = counts.shape[-1]
     work = _chunks(counts.flatten(), tokens.numel(), _CHUNK)
@@ -316,12 +314,13 @@ if triton is not None:
         return length
 
     @triton.jit
-    def _block(KB, VB, IDX, MEMBERS, lists, j, t, slot, row_ok, last, sk_t, sk_d, sv_t, sv_d, si_n, BS: tl.constexpr,
-               DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr, TOKENS: tl.constexpr):
-        """Entry ``j`` of the program's list (at ``lists`` in ``IDX``, with ``MEMBERS`` for a union; ``KB``,
-        ``VB``: this sequence and kv head's keys and values):
-        its keys' rows, which keys each query row sees (``[ROWS, BS]``: keys ``<= t`` of a block the row's own
-        token lists; none for a ``-1`` entry), and the K and V tiles (keys after the tile's last token unread)."""
+    def _block(KB, VB, IDX, MEMBERS, lists, j, t, slot, row_ok, last, sk_t, sk_d, sv_t, sv_d, si_n,
+               BS: tl.constexpr, DP: tl.constexpr, D: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr,
+               TOKENS: tl.constexpr):
+        """Entry ``j`` of the program's list (at offset ``lists`` of ``IDX``, and of ``MEMBERS`` for a union;
+        ``KB``, ``VB``: this sequence and kv head's keys and values): which keys each query row sees
+        (``[ROWS, BS]``: keys ``<= t`` of a block the row's own token lists; none for a ``-1`` entry), and the
+        K and V tiles (keys after the tile's last token are not read)."""
         blk = tl.load(IDX + lists + j * si_n)
         tok = blk * BS + tl.arange(0, BS)
         ok = (blk >= 0) & (tok <= last)
