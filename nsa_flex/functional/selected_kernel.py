@@ -104,10 +104,11 @@ def _tile_lists(idx: Tensor, tokens: int) -> Tiles:
     members = total - (total - bit).gather(-1, run_start)  # the run's bits so far: all of them at its end
     keep = ends & (blk >= 0)
     packed, order = torch.where(keep, blk, torch.iinfo(blk.dtype).max).sort(dim=-1)
-    valid = torch.arange(width, device=idx.device) < keep.sum(dim=-1, keepdim=True)
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    valid = pos < counts[..., None]
     blocks = torch.where(valid, packed, -1).to(torch.int32)
     members = torch.where(valid, members.gather(-1, order), 0).to(torch.int32)
-    return blocks, members, keep.sum(dim=-1, dtype=torch.int32)
+    return blocks, members, counts
 
 
 def _tile_strides(tiles: Tiles) -> tuple[int, ...]:
