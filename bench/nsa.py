@@ -108,9 +108,10 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
             "compress": timer(lambda: (F.mean_pool(k, l, d), F.mean_pool(v, l, d))),
             "compressed_attn": timer(lambda: F.compressed_attention(q, k_cmp, v_cmp, l, d, return_lse=True)),
             "scoring_topk": timer(lambda: F.select_blocks(q, k_cmp, l, d, ls, cfg["num_selected"], lse=lse)),
-            **({} if selected_kernel.supported(q, k, v, ls) else {  # the kernels need no BlockMask
-                "mask_build": timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G,
-                                                                          compute_q_blocks=False))}),
+            # the selection's lists as the selected branch takes them: the kernels' sorted lists, else a BlockMask
+            # (the branch's own time includes this again)
+            "mask_build": timer(lambda: selected_kernel.block_lists(idx, G)) if selected_kernel.supported(q, k, v, ls)
+            else timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G, compute_q_blocks=False)),
             "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),
             "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
             "gating": timer(lambda: gate(g, o_cmp, o_sel, o_win)),

@@ -248,10 +248,21 @@ def _chunks(counts: Tensor, pairs: int, chunk: int) -> Tensor:
     return torch.stack([torch.where(inside, seg, -1), torch.where(inside, first, 0)]).to(torch.int32)
 
 
+def block_lists(block_indices: Int[Tensor, "B Hkv T n"], G: int) -> tuple[Tensor, Tiles]:
+    """What the kernels walk, from the selection's indices (any order, ``-1`` or repeats in unused slots): each
+    token's list sorted, a repeated block replaced by ``-1`` (a list is a set, as in ``fine_selection``), as
+    int32, and the forward / dq programs' lists (:func:`_tile_lists`) for a GQA group of ``G``. The kernels'
+    counterpart of building a BlockMask: O(T * n), a few small sorts."""
+    idx = block_indices.sort(dim=-1).values
+    idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
+    idx = idx.to(torch.int32)
+    return idx, _tile_lists(idx, tile_shape(G)[1])
+
+
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, gate, block_size, scale, pass_query):
-        tiles = _tile_lists(idx, tile_shape(q.shape[1] // k.shape[1])[1])
+    def forward(ctx, q, k, v, idx, blocks, members, counts, gate, block_size, scale, pass_query):
+        tiles = (blocks, members, counts)
         o, lse, gated = forward(q, k, v, tiles, block_size, scale, gate)
         ctx.save_for_backward(q, k, v, idx, o, lse, gate, *tiles)
         ctx.block_size, ctx.scale = block_size, scale
@@ -265,10 +276,10 @@ class _SelectedAttention(torch.autograd.Function):
     def backward(ctx, do, dq_other=None):
         q, k, v, idx, o, lse, gate, *tiles = ctx.saved_tensors
         if do is None:  # only the passed-on q was used
-            return dq_other, None, None, None, None, None, None, None
+            return dq_other, *(None,) * 10
         dq_other = gradient_to_add_into(dq_other, q)
         dq, dk, dv, dgate = backward(do, q, k, v, idx, tiles, o, lse, ctx.block_size, ctx.scale, dq_other, gate)
-        return dq, dk, dv, None, dgate, None, None, None
+        return dq, dk, dv, None, None, None, None, dgate, None, None, None
 
 
 def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B Hkv T D"],
@@ -285,12 +296,10 @@ def selected_attention_kernel(q: Float[Tensor, "B Hq T D"], k: Float[Tensor, "B 
     ``gate[..., None] * out``: the forward kernel writes it beside the output it keeps, and the backward
     kernels apply the gate to the incoming gradient themselves (see :func:`backward`; NSA's gating: no gradient of
     the ungated output is ever written, 1 GiB at 64k tokens, paper configuration)."""
-    idx = block_indices.sort(dim=-1).values
-    idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)
-    idx = idx.to(torch.int32)
+    idx, tiles = block_lists(block_indices, q.shape[1] // k.shape[1])
     if pass_query and torch.compiler.is_compiling():
-        return _SelectedAttention.apply(q, k, v, idx, gate, block_size, float(scale), False), q
-    return _SelectedAttention.apply(q, k, v, idx, gate, block_size, float(scale), pass_query)
+        return _SelectedAttention.apply(q, k, v, idx, *tiles, gate, block_size, float(scale), False), q
+    return _SelectedAttention.apply(q, k, v, idx, *tiles, gate, block_size, float(scale), pass_query)
 
 
 if triton is not None:

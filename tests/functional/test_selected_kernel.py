@@ -119,6 +119,24 @@ def test_tile_shape_stacks_whole_tokens_in_at_least_16_rows(G):
     assert 2 * tokens * G > rows  # so at most half the rows are padding
 
 
+@given(T=st.integers(1, 40), n=st.integers(1, 6), G=st.sampled_from([1, 3, 4, 16]), blocks=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_block_lists_are_each_tokens_set_of_blocks(T, n, G, blocks, seed):
+    """The kernels' lists from indices in any order, with repeats and -1: each token's distinct blocks once
+    (sorted, int32, -1 elsewhere), and the tile lists of those for the group's tile shape."""
+    from nsa_flex.functional.selected_kernel import _tile_lists, block_lists, tile_shape
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, blocks, (2, 2, T, n), generator=gen)
+    lists, tiles = block_lists(idx, G)
+    assert lists.dtype == torch.int32 and lists.shape == idx.shape
+    for row, got in zip(idx.reshape(-1, n).tolist(), lists.reshape(-1, n).tolist()):
+        kept = [x for x in got if x >= 0]
+        assert kept == sorted(set(x for x in row if x >= 0))  # each listed block once, ascending
+    want = _tile_lists(lists, tile_shape(G)[1])
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(tiles, want))
+
+
 @given(T=st.integers(1, 40), n=st.integers(1, 6), tokens=st.integers(2, 16), blocks=st.integers(1, 9),
        seed=st.integers(0, 2**16))
 def test_tile_lists_are_the_union_of_the_tiles_token_lists(T, n, tokens, blocks, seed):
