@@ -142,12 +142,12 @@ def test_block_lists_are_each_tokens_set_of_blocks(T, n, G, blocks, seed):
 def test_tile_lists_are_the_union_of_the_tiles_token_lists(T, n, tokens, blocks, seed):
     """Each tile's list holds every block one of its tokens lists, once, ascending, then -1; its members bits
     say exactly which of the tile's tokens list it."""
-    from nsa_flex.functional.selected_kernel import _tile_lists
+    from nsa_flex.functional.selected_kernel import _tile_lists, block_lists
 
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(-1, blocks, (2, 2, T, n), generator=gen).sort(dim=-1).values
-    idx[..., 1:].masked_fill_(idx[..., 1:] == idx[..., :-1], -1)  # a set per token, as the kernels get it
-    lists, members, counts = _tile_lists(idx.int(), tokens)
+    # a set per token, as the kernels get it (the lists alone: G = 16 makes no tiles)
+    idx = block_lists(torch.randint(-1, blocks, (2, 2, T, n), generator=gen), 16)[0]
+    lists, members, counts = _tile_lists(idx, tokens)
     assert lists.shape == members.shape == (2, 2, -(-T // tokens), tokens * n) and counts.shape == lists.shape[:3]
     for b, h, p in np.ndindex(*counts.shape):
         want = {}
