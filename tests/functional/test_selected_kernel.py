@@ -137,6 +137,23 @@ def test_block_lists_are_each_tokens_set_of_blocks(T, n, G, blocks, seed):
     assert all(a is b is None or torch.equal(a, b) for a, b in zip(tiles, want))
 
 
+@given(T=st.integers(1, 70), n=st.integers(1, 20), blocks=st.integers(1, 40), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.int64, torch.int32]), strided=st.booleans())
+def test_set_lists_kernel_equals_the_sort(triton_device, T, n, blocks, seed, dtype, strided):
+    """The CUDA path of block_lists (one kernel placing each entry by comparisons) gives torch's sort-and-dedup
+    to the bit: the same order, -1 where the sort leaves a repeat."""
+    from nsa_flex.functional.selected_kernel import _set_lists, block_lists
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, blocks, (2, 3, T, n), generator=gen).to(dtype)
+    want = block_lists(idx, 16)[0]
+    if strided:  # token-major storage, as a view: any layout is taken
+        idx = idx.transpose(1, 2).contiguous().transpose(1, 2)
+    got = _set_lists(idx.to(triton_device))
+    assert got.dtype == torch.int32 and got.is_contiguous()
+    assert torch.equal(got.cpu(), want)
+
+
 @given(T=st.integers(1, 40), n=st.integers(1, 6), tokens=st.integers(2, 16), blocks=st.integers(1, 9),
        seed=st.integers(0, 2**16))
 def test_tile_lists_are_the_union_of_the_tiles_token_lists(T, n, tokens, blocks, seed):
