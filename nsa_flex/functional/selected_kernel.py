@@ -270,10 +270,11 @@ def block_lists(block_indices: Int[Tensor, "B Hkv T n"], G: int) -> tuple[Tensor
 
 
 def _set_lists(block_indices: Tensor) -> Tensor:
-    n = block_indices.shape[-1]
-    rows = block_indices.reshape(-1, n)
+    """:func:`block_lists`' per-token sets from :func:`set_lists_kernel`, contiguous int32."""
     out = torch.empty(block_indices.shape, dtype=torch.int32, device=block_indices.device)
-    if rows.numel():
+    if out.numel():  # (no rows, or n = 0: nothing to place, and no [-1, 0] view to make)
+        n = block_indices.shape[-1]
+        rows = block_indices.reshape(-1, n)
         set_lists_kernel[(triton.cdiv(rows.shape[0], _SET_LAUNCH["ROWS"]),)](
             rows, out, rows.shape[0], *rows.stride(), N=n, NP=next_pow2(n), **_SET_LAUNCH)
     return out
