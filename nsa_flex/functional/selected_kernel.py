@@ -257,9 +257,8 @@ def block_lists(block_indices: Int[Tensor, "B Hkv T n"], G: int) -> tuple[Tensor
     int32, and the forward / dq programs' lists (:func:`_tile_lists`) for a GQA group of ``G``. The kernels'
     counterpart of building a BlockMask: O(T * n).
 
-    On CUDA one kernel builds the sets (:func:`set_lists_kernel`: each entry's place in its sorted list from
-    ``n * n`` comparisons; 64k tokens, paper configuration, H100: 0.067 ms, where torch's sort, its dedup and
-    the cast took 0.352); elsewhere (CPU tests) torch sorts, with the same result to the bit."""
+    On CUDA one kernel builds the sets (:func:`set_lists_kernel`, which says what it saves); elsewhere (CPU
+    tests) torch sorts, with the same result to the bit."""
     if block_indices.is_cuda and triton is not None:
         idx = _set_lists(block_indices)
     else:
@@ -329,8 +328,9 @@ if triton is not None:
         """``ROWS`` token lists of ``N`` entries: entry ``i`` goes to its place in the list sorted ascending,
         ``#{j: x_j < x_i} + #{j < i: x_j == x_i}`` (a stable sort's), as ``-1`` where an earlier entry holds the
         same block; written as contiguous int32 rows. The counts take one pass per ``j`` over the rows, entry
-        ``j`` read again from memory (L1): 64k tokens, paper configuration, H100, 0.067 ms, where reducing a
-        ``[ROWS, n, n]`` comparison took 0.141-0.267 (``docs/results/set_lists_h100_session25.log``)."""
+        ``j`` read again from memory (L1): 64k tokens, paper configuration, H100, 0.067 ms, where torch's sort,
+        its dedup and the cast took 0.352 and reducing a ``[ROWS, n, n]`` comparison 0.141-0.267
+        (``docs/results/set_lists_h100_session25.log``)."""
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         i = tl.arange(0, NP)
         row_ok = r < R
@@ -472,7 +472,7 @@ if triton is not None:
         for j in range(0, _list_length(COUNTS, b, h, p, scb, sch, scp, N, TOKENS)):
             visible, k, v = _block(K + b * skb + h * skh, V + b * svb + h * svh, IDX, MEMBERS, lists, j,
                                    t, slot, row_ok, last, skt, skd, svt, svd, sin, BS, DP, D, DVP, DV, TOKENS)
-            p_ij, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
+            _, ds = _probs(q, do, k, v, lse, delta, visible, scale, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE) * scale
         dq_ptr = DQ + b * sdqb + head[:, None] * sdqh + t[:, None] * sdqt + d[None, :] * sdqd
         if ADD:  # another branch's gradient of q, summed into in place
