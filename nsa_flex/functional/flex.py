@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch._functorch.config as functorch_config
+from jaxtyping import Float
 from torch import Tensor
 from torch.nn.attention import flex_attention as _fa
 from torch.nn.attention.flex_attention import BlockMask
@@ -140,11 +141,11 @@ def decode_kernel_options(q: Tensor, k: Tensor, block_mask) -> dict:
 
 
 def flex(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    block_mask=None,
-    score_mod=None,
+    q: Float[Tensor, "B Hq Tq D"],
+    k: Float[Tensor, "B Hkv Tkv D"],
+    v: Float[Tensor, "B Hkv Tkv Dv"],
+    block_mask: Optional[BlockMask] = None,
+    score_mod: Optional[Callable] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     kernel_options: Optional[dict] = None,

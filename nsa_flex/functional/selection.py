@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -57,7 +57,8 @@ def check_band(block_size: int, stride: int, selection_block_size: int) -> None:
 
 
 def overlap_weights(num_cmp: int, num_sel: int, block_size: int, stride: int, selection_block_size: int,
-                    device=None, dtype=torch.float32) -> Float[Tensor, "Tc S"]:
+                    device: Union[str, torch.device, None] = None,
+                    dtype: torch.dtype = torch.float32) -> Float[Tensor, "Tc S"]:
     """``W[c, s]`` = number of tokens compressed block ``c`` shares with selection block ``s``."""
     check_compression(block_size, stride)
     positive_int("selection_block_size", selection_block_size)
@@ -70,8 +71,9 @@ def overlap_weights(num_cmp: int, num_sel: int, block_size: int, stride: int, se
     return (hi - lo).clamp(min=0).to(dtype)
 
 
-def overlap_pattern(block_size: int, stride: int, selection_block_size: int, device=None,
-                    dtype=torch.float32) -> Float[Tensor, "m"]:
+def overlap_pattern(block_size: int, stride: int, selection_block_size: int,
+                    device: Union[str, torch.device, None] = None,
+                    dtype: torch.dtype = torch.float32) -> Float[Tensor, "m"]:
     """``W`` of :func:`overlap_weights` is banded and shift-invariant: ``W[s*r + j - L, s] = w[j]``.
 
     ``r = selection_block_size // stride`` compressed blocks start in each selection block and the ``L =

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ def assert_matches_dense(
     kv_heads: Optional[int] = None,
     head_dim: int = 16,
     block_size: Union[int, tuple[int, int]] = 128,
-    score_mod=None,
+    score_mod: Optional[Callable] = None,
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device, None] = None,
     atol: Optional[float] = None,

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..functional.nsa import check_nsa_arguments
+from ..functional.nsa import CompressSpec, check_nsa_arguments
 from .reference import dense_attention
 
 
@@ -81,7 +81,7 @@ def reference_nsa(
     k: Tensor,
     v: Tensor,
     gates: Tensor,
-    compress="mean",
+    compress: CompressSpec = "mean",
     compress_block_size: int = 32,
     compress_stride: int = 16,
     selection_block_size: int = 64,
