@@ -157,14 +157,15 @@ def plot(rows: list[dict], path) -> None:
     methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (config, inputs) in zip(axes[0], panels):
-        for i, method in enumerate(methods):  # one colour per method: forward dashed, forward+backward solid
-            for key, style in (("fwd_ms", "--"), ("fwd_bwd_ms", "-")):
+        for i, method in enumerate(methods):  # one colour per method, one line style per timing
+            for key, style, what in (("fwd_ms", "--", "forward"), ("fwd_graph_ms", ":", "forward in a CUDA graph"),
+                                     ("fwd_bwd_ms", "-", "forward+backward")):
                 pts = sorted((r["T"], r[key]) for r in rows
                              if r["config"] == config and r["inputs"] == inputs and r["method"] == method and r.get(key))
                 if pts:
-                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{method} {key[:-3]}")
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{method}, {what}")
         ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms", title=f"{config}, {inputs} inputs")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)  # long enough to show each line's dashes
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
