@@ -129,7 +129,8 @@ class Mask:
 
     # -- materialization ------------------------------------------------------------------------------
     def to_dense(
-        self, q_len: int, kv_len: int, B: Optional[int] = None, H: Optional[int] = None, device=None
+        self, q_len: int, kv_len: int, B: Optional[int] = None, H: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
     ) -> Bool[Tensor, "B H q_len kv_len"]:
         """The mask as a bool tensor ``[B, H, q_len, kv_len]`` (True = may attend). O(B*H*Q*KV) memory.
 
@@ -151,7 +152,7 @@ class Mask:
         kv_len: int,
         B: Optional[int] = None,
         H: Optional[int] = None,
-        device=None,
+        device: Union[str, torch.device, None] = None,
         block_size: Union[int, tuple[int, int]] = 128,
     ) -> BlockMask:
         """A torch ``BlockMask`` for ``flex_attention`` with blocks of ``block_size`` (int or ``(q, kv)``).

@@ -227,7 +227,8 @@ class SparseAttention(nn.Module):
         """Merge heads and apply the output projection."""
         return self.combine_heads(rearrange(o, "b h t d -> b t (h d)"))
 
-    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> NSACache:
+    def init_cache(self, batch_size: int, max_len: int, device: Union[str, torch.device, None] = None,
+                   dtype: Optional[torch.dtype] = None) -> NSACache:
         """An empty :class:`~nsa_flex.modules.cache.NSACache` for ``batch_size`` sequences of up to ``max_len``."""
         p = self.to_qkv.weight
         return NSACache(batch_size, self.kv_heads, self.dim_head, max_len, self.compress_block_size,

@@ -21,7 +21,7 @@ before any query can see them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -169,7 +169,8 @@ class NSACache(KVCache):
         elif self.k_ring is None:
             self.k_ring = self.k.new_zeros(self.batch_size, self.kv_heads, self.compress_block_size, self.dim_head)
 
-    def append(self, k: Tensor, v: Tensor, positions: Tensor, k_compress, v_compress) -> None:
+    def append(self, k: Tensor, v: Tensor, positions: Tensor, k_compress: Union[str, Callable[[Tensor], Tensor]],
+               v_compress: Union[str, Callable[[Tensor], Tensor]]) -> None:
         """A decode step's cache update (:func:`nsa_flex.functional.append_to_cache`): :meth:`write` the new
         tokens' raw keys and values at ``positions`` (consecutive per sequence, from :meth:`positions`), then
         compress the blocks they complete with ``k_compress, v_compress`` (compressors or ``"mean"``)."""

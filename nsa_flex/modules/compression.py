@@ -24,7 +24,7 @@ Pick one by name with :func:`get_compressor`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from einops import rearrange
@@ -288,7 +288,7 @@ COMPRESSORS: dict[str, type[Compressor]] = {
 CompressorLike = Callable[[Tensor], Tensor]
 
 
-def get_compressor(name_or_module: Union[str, nn.Module, CompressorLike], **kwargs) -> CompressorLike:
+def get_compressor(name_or_module: Union[str, nn.Module, CompressorLike], **kwargs: Any) -> CompressorLike:
     """A compressor by name (a key of :data:`COMPRESSORS`, built with ``kwargs``), or ``name_or_module`` itself
     when it is already a module/callable (then ``kwargs`` must be empty).
 

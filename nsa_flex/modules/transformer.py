@@ -11,7 +11,7 @@ variants differ only in which keys a query sees.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as torch_F
@@ -79,7 +79,8 @@ class CausalAttention(nn.Module):
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         return torch_F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+    def init_cache(self, batch_size: int, max_len: int, device: Union[str, torch.device, None] = None,
+                   dtype: Optional[torch.dtype] = None) -> KVCache:
         """An empty :class:`~nsa_flex.modules.cache.KVCache` (rotated keys, values) for ``batch_size`` sequences."""
         p = self.to_qkv.weight
         return KVCache(batch_size, self.kv_heads, self.dim_head, max_len,
@@ -280,7 +281,8 @@ class TransformerLM(nn.Module):
                 layer.attn.compile_decode = enabled
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+    def generate(self, prompt_ids: Union[Int[Tensor, "B T"], Sequence[int], Sequence[Sequence[int]]],
+                 max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  prompt_lengths: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  cuda_graph: Optional[bool] = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after each prompt with the KV cache: one parallel prefill, then one
