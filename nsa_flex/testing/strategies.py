@@ -287,12 +287,10 @@ def masks(
 @st.composite
 def neighborhoods(draw, num_tokens: int) -> M.Mask:
     """``neighborhood`` over an image with a pixel for each of ``num_tokens`` tokens (up to two rows to spare),
-    any width up to 32, any dilation and window that fit (no dilation half the time)."""
+    any width up to 32 and any window that fits."""
     W = draw(st.integers(1, 32))
     H = -(-num_tokens // W) + draw(st.integers(0, 2))
-    dh, dw = draw(st.just((1, 1)) | st.tuples(st.integers(1, H), st.integers(1, W)))
-    kernel = (draw(st.integers(1, H // dh)), draw(st.integers(1, W // dw)))
-    return M.neighborhood(H, W, kernel, (dh, dw))
+    return M.neighborhood(H, W, (draw(st.integers(1, H)), draw(st.integers(1, W))))
 
 
 def _document(seq_len: int, batch: Optional[int], device) -> st.SearchStrategy[M.Mask]:
