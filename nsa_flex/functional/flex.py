@@ -110,12 +110,18 @@ def _call(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def forward_tiles(block_mask) -> dict:
+def forward_tiles(block_mask, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> dict:
     """Forward ``kernel_options`` whose tiles divide the BlockMask's block sizes (none needed for multiples of 128).
 
     Compiled FlexAttention's default forward tile must divide the sparse block sizes; on torch 2.11 / H100 a
     ``(128, 64)`` or ``(16, 64)`` BlockMask otherwise fails to lower ("Q and KV block size must be divisible
     by BLOCK_M and BLOCK_N"). ``fwd_`` keys leave the backward's own tiles alone.
+
+    Given ``q`` and ``k`` with fewer than 128 query rows, the row tile is at most the flex-decoding kernel's
+    own (:func:`decoding_rows`). That kernel sets its row-boundary checks from its own tile and only then
+    applies ``fwd_BLOCK_M``; a larger tile reads the rows past the last query as if they were queries, and
+    the output is wrong with no error (torch 2.11, H100: a ``(128, 16)`` BlockMask and 16 queries). A smaller
+    power of two still divides the Q block, whichever kernel torch picks.
     """
     if block_mask is None:
         return {}
@@ -123,7 +129,15 @@ def forward_tiles(block_mask) -> dict:
     if q_block % 128 == 0 and kv_block % 128 == 0:
         return {}
     # the largest power of two dividing each block size, at most 64
-    return {"fwd_BLOCK_M": min(64, q_block & -q_block), "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
+    rows = min(64, q_block & -q_block)
+    if q is not None and k is not None and q.shape[-2] < 128:
+        rows = min(rows, decoding_rows(q, k))
+    return {"fwd_BLOCK_M": rows, "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
+
+
+def decoding_rows(q: Tensor, k: Tensor) -> int:
+    """The row tile of torch's flex-decoding kernel: the ``G * Lq`` rows of a kv head, to a power of two >= 16."""
+    return max(16, 1 << max(0, q.shape[-2] * (q.shape[1] // k.shape[1]) - 1).bit_length())
 
 
 def decode_kernel_options(q: Tensor, k: Tensor, block_mask) -> dict:
@@ -134,10 +148,8 @@ def decode_kernel_options(q: Tensor, k: Tensor, block_mask) -> dict:
     ``G = 2`` (256 rows, 128-row blocks) otherwise fails to lower (NoValidChoicesError, torch 2.11). The main
     kernel handles those shapes.
     """
-    q_len, group = q.shape[-2], q.shape[1] // k.shape[1]
     q_block = 128 if block_mask is None else block_mask.BLOCK_SIZE[0]
-    rows = max(16, 1 << max(0, q_len * group - 1).bit_length())
-    return {"FORCE_USE_FLEX_ATTENTION": True} if q_len < 128 and q_block % rows else {}
+    return {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[-2] < 128 and q_block % decoding_rows(q, k) else {}
 
 
 def flex(
@@ -168,7 +180,7 @@ def flex(
         return_lse=return_lse,
     )
     if q.device.type == "cuda":
-        kernel_options = {**forward_tiles(block_mask), **decode_kernel_options(q, k, block_mask),
+        kernel_options = {**forward_tiles(block_mask, q, k), **decode_kernel_options(q, k, block_mask),
                           **(kernel_options or {})}
     if kernel_options:
         kwargs["kernel_options"] = kernel_options

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
-from nsa_flex.functional.flex import decode_kernel_options, flex, forward_tiles
+from nsa_flex.functional.flex import decode_kernel_options, decoding_rows, flex, forward_tiles
 
 
 def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
@@ -24,12 +24,38 @@ def test_forward_tiles_divide_the_block_sizes(q_block, kv_block, want):
     assert forward_tiles(_block_mask(q_block, kv_block)) == want
 
 
+@given(q_len=st.integers(1, 300), group=st.sampled_from([1, 2, 3, 4, 8, 16]),
+       q_block=st.sampled_from([16, 32, 48, 64, 128, 256]), kv_block=st.sampled_from([16, 64, 128]))
+def test_forward_row_tile_never_exceeds_the_decoding_kernels_below_128_queries(q_len, group, q_block, kv_block):
+    """Torch's decoding kernel sets its boundary checks from its own row tile before applying fwd_BLOCK_M; a
+    larger one gave wrong outputs silently (H100, torch 2.11). The tile must still divide the Q block."""
+    q, k = torch.empty(1, 2 * group, q_len, 8), torch.empty(1, 2, q_len, 8)
+    bm = _block_mask(q_block, kv_block, q_len, q_len)
+    tiles = forward_tiles(bm, q, k)
+    if tiles == {}:
+        assert q_block % 128 == 0 and kv_block % 128 == 0
+        return
+    assert q_block % tiles["fwd_BLOCK_M"] == 0 and kv_block % tiles["fwd_BLOCK_N"] == 0
+    if q_len < 128:
+        assert tiles["fwd_BLOCK_M"] <= decoding_rows(q, k)
+    else:
+        assert tiles == forward_tiles(bm)
+
+
+def test_forward_tiles_for_the_case_found_on_torch_2_11():
+    q, k = torch.empty(2, 2, 16, 8), torch.empty(2, 2, 128, 8)
+    bm = masks.causal().to_block_mask(16, 128, device="cpu", block_size=(128, 16))
+    assert forward_tiles(bm) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 16}
+    assert forward_tiles(bm, q, k) == {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16}
+
+
 @given(q_len=st.integers(1, 300), group=st.sampled_from([1, 2, 4, 8, 16]), q_block=st.sampled_from([16, 64, 128]))
 def test_decode_kernel_forced_off_exactly_where_its_tile_cannot_divide_the_q_block(q_len, group, q_block):
     q, k = torch.empty(1, 2 * group, q_len, 8), torch.empty(1, 2, q_len, 8)
     rows = 16
     while rows < q_len * group:
         rows *= 2
+    assert decoding_rows(q, k) == rows
     decoding_has_a_tile = q_block % rows == 0
     forced = decode_kernel_options(q, k, _block_mask(q_block, 64, q_len, q_len)) == {"FORCE_USE_FLEX_ATTENTION": True}
     assert forced == (q_len < 128 and not decoding_has_a_tile)

@@ -121,6 +121,25 @@ def test_score_mods_compiled_bf16(shape, data):
     check(masks.causal() | masks.global_tokens(3), shape, score_mod=mod)
 
 
+# Fewer than 128 queries run on torch's flex-decoding kernel (for power-of-two GQA ratios and BlockMasks shared by
+# the heads), which computed wrong outputs without an error when our tiles for small blocks handed it a row tile
+# larger than its own (16 queries, (128, 16) blocks: every row off). forward_tiles caps it; these are the shapes.
+@pytest.mark.parametrize("q_len, group, block_size", [
+    (16, 1, (128, 16)), (16, 1, (128, 64)), (16, 1, (64, 32)), (8, 2, (128, 64)), (1, 4, (128, 16)),
+    (32, 2, (128, 32)), (33, 1, (128, 64)), (100, 1, (128, 16)),
+])
+def test_short_queries_compiled_bf16(q_len, group, block_size):
+    fresh_compile()
+    assert_matches_dense(masks.chunked(40) | masks.global_tokens(3), q_len, 300, batch=2, heads=2 * group,
+                         kv_heads=2, head_dim=32, block_size=block_size, dtype=BF16, device=CUDA)
+
+
+@gpu_settings
+@given(shape=nst.shapes(max_len=127, head_dims=(16, 32, 64)), data=st.data())
+def test_length_free_compositions_compiled_bf16_short_queries(shape, data):
+    check(data.draw(nst.masks(device=CUDA)), shape, kv_len=shape.kv_len + data.draw(st.integers(0, 300)))
+
+
 @st.composite
 def selection_case(draw):
     B, Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
