@@ -27,7 +27,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_whitelist_is_the_generators_that_take_plain_values():
     names = mask_generators()
     for expected in ("causal", "full", "sliding_window", "chunked", "dilated", "global_tokens", "prefix_lm",
-                     "compressed_causal"):
+                     "compressed_causal", "neighborhood"):
         assert expected in names
     for excluded in ("Mask", "Extent", "as_mask", "block_mask_from_indices", "num_compressed_blocks",
                      "fine_selection", "document", "block_layout"):

@@ -14,6 +14,7 @@ from .layouts import (
 )
 from .mask import Extent, Mask, as_mask
 from .selection import block_mask_from_indices, fine_selection, materialize
+from .spatial import neighborhood
 from .static import causal, chunked, dilated, document, full, global_tokens, prefix_lm, sliding_window
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "longformer",
     "longformer_layout",
     "materialize",
+    "neighborhood",
     "num_compressed_blocks",
     "prefix_lm",
     "sliding_window",

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from .. import masks as M
 
-__all__ = ["Shape", "block_indices", "block_sizes", "lengths", "masks", "nsa_cases", "shapes"]
+__all__ = ["Shape", "block_indices", "block_sizes", "lengths", "masks", "neighborhoods", "nsa_cases", "shapes"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -234,8 +234,8 @@ def masks(
     """Random :class:`~nsa_flex.masks.Mask` compositions (``&``, ``|``, ``~``) of the generators.
 
     Without ``seq_len`` only length-independent generators are used, so the mask is defined for any
-    ``(q_len, kv_len)``. With ``seq_len`` the mask may also use data sized for it (``document`` ids; block
-    layouts, which need ``q_len == kv_len == seq_len``). ``batch`` adds per-sequence masks (``prefix_lm`` with a
+    ``(q_len, kv_len)``. With ``seq_len`` the mask may also use data sized for it (``document`` ids, the image of
+    ``neighborhood``; block layouts, which need ``q_len == kv_len == seq_len``). ``batch`` adds per-sequence masks (``prefix_lm`` with a
     length per sequence, ``document`` with ``[B, T]`` ids; with ``heads`` also ``fine_selection``), ``heads``
     adds per-head masks (per-head layouts, ``fine_selection`` with a GQA group); the result is then defined for
     exactly that batch / that many heads when it uses them. ``device`` is where the data-dependent masks keep
@@ -264,6 +264,7 @@ def masks(
         )
     if seq_len is not None:
         leaves.append(_document(seq_len, None, dev))
+        leaves.append(neighborhoods(seq_len))
         if batch is not None:
             leaves.append(_document(seq_len, batch, dev))
         if layouts:
@@ -281,6 +282,17 @@ def masks(
         )
 
     return st.recursive(base, extend, max_leaves=max_leaves)
+
+
+@st.composite
+def neighborhoods(draw, num_tokens: int) -> M.Mask:
+    """``neighborhood`` over an image with a pixel for each of ``num_tokens`` tokens (up to two rows to spare),
+    any width up to 32, any dilation and window that fit (no dilation half the time)."""
+    W = draw(st.integers(1, 32))
+    H = -(-num_tokens // W) + draw(st.integers(0, 2))
+    dh, dw = draw(st.just((1, 1)) | st.tuples(st.integers(1, H), st.integers(1, W)))
+    kernel = (draw(st.integers(1, H // dh)), draw(st.integers(1, W // dw)))
+    return M.neighborhood(H, W, kernel, (dh, dw))
 
 
 def _document(seq_len: int, batch: Optional[int], device) -> st.SearchStrategy[M.Mask]:

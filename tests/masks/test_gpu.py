@@ -57,6 +57,8 @@ def generator_mask(draw, kind, shape):
     if kind == "document":
         ids = torch.randint(0, draw(st.integers(1, 6)), (shape.batch, T), device=CUDA).sort(-1).values
         return masks.document(ids)
+    if kind == "neighborhood":
+        return draw(nst.neighborhoods(max(T, shape.kv_len)))
     if kind == "compressed_causal":
         d = draw(st.integers(1, 16))
         return masks.compressed_causal(block_size=draw(st.integers(d, 4 * d)), stride=d)
@@ -83,7 +85,7 @@ def generator_mask(draw, kind, shape):
 
 
 KINDS = ["causal", "sliding_window", "chunked", "dilated", "global_tokens", "prefix_lm", "document",
-         "compressed_causal", "fixed", "variable", "bigbird", "longformer", "block_layout"]
+         "neighborhood", "compressed_causal", "fixed", "variable", "bigbird", "longformer", "block_layout"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
