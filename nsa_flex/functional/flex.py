@@ -43,9 +43,12 @@ def _compiled_flex() -> Callable:
     return torch.compile(_fa.flex_attention, fullgraph=True, dynamic=False)
 
 
-# Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps) that divide 64-token KV blocks and
-# 16..128-row Q blocks. Constraints: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0.
-SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4))
+# Backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps): each of the four must divide its sparse
+# block size (M: Q, N: KV), and BLOCK_N1 % BLOCK_M1 == 0, BLOCK_M2 % BLOCK_N2 == 0. The first three serve 64-token
+# KV blocks (NSA's selection), the last two 32- and 16-token ones; every pair of power-of-two blocks from 16 to 128
+# has at least one tile that fits.
+SMALL_BLOCK_BWD_TILES = ((64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (16, 64, 16, 16, 3, 4),
+                         (16, 32, 32, 16, 3, 4), (16, 16, 16, 16, 3, 4))
 # Kernels are specialized per mask (window, compressed, selection, users'), shape and grad mode: an NSA model
 # needs 3 per training shape, 3 per evaluation shape and 3 per prefill bucket (up to 10 buckets to 64k).
 # We allow that many deliberately, and fail loudly past it instead of falling back to T x T.
@@ -54,10 +57,11 @@ RECOMPILE_LIMIT = 64
 
 @functools.lru_cache(maxsize=None)
 def enable_small_block_kernels() -> bool:
-    """Let compiled FlexAttention backward run on BlockMasks with 64-token KV blocks.
+    """Let compiled FlexAttention backward run on BlockMasks with KV blocks of 16, 32 or 64 tokens.
 
     Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
-    user ``kernel_options`` apply, so a ``(128, 64)`` BlockMask gets ``NoValidChoicesError``. (The forward
+    user ``kernel_options`` apply, so a ``(128, 64)``, ``(32, 32)`` or ``(128, 16)`` BlockMask gets
+    ``NoValidChoicesError``. (The forward
     takes ``kernel_options`` before its filter: :func:`forward_tiles` handles it.) This appends tiles that
     fit to inductor's backward candidate list (``torch._inductor.config.inductor_choices_class``). The
     defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
@@ -69,7 +73,7 @@ def enable_small_block_kernels() -> bool:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.template_heuristics.triton import FlexBwDConfig
     except ImportError:  # pragma: no cover - depends on the torch release
-        warnings.warn("nsa_flex: this torch has no inductor choices hook; backward with 64-token KV blocks may fail")
+        warnings.warn("nsa_flex: this torch has no inductor choices hook; backward with KV blocks under 128 may fail")
         return False
     base = inductor_config.inductor_choices_class or InductorChoices
     if not isinstance(base, type):

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
-from nsa_flex.functional.flex import decode_kernel_options, decoding_rows, flex, forward_tiles
+from nsa_flex.functional.flex import SMALL_BLOCK_BWD_TILES, decode_kernel_options, decoding_rows, flex, forward_tiles
 
 
 def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
@@ -66,6 +66,17 @@ def test_decode_kernel_options_for_the_case_found_on_torch_2_11():
     q, k = torch.empty(1, 4, 120, 8), torch.empty(1, 2, 120, 8)
     assert decode_kernel_options(q, k, None) == {"FORCE_USE_FLEX_ATTENTION": True}
     assert decode_kernel_options(q[:, :, :1], k, None) == {}  # one-token decoding keeps torch's decoding kernel
+
+
+@pytest.mark.parametrize("q_block", [16, 32, 64, 128])
+@pytest.mark.parametrize("kv_block", [16, 32, 64])
+def test_every_small_block_pair_has_a_valid_backward_tile(q_block, kv_block):
+    """Torch's backward needs BLOCK_M1, BLOCK_M2 | Q block, BLOCK_N1, BLOCK_N2 | KV block, and its kernel
+    BLOCK_N1 % BLOCK_M1 == BLOCK_M2 % BLOCK_N2 == 0 (KV blocks of 16 and 32 had none: NoValidChoicesError)."""
+    fits = [(m1, n1, m2, n2) for m1, n1, m2, n2, _, _ in SMALL_BLOCK_BWD_TILES
+            if q_block % m1 == q_block % m2 == kv_block % n1 == kv_block % n2 == 0]
+    assert fits, (q_block, kv_block)
+    assert all(n1 % m1 == 0 and m2 % n2 == 0 for m1, n1, m2, n2 in fits)
 
 
 def test_small_block_tiles_reach_inductor_even_after_an_earlier_compile():
