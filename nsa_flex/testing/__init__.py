@@ -2,12 +2,13 @@
 Hypothesis strategies (``nsa_flex.testing.strategies``, needs the ``test`` extra), ``nsa_inputs`` (random or
 structured NSA inputs)."""
 
-from .assertions import TOLERANCE, assert_matches_dense
+from .assertions import GRADIENT_TOLERANCE, TOLERANCE, assert_matches_dense
 from .inputs import nsa_inputs
 from .nsa_reference import reference_mean_pool, reference_nsa, reference_select_blocks
 from .reference import dense_attention
 
 __all__ = [
+    "GRADIENT_TOLERANCE",
     "TOLERANCE",
     "assert_matches_dense",
     "dense_attention",

@@ -1,5 +1,6 @@
 """The mask property tests on CUDA: compiled FlexAttention in bf16 vs float64 dense, for every generator, random
-compositions and score_mods; fine_selection / block_mask_from_indices on the GPU. Skipped without CUDA.
+compositions and score_mods, short queries (torch's decoding kernel) and gradients; fine_selection /
+block_mask_from_indices on the GPU, forward and backward. Skipped without CUDA.
 
 Each Hypothesis example builds new mask_mod closures, which compiled flex_attention guards on; dynamo is reset
 per example so the recompile limit (which nsa_flex turns into a SlowPathError) is never reached.
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
 from nsa_flex.functional import flex
-from nsa_flex.testing import TOLERANCE, assert_matches_dense, dense_attention
+from nsa_flex.testing import GRADIENT_TOLERANCE, TOLERANCE, assert_matches_dense, dense_attention
 from nsa_flex.testing import strategies as nst
 
 pytestmark = pytest.mark.gpu
@@ -30,12 +31,12 @@ def fresh_compile():
     torch._dynamo.reset()
 
 
-def check(mask, shape, q_len=None, kv_len=None, score_mod=None):
+def check(mask, shape, q_len=None, kv_len=None, score_mod=None, gradients=False):
     fresh_compile()
     assert_matches_dense(
         mask, q_len or shape.q_len, kv_len or shape.kv_len, batch=shape.batch, heads=shape.heads,
         kv_heads=shape.kv_heads, head_dim=shape.head_dim, block_size=shape.block_size, score_mod=score_mod,
-        dtype=BF16, device=CUDA, atol=TOLERANCE[BF16],
+        dtype=BF16, device=CUDA, atol=TOLERANCE[BF16], gradients=gradients,
     )
 
 
@@ -123,6 +124,29 @@ def test_score_mods_compiled_bf16(shape, data):
     check(masks.causal() | masks.global_tokens(3), shape, score_mod=mod)
 
 
+# Gradients: the backward reads what the forward never does, the BlockMask's per-key-block (transposed) index,
+# and for blocks under 128 it runs on the tiles nsa_flex adds to inductor's choices (functional.flex).
+@pytest.mark.parametrize("block_size", [(128, 128), (128, 64), (64, 64), (16, 64), (64, 128), (32, 32), (128, 16),
+                                        (16, 16)])
+def test_gradients_compiled_bf16_per_block_size(block_size):
+    fresh_compile()
+    assert_matches_dense((masks.causal() & masks.sliding_window(70)) | masks.global_tokens(5), 300, 300, batch=2,
+                         heads=4, kv_heads=2, head_dim=64, block_size=block_size, dtype=BF16, device=CUDA,
+                         gradients=True)
+
+
+@gpu_settings
+@given(shape=SHAPES, data=st.data())
+def test_gradients_of_compositions_compiled_bf16(shape, data):
+    check(data.draw(nst.masks(device=CUDA)), shape, gradients=True)
+
+
+def test_gradient_check_fails_below_bf16_precision():
+    fresh_compile()
+    with pytest.raises(AssertionError, match="dq of flex_attention .* relative error"):
+        assert_matches_dense(masks.causal(), 100, block_size=64, dtype=BF16, device=CUDA, gradients=True, rtol=1e-6)
+
+
 # Fewer than 128 queries run on torch's flex-decoding kernel (for power-of-two GQA ratios and BlockMasks shared by
 # the heads), which computed wrong outputs without an error when our tiles for small blocks handed it a row tile
 # larger than its own (16 queries, (128, 16) blocks: every row off). forward_tiles caps it; these are the shapes.
@@ -176,6 +200,27 @@ def test_block_mask_from_indices_on_cuda(case):
     ref = dense_attention(q, k, v, mask=masks.fine_selection(idx, bs, group))
     assert not torch.isnan(out).any()
     assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
+
+
+@gpu_settings
+@given(case=selection_case())
+def test_block_mask_from_indices_gradients_on_cuda(case):
+    """Training through the selection BlockMask: its per-key-block index is built by nsa_flex, not torch."""
+    idx, bs, qbs, group, q_len, kv_len = case
+    fresh_compile()
+    bm = masks.block_mask_from_indices(idx, q_len, kv_len, block_size=bs, q_block_size=qbs, group_size=group)
+    B, Hkv = idx.shape[:2]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(B, Hkv * group, q_len, 64), (B, Hkv, kv_len, 64), (B, Hkv, kv_len, 64)]
+    inputs = [torch.randn(s, generator=gen).to(CUDA, BF16).requires_grad_() for s in shapes]
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    out = flex(*inputs, block_mask=bm)
+    ref = dense_attention(*exact, mask=masks.fine_selection(idx, bs, group))
+    dout = torch.randn(out.shape, generator=gen).to(CUDA, BF16)
+    got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, exact, dout.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        rel = float((g.double() - w).norm() / w.norm()) if w.norm() > 0 else float(g.norm())
+        assert rel <= GRADIENT_TOLERANCE[BF16], f"{name}: relative error {rel:.3g}"
 
 
 @gpu_settings

@@ -117,12 +117,31 @@ def test_defaults_follow_the_mask_extent():
         (dict(device="bogus"), ValueError, "device must be a valid device string"),
         (dict(heads=8, score_mod=scores.alibi(4)), ValueError, "score_mod"),
         (dict(heads=8, score_mod=scores.relative_bias(torch.zeros(2, 5))), ValueError, "score_mod"),
+        (dict(gradients=True), ValueError, "gradients=True needs a CUDA device"),  # FlexAttention: no CPU backward
+        (dict(gradients=1), TypeError, "gradients must be a bool"),
+        (dict(rtol=-1), ValueError, "rtol"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, exc, names):
     args = dict(q_len=16, kv_len=16) | kwargs
     with pytest.raises(exc, match=names):
         assert_matches_dense(masks.causal(), **args)
+
+
+def test_gradient_report_measures_relative_error_and_names_the_tensor():
+    want = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    assert assertions._report_gradient("dq", want.float(), want, 1e-6, "m") < 1e-6
+    assert assertions._report_gradient("dk", torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.float64),
+                                       0.0, "m") == 0.0  # rows that see nothing: zero gradients on both sides
+    off = want.clone()
+    off[0, 1, 3, 2] += 0.5 * want.norm()  # relative error 0.5, all of it at one place
+    with pytest.raises(AssertionError, match=r"dv of flex_attention with m .*relative error 0.5 > rtol 0.02.*"
+                                             r"\(b=0, h=1, t=3, d=2\)"):
+        assertions._report_gradient("dv", off, want, 0.02, "m")
+    nan = want.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="gradient has NaN"):
+        assertions._report_gradient("dq", nan, want, 1.0, "m")
 
 
 def test_heads_default_to_a_per_head_score_mod():
