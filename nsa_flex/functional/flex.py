@@ -61,12 +61,13 @@ def enable_small_block_kernels() -> bool:
 
     Torch's default backward tiles must divide both sparse block sizes and some releases filter them before
     user ``kernel_options`` apply, so a ``(128, 64)``, ``(32, 32)`` or ``(128, 16)`` BlockMask gets
-    ``NoValidChoicesError``. (The forward
-    takes ``kernel_options`` before its filter: :func:`forward_tiles` handles it.) This appends tiles that
-    fit to inductor's backward candidate list (``torch._inductor.config.inductor_choices_class``). The
-    defaults stay first, so masks that already compiled keep exactly their kernels; only masks that had no
-    valid tile gain one. Called when this module is imported on a machine with CUDA, and again by each CUDA
-    call (a no-op then); returns False if this torch lacks the hook.
+    ``NoValidChoicesError``. (The forward takes ``kernel_options`` before its filter: :func:`forward_tiles`
+    handles it.) This appends :data:`SMALL_BLOCK_BWD_TILES` to inductor's backward candidates
+    (``torch._inductor.config.inductor_choices_class``), after torch's own. Torch keeps the candidates that
+    fit the BlockMask's blocks; where several do, its ``select_algorithm`` benchmarks them while compiling
+    and keeps the fastest (the first under ``torch._inductor.config.deterministic``), as it does for its own.
+    Called when this module is imported on a machine with CUDA, and again by each CUDA call (a no-op then);
+    returns False if this torch lacks the hook.
     """
     try:
         from torch._inductor import config as inductor_config
