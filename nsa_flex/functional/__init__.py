@@ -5,7 +5,7 @@ from .compress import compression_blocks, mean_pool, num_compressed_blocks  # th
 from .decode import (append_to_cache, cached_attention, compiled_nsa_decode, nsa_decode, rotary_at, update_compressed,
                      write_cache)
 from .dense import dense_masked_attention
-from .flex import SlowPathError, enable_small_block_kernels, flex
+from .flex import SlowPathError, enable_small_block_kernels, flex, kernel_options_for
 from .nsa import nsa_attention
 from .selection import overlap_weights, select_blocks
 
@@ -19,6 +19,7 @@ __all__ = [
     "dense_masked_attention",
     "enable_small_block_kernels",
     "flex",
+    "kernel_options_for",
     "mean_pool",
     "nsa_attention",
     "nsa_decode",

@@ -157,6 +157,23 @@ def decode_kernel_options(q: Tensor, k: Tensor, block_mask) -> dict:
     return {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[-2] < 128 and q_block % decoding_rows(q, k) else {}
 
 
+def kernel_options_for(
+    q: Float[Tensor, "B Hq Tq D"], k: Float[Tensor, "B Hkv Tkv D"], block_mask: Optional[BlockMask]
+) -> dict:
+    """The ``kernel_options`` :func:`flex` passes to compiled FlexAttention on CUDA for these inputs.
+
+    Forward tiles that divide the BlockMask's block sizes (:func:`forward_tiles`; capped below 128 queries at
+    the flex-decoding kernel's own row tile) and, where that kernel has no valid tile, the main kernel instead
+    (:func:`decode_kernel_options`). ``{}`` for blocks that are multiples of 128 and 128 queries or more. For a
+    ``torch.compile(flex_attention)`` of your own::
+
+        out = compiled(q, k, v, block_mask=bm, kernel_options=kernel_options_for(q, k, bm))
+
+    (the backward's tiles need nothing per call: importing nsa_flex on a CUDA machine installs them).
+    """
+    return {**forward_tiles(block_mask, q, k), **decode_kernel_options(q, k, block_mask)}
+
+
 def flex(
     q: Float[Tensor, "B Hq Tq D"],
     k: Float[Tensor, "B Hkv Tkv D"],
@@ -185,8 +202,7 @@ def flex(
         return_lse=return_lse,
     )
     if q.device.type == "cuda":
-        kernel_options = {**forward_tiles(block_mask, q, k), **decode_kernel_options(q, k, block_mask),
-                          **(kernel_options or {})}
+        kernel_options = {**kernel_options_for(q, k, block_mask), **(kernel_options or {})}
     if kernel_options:
         kwargs["kernel_options"] = kernel_options
     if q.device.type == "cuda" and not torch.compiler.is_compiling():

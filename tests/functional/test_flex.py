@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
-from nsa_flex.functional.flex import SMALL_BLOCK_BWD_TILES, decode_kernel_options, decoding_rows, flex, forward_tiles
+from nsa_flex.functional.flex import (SMALL_BLOCK_BWD_TILES, decode_kernel_options, decoding_rows, flex, forward_tiles,
+                                     kernel_options_for)
 
 
 def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
@@ -59,6 +60,19 @@ def test_decode_kernel_forced_off_exactly_where_its_tile_cannot_divide_the_q_blo
     decoding_has_a_tile = q_block % rows == 0
     forced = decode_kernel_options(q, k, _block_mask(q_block, 64, q_len, q_len)) == {"FORCE_USE_FLEX_ATTENTION": True}
     assert forced == (q_len < 128 and not decoding_has_a_tile)
+
+
+def test_kernel_options_for_a_users_own_compiled_call():
+    """What flex passes, for users' own torch.compile(flex_attention): tiles, capped for short queries, and
+    the main kernel where the decoding kernel has no tile; nothing for 128-multiples and long queries."""
+    q, k = torch.empty(2, 2, 16, 8), torch.empty(2, 2, 128, 8)
+    small = masks.causal().to_block_mask(16, 128, device="cpu", block_size=(128, 16))
+    assert kernel_options_for(q, k, small) == {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16}
+    q_gqa, k_gqa = torch.empty(1, 4, 120, 8), torch.empty(1, 2, 120, 8)
+    assert kernel_options_for(q_gqa, k_gqa, None) == {"FORCE_USE_FLEX_ATTENTION": True}
+    q_long, k_long = torch.empty(1, 2, 256, 8), torch.empty(1, 2, 256, 8)
+    assert kernel_options_for(q_long, k_long, _block_mask(128, 128)) == {}
+    assert kernel_options_for(q_long, k_long, _block_mask(128, 64)) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
 
 
 def test_decode_kernel_options_for_the_case_found_on_torch_2_11():
