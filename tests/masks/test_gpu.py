@@ -193,29 +193,21 @@ def test_block_mask_from_indices_on_cuda(case):
         i_got, i_want = getattr(got, idx_name).long().cpu(), getattr(want, idx_name).long()
         used = torch.arange(i_want.shape[-1]) < n_want.unsqueeze(-1)
         assert torch.equal(i_got[..., : i_want.shape[-1]][used], i_want[used]), idx_name
-    B, Hkv = idx.shape[:2]
-    q = torch.randn(B, Hkv * group, q_len, 64, device=CUDA, dtype=BF16)
-    k, v = (torch.randn(B, Hkv, kv_len, 64, device=CUDA, dtype=BF16) for _ in range(2))
-    out = flex(q, k, v, block_mask=got)
-    ref = dense_attention(q, k, v, mask=masks.fine_selection(idx, bs, group))
-    assert not torch.isnan(out).any()
-    assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
+    check_attention_and_gradients(got, idx, bs, group, kv_len)
 
 
-@gpu_settings
-@given(case=selection_case())
-def test_block_mask_from_indices_gradients_on_cuda(case):
-    """Training through the selection BlockMask: its per-key-block index is built by nsa_flex, not torch."""
-    idx, bs, qbs, group, q_len, kv_len = case
-    fresh_compile()
-    bm = masks.block_mask_from_indices(idx, q_len, kv_len, block_size=bs, q_block_size=qbs, group_size=group)
-    B, Hkv = idx.shape[:2]
+def check_attention_and_gradients(block_mask, idx, bs, group, kv_len):
+    """flex with the selection BlockMask vs float64 dense attention, outputs and dq, dk, dv: training reads its
+    per-key-block index, which nsa_flex builds itself (not torch)."""
+    B, Hkv, q_len = idx.shape[:3]
     gen = torch.Generator().manual_seed(0)
     shapes = [(B, Hkv * group, q_len, 64), (B, Hkv, kv_len, 64), (B, Hkv, kv_len, 64)]
     inputs = [torch.randn(s, generator=gen).to(CUDA, BF16).requires_grad_() for s in shapes]
     exact = [x.detach().double().requires_grad_() for x in inputs]
-    out = flex(*inputs, block_mask=bm)
+    out = flex(*inputs, block_mask=block_mask)
     ref = dense_attention(*exact, mask=masks.fine_selection(idx, bs, group))
+    assert not torch.isnan(out).any()
+    assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
     dout = torch.randn(out.shape, generator=gen).to(CUDA, BF16)
     got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, exact, dout.double())
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
