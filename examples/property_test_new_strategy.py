@@ -3,7 +3,9 @@
 Shows how a user who invents a pattern checks it: write the mask_mod, wrap it in ``Mask`` (so it composes and
 prints), then let Hypothesis draw attention shapes (GQA head counts, odd lengths, non-square FlexAttention
 blocks) and check that FlexAttention with the mask's BlockMask equals float64 dense attention
-(``assert_matches_dense``), plus structural properties through the mask algebra.
+(``assert_matches_dense``), plus structural properties through the mask algebra. On a GPU, pass
+``device="cuda", dtype=torch.bfloat16, gradients=True`` to check the compiled kernels and their backward too
+(FlexAttention has no CPU backward).
 
 The strategy here is the Sparse Transformer "strided" pattern: query ``t`` sees the previous ``stride`` keys
 and every ``stride``-th key before them, ``0 <= t - j < stride or (t - j) % stride == 0``.
