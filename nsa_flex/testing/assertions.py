@@ -109,7 +109,8 @@ def assert_matches_dense(
 
 
 def _report_gradient(name: str, got: Tensor, want: Tensor, rtol: float, what: str) -> float:
-    """``||got - want|| / ||want||`` (0 when both are zero), or ``AssertionError`` past ``rtol`` or on NaN."""
+    """``||got - want|| / ||want||`` (``||got||`` where ``want`` is all zero, e.g. no row sees a key), or
+    ``AssertionError`` past ``rtol`` or on NaN."""
     err = got.double() - want
     scale = float(want.norm())
     rel = float(err.norm()) / scale if scale > 0 else float(err.norm())
