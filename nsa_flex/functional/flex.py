@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as _fa
 from torch.nn.attention.flex_attention import BlockMask
 
-from .._checks import score_mod_heads
+from .._checks import score_mod_heads, tensor
 
 try:  # torch >= 2.9
     from torch.nn.attention.flex_attention import AuxRequest
@@ -115,15 +115,15 @@ def _call(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def forward_tiles(block_mask, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> dict:
+def forward_tiles(block_mask: Optional[BlockMask], q: Tensor, k: Tensor) -> dict:
     """Forward ``kernel_options`` whose tiles divide the BlockMask's block sizes (none needed for multiples of 128).
 
     Compiled FlexAttention's default forward tile must divide the sparse block sizes; on torch 2.11 / H100 a
     ``(128, 64)`` or ``(16, 64)`` BlockMask otherwise fails to lower ("Q and KV block size must be divisible
     by BLOCK_M and BLOCK_N"). ``fwd_`` keys leave the backward's own tiles alone.
 
-    Given ``q`` and ``k`` with fewer than 128 query rows, the row tile is at most the flex-decoding kernel's
-    own (:func:`decoding_rows`). That kernel sets its row-boundary checks from its own tile and only then
+    With fewer than 128 query rows the row tile is at most the flex-decoding kernel's own
+    (:func:`decoding_rows`). That kernel sets its row-boundary checks from its own tile and only then
     applies ``fwd_BLOCK_M``; a larger tile reads the rows past the last query as if they were queries, and
     the output is wrong with no error (torch 2.11, H100: a ``(128, 16)`` BlockMask and 16 queries). A smaller
     power of two still divides the Q block, whichever kernel torch picks.
@@ -135,7 +135,7 @@ def forward_tiles(block_mask, q: Optional[Tensor] = None, k: Optional[Tensor] = 
         return {}
     # the largest power of two dividing each block size, at most 64
     rows = min(64, q_block & -q_block)
-    if q is not None and k is not None and q.shape[-2] < 128:
+    if q.shape[-2] < 128:
         rows = min(rows, decoding_rows(q, k))
     return {"fwd_BLOCK_M": rows, "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
 
@@ -170,8 +170,21 @@ def kernel_options_for(
         out = compiled(q, k, v, block_mask=bm, kernel_options=kernel_options_for(q, k, bm))
 
     (the backward's tiles need nothing per call: importing nsa_flex on a CUDA machine installs them).
+    ``q`` and ``k`` are 4-D with a multiple of ``k``'s heads in ``q`` (only their shapes are read).
     """
+    tensor("q", q, ndim=4)
+    tensor("k", k, ndim=4)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q's heads must be a multiple of k's (GQA), got Hq={q.shape[1]}, Hkv={k.shape[1]}")
+    _check_block_mask(block_mask)
     return {**forward_tiles(block_mask, q, k), **decode_kernel_options(q, k, block_mask)}
+
+
+def _check_block_mask(block_mask) -> None:
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        hint = (" (a mask_mod: call its .to_block_mask(q_len, kv_len, ...) and pass the result)"
+                if callable(block_mask) else "")
+        raise TypeError(f"block_mask must be a torch BlockMask or None, got {type(block_mask).__name__}{hint}")
 
 
 def flex(
@@ -189,10 +202,7 @@ def flex(
     ``block_mask`` is a torch ``BlockMask`` (e.g. ``mask.to_block_mask(...)``) or None. Rows that see no key
     give ``out = 0`` and ``lse = -inf``.
     """
-    if block_mask is not None and not isinstance(block_mask, BlockMask):
-        hint = (" (a mask_mod: call its .to_block_mask(q_len, kv_len, ...) and pass the result)"
-                if callable(block_mask) else "")
-        raise TypeError(f"block_mask must be a torch BlockMask or None, got {type(block_mask).__name__}{hint}")
+    _check_block_mask(block_mask)
     score_mod_heads("score_mod", score_mod, q.shape[1])
     kwargs = dict(
         score_mod=score_mod,

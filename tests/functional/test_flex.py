@@ -22,7 +22,8 @@ def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
     (48, 32, {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 32}),
 ])
 def test_forward_tiles_divide_the_block_sizes(q_block, kv_block, want):
-    assert forward_tiles(_block_mask(q_block, kv_block)) == want
+    q = k = torch.empty(1, 2, 256, 8)  # 128 queries or more: no cap from the decoding kernel
+    assert forward_tiles(_block_mask(q_block, kv_block), q, k) == want
 
 
 @given(q_len=st.integers(1, 300), group=st.sampled_from([1, 2, 3, 4, 8, 16]),
@@ -39,15 +40,16 @@ def test_forward_row_tile_never_exceeds_the_decoding_kernels_below_128_queries(q
     assert q_block % tiles["fwd_BLOCK_M"] == 0 and kv_block % tiles["fwd_BLOCK_N"] == 0
     if q_len < 128:
         assert tiles["fwd_BLOCK_M"] <= decoding_rows(q, k)
-    else:
-        assert tiles == forward_tiles(bm)
+    else:  # the largest power of two dividing each block, at most 64
+        assert tiles == {"fwd_BLOCK_M": min(64, q_block & -q_block), "fwd_BLOCK_N": min(64, kv_block & -kv_block)}
 
 
 def test_forward_tiles_for_the_case_found_on_torch_2_11():
     q, k = torch.empty(2, 2, 16, 8), torch.empty(2, 2, 128, 8)
     bm = masks.causal().to_block_mask(16, 128, device="cpu", block_size=(128, 16))
-    assert forward_tiles(bm) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 16}
     assert forward_tiles(bm, q, k) == {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16}
+    # 128 queries over the same blocks get the uncapped tile, which 16 queries got before the fix
+    assert forward_tiles(bm, torch.empty(2, 2, 128, 8), k) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 16}
 
 
 @given(q_len=st.integers(1, 300), group=st.sampled_from([1, 2, 4, 8, 16]), q_block=st.sampled_from([16, 64, 128]))
@@ -73,6 +75,18 @@ def test_kernel_options_for_a_users_own_compiled_call():
     q_long, k_long = torch.empty(1, 2, 256, 8), torch.empty(1, 2, 256, 8)
     assert kernel_options_for(q_long, k_long, _block_mask(128, 128)) == {}
     assert kernel_options_for(q_long, k_long, _block_mask(128, 64)) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+
+
+@pytest.mark.parametrize("q, k, block_mask, exc, match", [
+    (torch.empty(2, 16, 8), torch.empty(1, 2, 16, 8), None, ValueError, "q must have 4 dimensions"),
+    ([[1.0]], torch.empty(1, 2, 16, 8), None, TypeError, "q must be a torch.Tensor"),
+    (torch.empty(1, 2, 16, 8), torch.empty(2, 16, 8), None, ValueError, "k must have 4 dimensions"),
+    (torch.empty(1, 3, 16, 8), torch.empty(1, 2, 16, 8), None, ValueError, "Hq=3, Hkv=2"),
+    (torch.empty(1, 2, 16, 8), torch.empty(1, 2, 16, 8), masks.causal(), TypeError, "to_block_mask"),
+])
+def test_kernel_options_for_names_bad_arguments(q, k, block_mask, exc, match):
+    with pytest.raises(exc, match=match):
+        kernel_options_for(q, k, block_mask)
 
 
 def test_decode_kernel_options_for_the_case_found_on_torch_2_11():
