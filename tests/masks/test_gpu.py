@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
 from nsa_flex.functional import flex
-from nsa_flex.testing import GRADIENT_TOLERANCE, TOLERANCE, assert_matches_dense, dense_attention
+from nsa_flex.testing import GRADIENT_TOLERANCE, TOLERANCE, assert_matches_dense, assertions, dense_attention
 from nsa_flex.testing import strategies as nst
 
 pytestmark = pytest.mark.gpu
@@ -204,15 +204,15 @@ def check_attention_and_gradients(block_mask, idx, bs, group, kv_len):
     shapes = [(B, Hkv * group, q_len, 64), (B, Hkv, kv_len, 64), (B, Hkv, kv_len, 64)]
     inputs = [torch.randn(s, generator=gen).to(CUDA, BF16).requires_grad_() for s in shapes]
     exact = [x.detach().double().requires_grad_() for x in inputs]
+    mask = masks.fine_selection(idx, bs, group)
     out = flex(*inputs, block_mask=block_mask)
-    ref = dense_attention(*exact, mask=masks.fine_selection(idx, bs, group))
-    assert not torch.isnan(out).any()
-    assert (out.double() - ref).abs().max() < TOLERANCE[BF16]
+    ref = dense_attention(*exact, mask=mask)
+    what = f"block_mask_from_indices for {mask!r} (q_len={q_len}, kv_len={kv_len}, block_size={bs})"
+    assertions._report(out.detach(), ref.detach(), TOLERANCE[BF16], what)  # raises on NaN too
     dout = torch.randn(out.shape, generator=gen).to(CUDA, BF16)
     got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, exact, dout.double())
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        rel = float((g.double() - w).norm() / w.norm()) if w.norm() > 0 else float(g.norm())
-        assert rel <= GRADIENT_TOLERANCE[BF16], f"{name}: relative error {rel:.3g}"
+        assertions._report_gradient(name, g, w, GRADIENT_TOLERANCE[BF16], what)
 
 
 @gpu_settings
