@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of a device session, one phase per device call (each fits the tool's 10-minute limit).
 # Usage on the device machine, from the repo root:  bash bench/gpu_session.sh PHASE [ARGS]
-#   tests    the gpu-marked tests and the Triton kernel tests (seven processes side by side; compilation is
+#   tests    the gpu-marked tests and the Triton kernel tests (twelve processes side by side; compilation is
 #            CPU-bound), ~8 min (nineteenth session: 448 s, tests/functional alone 432 s);
 #            ARGS: pytest selections to run instead, one process each ("tests/x.py -k name" "tests/y.py");
 #            TEST_TIMEOUT (seconds, default 480) bounds each (tests/functional/test_gpu.py alone did not finish
@@ -77,10 +77,17 @@ phase_tests() {  # optional arguments: pytest selections, each run as its own pr
     local kernels="tests/functional/test_fused_decode.py tests/functional/test_cache_update.py \
 tests/functional/test_block_topk.py tests/functional/test_selected_kernel.py -m 'not gpu'"
     # tests/functional in one process needed 515 s on a fresh machine (twentieth session): test_gpu.py (the
-    # fast-path cases, about 30 s each after compiling) gets its own
+    # fast-path cases, about 30 s each after compiling) gets its own, split by length since the
+    # twenty-ninth session, when it and the masks' other GPU tests (the gradient checks added) each ran past
+    # 480 s; the gradient checks get two processes of their own, one starting with the (16, 16) blocks' (180 s
+    # to compile on a fresh H100, where the other seven took 20-27 s each)
+    local masks="tests/masks -k 'not generators and"
+    local fast="tests/functional/test_gpu.py -k"
     [ $# -gt 0 ] || shards=("tests/masks -k '$first'" "tests/masks -k 'generators and not ($first)'"
-                            "tests/masks -k 'not generators'" "tests/functional --ignore=tests/functional/test_gpu.py"
-                            "tests/functional/test_gpu.py" "tests/modules tests/test_*.py" "$kernels")
+                            "$masks per_block_size and not 16x16'" "$masks (16x16 or gradient) and not (per_block_size and not 16x16)'" "$masks not gradient'"
+                            "tests/functional --ignore=tests/functional/test_gpu.py"
+                            "$fast 'fast_path and 1000'" "$fast 'fast_path and 4096'"
+                            "$fast 'fast_path and 8192'" "$fast 'not fast_path'" "tests/modules tests/test_*.py" "$kernels")
     for shard in "${shards[@]}"; do
         i=$((i + 1))
         eval "$timeout $pytest $shard" 2>&1 | quiet > "$out/tests_$i.log" &
