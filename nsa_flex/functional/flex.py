@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch._functorch.config as functorch_config
@@ -63,9 +64,10 @@ def enable_small_block_kernels() -> bool:
     user ``kernel_options`` apply, so a ``(128, 64)``, ``(32, 32)`` or ``(128, 16)`` BlockMask gets
     ``NoValidChoicesError``. (The forward takes ``kernel_options`` before its filter: :func:`forward_tiles`
     handles it.) This appends :data:`SMALL_BLOCK_BWD_TILES` to inductor's backward candidates
-    (``torch._inductor.config.inductor_choices_class``), after torch's own. Torch keeps the candidates that
-    fit the BlockMask's blocks; where several do, its ``select_algorithm`` benchmarks them while compiling
-    and keeps the fastest (the first under ``torch._inductor.config.deterministic``), as it does for its own.
+    (``torch._inductor.config.inductor_choices_class``), after torch's own, for the backwards none of torch's
+    own fits (:func:`backward_tiles_to_add`); torch's choice for the others stays as it is. Torch keeps the
+    candidates that fit the BlockMask's blocks; where several do, its ``select_algorithm`` benchmarks them
+    while compiling and keeps the fastest (the first under ``torch._inductor.config.deterministic``).
     Called when this module is imported on a machine with CUDA, and again by each CUDA call (a no-op then);
     returns False if this torch lacks the hook.
     """
@@ -88,11 +90,12 @@ def enable_small_block_kernels() -> bool:
 
         def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
             configs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
-            return configs + [FlexBwDConfig(*tile) for tile in SMALL_BLOCK_BWD_TILES]
+            own = [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
+            return configs + [FlexBwDConfig(*t) for t in backward_tiles_to_add(own, _lowering_block_sizes())]
 
         def uuid(self):  # part of inductor's cache key
             parent = getattr(super(), "uuid", None)
-            return f"nsa_flex_tiles:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
+            return f"nsa_flex_tiles:where-none-fits:{SMALL_BLOCK_BWD_TILES}:{parent() if parent else ''}"
 
     # Inductor pickles the choices class into its cache key: make it importable by name from this module.
     NSAFlexChoices.__module__, NSAFlexChoices.__qualname__ = __name__, "NSAFlexChoices"
@@ -106,6 +109,50 @@ def enable_small_block_kernels() -> bool:
     if type(V.choices) is base:
         V.set_choices_handler(NSAFlexChoices())
     return True
+
+
+def backward_tiles_to_add(torch_tiles: Sequence[tuple[int, ...]],
+                          block_sizes: Optional[tuple[int, int]]) -> tuple[tuple[int, ...], ...]:
+    """The :data:`SMALL_BLOCK_BWD_TILES` offered to inductor beside torch's own backward tiles ``torch_tiles``
+    (``(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, ...)``) for a backward over ``block_sizes = (Q block, KV
+    block)``: none where one of torch's fits, all where none does, and all where the sizes are unknown (None).
+
+    Offered everywhere, ours also fit 128-token blocks, so every such backward compile benchmarked six
+    candidates instead of lowering torch's one: 2.1-2.4 -> 6.1-6.5 s a compile, and no faster kernel (a
+    causal ``(128, 128)`` BlockMask, 4096 tokens, 8 heads of 64, bf16, H100, torch 2.11; fwd+bwd 1.01-1.15
+    ms either way). Importing nsa_flex should not change what torch does where torch works.
+    """
+    if block_sizes is not None and any(_tile_fits(tile, *block_sizes) for tile in torch_tiles):
+        return ()
+    return SMALL_BLOCK_BWD_TILES
+
+
+def _tile_fits(tile: tuple[int, ...], q_block: int, kv_block: int) -> bool:
+    """Inductor's filter: BLOCK_M1 and BLOCK_M2 divide the Q block, BLOCK_N1 and BLOCK_N2 the KV block."""
+    m1, n1, m2, n2 = tile[:4]
+    return q_block % m1 == q_block % m2 == kv_block % n1 == kv_block % n2 == 0
+
+
+# The names inductor's flex backward lowering gives the sparse block sizes (torch 2.11 and 2.13).
+_LOWERING_BLOCK_NAMES = ("SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE")
+
+
+def _lowering_block_sizes(depth: int = 3) -> Optional[tuple[int, int]]:
+    """The ``(Q, KV)`` sparse block sizes of the backward inductor is lowering, read from the locals of the
+    lowering function that asked for tiles (it passes only the head dim and dtype, and filters the tiles by
+    these sizes afterwards); None if no caller within ``depth`` frames holds both as integers."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        found = [frame.f_locals.get(name) for name in _LOWERING_BLOCK_NAMES]
+        if all(size is not None for size in found):
+            try:
+                return int(found[0]), int(found[1])
+            except (TypeError, ValueError):  # symbolic sizes
+                return None
+    return None
 
 
 def _call(fn: Callable, *args, **kwargs):

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
-from nsa_flex.functional.flex import (SMALL_BLOCK_BWD_TILES, decode_kernel_options, decoding_rows, flex, forward_tiles,
-                                     kernel_options_for)
+from nsa_flex.functional.flex import (SMALL_BLOCK_BWD_TILES, _lowering_block_sizes, backward_tiles_to_add,
+                                     decode_kernel_options, decoding_rows, flex, forward_tiles, kernel_options_for)
 
 
 def _block_mask(q_block, kv_block, q_len=256, kv_len=256):
@@ -105,6 +105,50 @@ def test_every_small_block_pair_has_a_valid_backward_tile(q_block, kv_block):
             if q_block % m1 == q_block % m2 == kv_block % n1 == kv_block % n2 == 0]
     assert fits, (q_block, kv_block)
     assert all(n1 % m1 == 0 and m2 % n2 == 0 for m1, n1, m2, n2 in fits)
+
+
+TORCH_H100_TILE = (64, 128, 128, 64)  # torch 2.11's one backward tile on sm90 for head dims up to 128
+
+
+@pytest.mark.parametrize("blocks, added", [
+    ((128, 128), ()), ((256, 128), ()),  # torch's tile fits: its choice and compile time stay as they are
+    ((128, 64), SMALL_BLOCK_BWD_TILES), ((64, 128), SMALL_BLOCK_BWD_TILES), ((16, 16), SMALL_BLOCK_BWD_TILES),
+    (None, SMALL_BLOCK_BWD_TILES),  # sizes unknown: offer ours, so that no BlockMask is left without a tile
+])
+def test_small_block_tiles_are_offered_only_where_torch_has_none(blocks, added):
+    assert backward_tiles_to_add([TORCH_H100_TILE], blocks) == added
+    assert backward_tiles_to_add([], blocks) == SMALL_BLOCK_BWD_TILES
+
+
+def _asks_for_tiles():  # stands for NSAFlexChoices.get_flex_attention_bwd_configs
+    return _lowering_block_sizes()
+
+
+def _lowering(q_block, kv_block):  # stands for inductor's flex backward lowering
+    SPARSE_Q_BLOCK_SIZE, SPARSE_KV_BLOCK_SIZE = q_block, kv_block  # noqa: F841 (read from this frame)
+    return _asks_for_tiles()
+
+
+def test_block_sizes_are_read_from_the_lowering_that_asks_for_tiles():
+    assert _lowering(128, 64) == (128, 64)
+    assert _lowering(torch.tensor(32), 16) == (32, 16)  # anything int() takes, as sympy's integers
+    sympy = pytest.importorskip("sympy")
+    assert _lowering(sympy.Symbol("s"), 64) is None  # symbolic sizes: unknown
+    assert _asks_for_tiles() is None  # no lowering among the callers
+
+
+def test_torch_lowering_names_the_block_sizes_before_asking_for_tiles():
+    """_lowering_block_sizes reads these names from torch's frame: a torch release that renames them would
+    quietly bring back the extra candidates (and compile time) for every backward, so say so here."""
+    import inspect
+
+    from torch._inductor.kernel.flex import flex_attention as lowering
+
+    source = inspect.getsource(lowering)
+    asks = source.index("get_flex_attention_bwd_configs(")
+    function = source[source.rindex("\ndef ", 0, asks):asks]  # the lowering function, up to where it asks
+    for name in ("SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE"):
+        assert f"{name} = " in function, name
 
 
 def test_small_block_tiles_reach_inductor_even_after_an_earlier_compile():

@@ -127,12 +127,43 @@ def test_score_mods_compiled_bf16(shape, data):
 # Gradients: the backward reads what the forward never does, the BlockMask's per-key-block (transposed) index,
 # and for blocks under 128 it runs on the tiles nsa_flex adds to inductor's choices (functional.flex).
 @pytest.mark.parametrize("block_size", [(128, 128), (128, 64), (64, 64), (16, 64), (64, 128), (32, 32), (128, 16),
-                                        (16, 16)])
+                                        (16, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_gradients_compiled_bf16_per_block_size(block_size):
     fresh_compile()
     assert_matches_dense((masks.causal() & masks.sliding_window(70)) | masks.global_tokens(5), 300, 300, batch=2,
                          heads=4, kv_heads=2, head_dim=64, block_size=block_size, dtype=BF16, device=CUDA,
                          gradients=True)
+
+
+def test_small_block_tiles_offered_only_where_torch_has_none(monkeypatch):
+    """What inductor is offered while lowering each backward: torch's own tiles alone for 128-token blocks (its
+    choice and compile time unchanged by importing nsa_flex), ours beside them for 64-token KV blocks. The
+    block sizes come from torch's lowering frame (functional.flex._lowering_block_sizes): this is the check
+    that it finds them in the torch the GPU runs."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from nsa_flex.functional.flex import SMALL_BLOCK_BWD_TILES, NSAFlexChoices
+
+    offered = []
+    ask = NSAFlexChoices.get_flex_attention_bwd_configs
+
+    def recording(self, *args, **kwargs):
+        configs = ask(self, *args, **kwargs)
+        offered.append({(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs})
+        return configs
+
+    monkeypatch.setattr(NSAFlexChoices, "get_flex_attention_bwd_configs", recording)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # lower again, not from an earlier run's cache
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    ours = SMALL_BLOCK_BWD_TILES[-1][:4]  # (16, 16, 16, 16): fits every block, and is no default of torch's
+    for block_size, added in (((128, 128), False), ((128, 64), True)):
+        offered.clear()
+        fresh_compile()
+        assert_matches_dense(masks.causal(), 256, 256, heads=2, head_dim=64, block_size=block_size, dtype=BF16,
+                             device=CUDA, gradients=True)
+        assert offered, f"no backward was lowered for {block_size}"
+        assert all((ours in tiles) == added for tiles in offered), (block_size, offered)
 
 
 @gpu_settings
