@@ -158,8 +158,10 @@ class Mask:
         """A torch ``BlockMask`` for ``flex_attention`` with blocks of ``block_size`` (int or ``(q, kv)``).
 
         B and H default to the sizes the mask depends on; ``None`` broadcasts over that dimension.
-        On CUDA the mask is evaluated by a compiled kernel (no ``Q x KV`` tensor is built); on CPU it is
-        evaluated eagerly (inductor's CPU codegen fails for Q != KV).
+        On CUDA the mask is evaluated by a compiled kernel (no ``Q x KV`` tensor is built) above
+        :data:`EAGER_BLOCK_MASK_ENTRIES` entries ``B * H * q_len * kv_len`` (about 2k x 2k), and eagerly, in
+        milliseconds instead of a compile of 8-40 s, below; on CPU it is evaluated eagerly (inductor's CPU
+        codegen fails for Q != KV).
         """
         self.check(q_len, kv_len, B, H)
         B, H = self._sizes(B, H)
@@ -172,12 +174,23 @@ class Mask:
         return self.extent.device or torch.device("cpu")
 
 
+# (batch, head, query, key) entries up to which a CUDA BlockMask is built eagerly, the whole boolean mask
+# evaluated at once (4 MiB, 32 MiB for a mask_mod's int64 intermediates; milliseconds): compiling
+# create_block_mask took 8-43 s for each new mask and shape (H100, torch 2.11, seven processes compiling side
+# by side; 10.6 s for a (128, 128) BlockMask at 300 tokens, 42.4 s with (16, 16) blocks, 8-9 s for the same
+# mask at a new length), which GPU tests and short inputs paid for every mask they built.
+EAGER_BLOCK_MASK_ENTRIES = 1 << 22
+
+
 def build_block_mask(
     mask_mod: MaskMod, q_len: int, kv_len: int, B: Optional[int], H: Optional[int], device, block: tuple[int, int]
 ) -> BlockMask:
-    """``create_block_mask`` the way every nsa_flex mask is built: compiled on CUDA (no Q x KV tensor), eager
+    """``create_block_mask`` the way every nsa_flex mask is built: on CUDA compiled (no Q x KV tensor) above
+    :data:`EAGER_BLOCK_MASK_ENTRIES` entries ``B * H * q_len * kv_len`` (``None`` counts 1), eager below; eager
     on CPU (inductor's CPU codegen fails for Q != KV)."""
-    compile_it = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
+    entries = (B or 1) * (H or 1) * q_len * kv_len
+    compile_it = (torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
+                  and entries > EAGER_BLOCK_MASK_ENTRIES)
     with warnings.catch_warnings():
         # torch >= 2.11 suggests torch.compile(create_block_mask) instead; the flag still does exactly that.
         warnings.filterwarnings("ignore", message=".*_compile flag on create_block_mask.*")

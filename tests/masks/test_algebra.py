@@ -186,3 +186,21 @@ def test_a_device_torch_cannot_use_names_device(materialize):
     if not torch.cuda.is_available():  # had been torch's AssertionError / a long dynamo error
         with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
             materialize(masks.causal(), "cuda")
+
+
+@pytest.mark.parametrize("q_len, kv_len, B, H, device, compiled", [
+    (2048, 2048, None, None, "cuda", False),  # 2**22 entries: the whole mask is 4 MiB, built eagerly
+    (2048, 2049, None, None, "cuda", True),
+    (1024, 1024, 2, 2, "cuda", False), (1024, 1024, 4, 2, "cuda", True),  # batch and heads count
+    (65536, 65536, None, None, "cpu", False),  # inductor's CPU codegen fails for Q != KV: always eager
+])
+def test_cuda_block_masks_compile_only_above_a_few_million_entries(monkeypatch, q_len, kv_len, B, H, device,
+                                                                   compiled):
+    """Compiling create_block_mask costs seconds per mask and shape; below EAGER_BLOCK_MASK_ENTRIES the whole
+    boolean mask is cheaper (the GPU tests check the compiled build against the eager one above it)."""
+    from nsa_flex.masks import mask as mask_module
+
+    calls = []
+    monkeypatch.setattr(mask_module, "create_block_mask", lambda *args, **kwargs: calls.append(kwargs["_compile"]))
+    mask_module.build_block_mask(masks.causal(), q_len, kv_len, B, H, device, (128, 128))
+    assert calls == [compiled]

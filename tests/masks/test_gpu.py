@@ -7,6 +7,7 @@ per example so the recompile limit (which nsa_flex turns into a SlowPathError) i
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from nsa_flex import masks, scores
 from nsa_flex.functional import flex
+from nsa_flex.masks import mask as mask_module
 from nsa_flex.testing import GRADIENT_TOLERANCE, TOLERANCE, assert_matches_dense, assertions, dense_attention
 from nsa_flex.testing import strategies as nst
 
@@ -164,6 +166,22 @@ def test_small_block_tiles_offered_only_where_torch_has_none(monkeypatch):
                              device=CUDA, gradients=True)
         assert offered, f"no backward was lowered for {block_size}"
         assert all((ours in tiles) == added for tiles in offered), (block_size, offered)
+
+
+@gpu_settings
+@given(data=st.data(), block_size=st.sampled_from([(128, 128), (64, 64), (16, 64), (128, 16)]))
+def test_compiled_block_mask_equals_eager_above_the_eager_size(data, block_size):
+    """Above EAGER_BLOCK_MASK_ENTRIES a CUDA BlockMask comes from compiled create_block_mask (no Q x KV
+    tensor); the tests of smaller shapes run the eager build, so the compiled one is checked against it here."""
+    fresh_compile()
+    seq_len = math.isqrt(mask_module.EAGER_BLOCK_MASK_ENTRIES) + data.draw(st.integers(1, 100), label="extra")
+    mask = data.draw(nst.masks(seq_len, device=CUDA), label="mask")
+    compiled = mask.to_block_mask(seq_len, seq_len, device=CUDA, block_size=block_size)
+    with mock.patch.object(mask_module, "EAGER_BLOCK_MASK_ENTRIES", 1 << 62):
+        eager = mask.to_block_mask(seq_len, seq_len, device=CUDA, block_size=block_size)
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    assert torch.equal(compiled.to_dense(), eager.to_dense()), repr(mask)
 
 
 @gpu_settings
