@@ -80,7 +80,8 @@ tests/functional/test_block_topk.py tests/functional/test_selected_kernel.py -m 
     # fast-path cases, about 30 s each after compiling) gets its own, split by length since the
     # twenty-ninth session, when it and the masks' other GPU tests (the gradient checks added) each ran past
     # 480 s; the gradient checks get two processes of their own, one starting with the (16, 16) blocks' (180 s
-    # to compile on a fresh H100, where the other seven took 20-27 s each)
+    # on a fresh H100, most of it compiling create_block_mask, which small masks no longer do: 45 s since). With
+    # small BlockMasks built eagerly the masks' shards took 45-145 s, test_gpu.py's 44-70 s (twenty-ninth).
     local masks="tests/masks -k 'not generators and"
     local fast="tests/functional/test_gpu.py -k"
     [ $# -gt 0 ] || shards=("tests/masks -k '$first'" "tests/masks -k 'generators and not ($first)'"
