@@ -175,7 +175,7 @@ class Mask:
 
 
 # (batch, head, query, key) entries up to which a CUDA BlockMask is built eagerly, the whole boolean mask
-# evaluated at once (4 MiB, 32 MiB for a mask_mod's int64 intermediates; milliseconds): compiling
+# evaluated at once (4 MiB, and 32 MiB for each int64 intermediate of the mask_mod; milliseconds): compiling
 # create_block_mask took 8-43 s for each new mask and shape (H100, torch 2.11, seven processes compiling side
 # by side; 10.6 s for a (128, 128) BlockMask at 300 tokens, 42.4 s with (16, 16) blocks, 8-9 s for the same
 # mask at a new length), which GPU tests and short inputs paid for every mask they built.
