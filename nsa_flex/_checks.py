@@ -11,13 +11,25 @@ import torch
 from torch import Tensor
 
 
+# The largest int torch indexes and seeds with (int64): a larger one would overflow later, inside torch.
+INT64_MAX = (1 << 63) - 1
+
+
 def positive_int(name: str, value, *, minimum: int = 1) -> int:
-    """``value`` as an int >= minimum, else TypeError (not an int) / ValueError (too small)."""
+    """``value`` as an int in ``[minimum, INT64_MAX]``, else TypeError (not an int) / ValueError (out of range)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be an int <= 2**63 - 1 (int64), got {value}")
     return value
+
+
+def seed(name: str, value) -> int:
+    """A random seed: an int in ``[0, 2**63 - 1]``, else TypeError / ValueError (``torch.manual_seed`` would
+    fail later, or overflow, without naming the argument)."""
+    return positive_int(name, value, minimum=0)
 
 
 def tensor(
@@ -78,8 +90,8 @@ def block_and_stride(block_size: int, stride: int, block_name: str = "block_size
 
 def device(name: str, value) -> Optional[torch.device]:
     """``value`` (None, a device string or a ``torch.device``) as a ``torch.device`` that this torch can use:
-    ValueError for a malformed string or a CUDA device where CUDA is not available (torch itself fails later,
-    with an AssertionError from its lazy CUDA init or a compiler error)."""
+    ValueError for a malformed string, or a device (CUDA, XPU, MPS, ...) this torch or machine does not have
+    (torch itself fails later, with an AssertionError from its lazy init or a compiler error)."""
     if value is None:
         return None
     if not isinstance(value, (str, torch.device)):
@@ -90,6 +102,11 @@ def device(name: str, value) -> Optional[torch.device]:
     except RuntimeError as err:
         raise ValueError(f"{name} must be a valid device string such as 'cpu' or 'cuda:0', got {value!r} ({err})") \
             from None
+    if dev.type not in ("cpu", "cuda", "meta"):  # xpu, mps, ...: torch's module for it says if it can be used
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if not (callable(is_available) and is_available()):
+            raise ValueError(f"{name}={value!r} but this torch cannot use {dev.type} devices (torch {torch.__version__})")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}={value!r} but CUDA is not available (torch {torch.__version__}, "

@@ -63,3 +63,27 @@ def test_floating_dtype_and_score_mod_heads():
     _checks.score_mod_heads("score_mod", lambda s, b, h, q, k: s, 3)  # a plain function is defined for any heads
     with pytest.raises(ValueError, match="defined for 2 heads, got 3"):
         _checks.score_mod_heads("score_mod", type("Mod", (), {"num_heads": 2})(), 3)
+
+
+def test_ints_past_int64_are_refused_by_name():
+    """Python ints beyond int64 used to pass and overflow later inside torch (an OverflowError naming nothing)."""
+    assert _checks.positive_int("window_size", _checks.INT64_MAX) == _checks.INT64_MAX
+    with pytest.raises(ValueError, match=r"window_size must be an int <= 2\*\*63 - 1"):
+        _checks.positive_int("window_size", _checks.INT64_MAX + 1)
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), ("7", TypeError),
+                                          (True, TypeError)])
+def test_seed_is_an_int64_at_least_zero(value, error):
+    assert _checks.seed("seed", 0) == 0 and _checks.seed("seed", 2**63 - 1) == 2**63 - 1
+    with pytest.raises(error, match="seed"):
+        _checks.seed("seed", value)
+
+
+@pytest.mark.parametrize("name", ["xpu", "mps"])
+def test_device_this_torch_cannot_use(monkeypatch, name):
+    """Any device type, not only CUDA: torch's module for it says whether it can be used (patched to say no)."""
+    backend = torch.backends.mps if name == "mps" else getattr(torch, name)
+    monkeypatch.setattr(backend, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=f"this torch cannot use {name} devices"):
+        _checks.device("device", name)

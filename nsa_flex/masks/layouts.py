@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from .._checks import device as check_device, positive_int, tensor
+from .._checks import device as check_device, positive_int, seed as check_seed, tensor
 from .mask import Extent, Mask, same_length
 from .static import causal
 
@@ -159,14 +159,6 @@ def _int_list(name: str, value, *, minimum: int, allow_empty: bool) -> list[int]
     if not out and not allow_empty:
         raise ValueError(f"{name} must not be empty")
     return out
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return seed
 
 
 def _num_blocks(seq_len, block_size) -> tuple[int, int, int]:
@@ -384,7 +376,7 @@ def variable_layout(
         raise ValueError("horizontal_global_attention=True needs attention='bidirectional'")
     H = positive_int("num_heads", num_heads)
     per_head = _flag("different_layout_per_head", different_layout_per_head)
-    gen = torch.Generator().manual_seed(_seed(seed))
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
     _at_most_blocks("num_random_blocks", R, nb, T, bs)
 
     uni = attention == "unidirectional"
@@ -447,7 +439,7 @@ def bigbird_layout(
     attention = _attention(attention)
     H = positive_int("num_heads", num_heads)
     per_head = _flag("different_layout_per_head", different_layout_per_head)
-    gen = torch.Generator().manual_seed(_seed(seed))
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
     for name, value in (("num_random_blocks", R), ("num_sliding_window_blocks", W), ("num_global_blocks", G)):
         _at_most_blocks(name, value, nb, T, bs)
 

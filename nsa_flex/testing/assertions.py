@@ -9,10 +9,14 @@ import torch
 from torch import Tensor
 
 from .._checks import device as check_device, floating_dtype, number, positive_int, score_mod_heads
+from .._checks import seed as check_seed
 from ..functional.flex import flex
 from ..masks import Mask, as_mask
 from .reference import dense_attention
 
+# The batch size and head count of the inputs where neither the caller nor the mask (nor a per-head score_mod)
+# sets them.
+DEFAULT_SIZE = 2
 # Default tolerances (max abs error on outputs of unit-variance inputs) per compute dtype.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 # Default tolerances on gradients (``||got - want|| / ||want||`` per input tensor) per compute dtype: a few units
@@ -60,8 +64,8 @@ def assert_matches_dense(
     for name, value in (("batch", batch), ("heads", heads), ("kv_heads", kv_heads)):
         if value is not None:
             positive_int(name, value)
-    B = batch or m.extent.batch or 2
-    H = heads or m.extent.heads or getattr(score_mod, "num_heads", None) or 2
+    B = batch or m.extent.batch or DEFAULT_SIZE
+    H = heads or m.extent.heads or getattr(score_mod, "num_heads", None) or DEFAULT_SIZE
     Hkv = kv_heads or H
     positive_int("head_dim", head_dim)
     if H % Hkv:
@@ -87,7 +91,7 @@ def assert_matches_dense(
     else:
         rtol = number("rtol", rtol, at_least=0)
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(check_seed("seed", seed))
     q, k, v = (
         torch.randn(B, h, n, head_dim, generator=gen).to(device=device, dtype=dtype)
         for h, n in ((H, q_len), (Hkv, kv_len), (Hkv, kv_len))

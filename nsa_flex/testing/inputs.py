@@ -12,7 +12,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .._checks import device as check_device, floating_dtype, positive_int
+from .._checks import device as check_device, floating_dtype, positive_int, seed as check_seed
 
 KINDS = ("random", "structured")
 
@@ -41,7 +41,7 @@ def nsa_inputs(
     floating_dtype("dtype", dtype)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(check_seed("seed", seed))
 
     def draw(h: int) -> Tensor:
         x = torch.randn(batch, h, T, head_dim, generator=gen)

@@ -120,6 +120,8 @@ def test_defaults_follow_the_mask_extent():
         (dict(gradients=True), ValueError, "gradients=True needs a CUDA device"),  # FlexAttention: no CPU backward
         (dict(gradients=1), TypeError, "gradients must be a bool"),
         (dict(rtol=-1), ValueError, "rtol"),
+        (dict(seed="x"), TypeError, "seed"),  # had been torch's "manual_seed expected a long"
+        (dict(seed=2**70), ValueError, "seed"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, exc, names):

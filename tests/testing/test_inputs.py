@@ -30,6 +30,8 @@ def test_structured_neighbours_are_alike():
     (dict(heads=3, kv_heads=2), ValueError, "heads must be a multiple of kv_heads"),  # had been accepted
     (dict(device="bogus"), ValueError, "device"),
     (dict(dtype=torch.long), TypeError, "dtype"),
+    (dict(seed=1.5), TypeError, "seed"),  # had been torch's "manual_seed expected a long"
+    (dict(seed=2**70), ValueError, "seed"),  # had been an unnamed overflow
 ])
 def test_bad_arguments(kwargs, error, match):
     args = dict(T=10, heads=2, kv_heads=1, head_dim=4) | kwargs
