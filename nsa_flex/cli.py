@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import __version__, masks
+from ._checks import seed as check_seed
 from .masks import Mask
 
 PROG = "nsa-flex"
@@ -47,6 +48,7 @@ _NOT_EXPRESSIBLE = frozenset(
     {"as_mask", "block_mask_from_indices", "num_compressed_blocks", "fine_selection", "document", "block_layout"}
 )
 _MAX_EXPR_CHARS = 10_000
+_MAX_DEPTH = 100  # syntax-tree levels: "causal() & (sliding_window(64) | global_tokens(4))" has 6
 # Largest B*H*Q*KV that `show` draws and `check` tests: both materialize the dense mask (and torch's eager CPU
 # BlockMask, or dense attention's scores) on the CPU, so a typo such as --q-len 100000 must not allocate 40 GB.
 MAX_PAIRS = 1 << 26
@@ -239,11 +241,20 @@ def parse_mask(expr: str) -> Mask:
         raise ExpressionError(f"invalid mask expression {expr!r}: {err.msg}{col}") from None
     except (RecursionError, MemoryError, ValueError) as err:  # absurd nesting / NUL bytes
         raise ExpressionError(f"invalid mask expression: {type(err).__name__}") from None
-    try:
-        result = _mask_node(tree.body)
-    except RecursionError:
-        raise ExpressionError("mask expression is nested too deeply") from None
-    return result
+    depth = _depth(tree)
+    if depth > _MAX_DEPTH:  # evaluating, printing or drawing such a mask would exhaust Python's stack later
+        raise ExpressionError(f"mask expression is nested too deeply ({depth} levels, limit {_MAX_DEPTH})")
+    return _mask_node(tree.body)
+
+
+def _depth(tree: ast.AST) -> int:
+    """The syntax tree's depth, walked without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _one_line(err: BaseException) -> str:
@@ -301,6 +312,7 @@ def _call_node(node: ast.Call) -> Mask:
             raise ExpressionError(f"**unpacking is not allowed in a mask expression: {_snippet(node)!r}")
         kwargs[kw.arg] = _literal(kw.value, name, f"argument {kw.arg!r}")
     try:
+        _check_seq_len(generators[name], args, kwargs)
         result = generators[name](*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise ExpressionError(f"{_snippet(node, 60)}: {_one_line(err)}") from None
@@ -309,6 +321,18 @@ def _call_node(node: ast.Call) -> Mask:
     if not isinstance(result, Mask):  # pragma: no cover - the whitelist only holds functions annotated -> Mask
         raise ExpressionError(f"{name}(...) returned {type(result).__name__}, not a Mask")
     return result
+
+
+def _check_seq_len(generator: Callable[..., Mask], args: list, kwargs: dict) -> None:
+    """ValueError for a block layout (a generator taking ``seq_len``) too long to ever draw or check here: its
+    layout is built when it is called, in memory quadratic in ``seq_len / block_size``, before any size check."""
+    try:
+        seq_len = inspect.signature(generator).bind_partial(*args, **kwargs).arguments.get("seq_len")
+    except TypeError:
+        return  # the call itself will say what is wrong with its arguments
+    if isinstance(seq_len, int) and seq_len * seq_len > MAX_PAIRS:
+        raise ValueError(f"seq_len={seq_len} is too long to draw or check ({seq_len:,} x {seq_len:,} mask entries, "
+                         f"limit {MAX_PAIRS:,})")
 
 
 def _literal(node: ast.AST, func: str, what: str) -> Any:
@@ -407,18 +431,20 @@ def _scatter_blocks(num: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
     return grid[..., :kv_blocks]
 
 
-def check_size(mask: Mask, q_len: int, kv_len: int, block_size: tuple[int, int], action: str = "draw") -> None:
+def check_size(mask: Mask, q_len: int, kv_len: int, block_size: tuple[int, int], action: str = "draw",
+               default_size: int = 1) -> None:
     """Raise ValueError if materializing ``mask`` at these lengths takes more than :data:`MAX_PAIRS` entries,
-    naming what was to be done with them (``"draw"``, ``"check"``). Counted over the mask's batch and heads,
-    with the lengths rounded up to whole blocks: torch's BlockMask build evaluates every block it covers."""
-    B, H = mask.extent.batch or 1, mask.extent.heads or 1
+    naming what was to be done with them (``"draw"``, ``"check"``). Counted over the mask's batch and heads
+    (``default_size`` each where the mask sets none: ``check``'s inputs have 2), with the lengths rounded up to
+    whole blocks: torch's BlockMask build evaluates every block it covers."""
+    B, H = mask.extent.batch or default_size, mask.extent.heads or default_size
     q_pad, kv_pad = (math.ceil(n / b) * b for n, b in zip((q_len, kv_len), block_size))
     entries = B * H * q_pad * kv_pad
     if entries > MAX_PAIRS:
         padded = "" if (q_pad, kv_pad) == (q_len, kv_len) else f", in whole blocks {q_pad} x {kv_pad}"
         raise ValueError(
             f"{entries:,} mask entries (B={B}, H={H}, q_len={q_len}, kv_len={kv_len}{padded}) are too many to "
-            f"{action}; the limit is {MAX_PAIRS:,} (e.g. 8192 x 8192 in blocks of 128)"
+            f"{action}; the limit is {MAX_PAIRS:,} (B x H x q_len x kv_len)"
         )
 
 
@@ -427,7 +453,6 @@ def view_mask(mask: Mask, q_len: int, kv_len: int, block_size: tuple[int, int] =
     or would be too large to draw (see :func:`check_size`)."""
     mask.check(q_len, kv_len)
     check_size(mask, q_len, kv_len, block_size)
-    B, H = mask.extent.batch or 1, mask.extent.heads or 1
     dense = mask.to_dense(q_len, kv_len, device="cpu")
     bm = mask.to_block_mask(q_len, kv_len, device="cpu", block_size=block_size)
     kv_blocks = math.ceil(kv_len / block_size[1])
@@ -588,6 +613,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        return check_seed("--seed", int(text))
+    except ValueError as err:
+        detail = str(err) if text.strip().lstrip("+-").isdigit() else f"invalid int value: {text!r}"
+        raise argparse.ArgumentTypeError(detail.removeprefix("--seed ")) from None
+
+
 def _block_size(text: str) -> tuple[int, int]:
     """``"64"`` -> (64, 64); ``"128,64"`` -> (128, 64) (query block, key block)."""
     try:
@@ -620,6 +653,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         view = view_mask(mask, args.q_len, kv_len, args.block_size)
     except (ValueError, TypeError) as err:
         raise CLIError(_one_line(err)) from None
+    except Exception as err:  # e.g. a mask holding tensors on a device the CPU drawing cannot read
+        raise CLIError(f"cannot draw {mask!r}: {type(err).__name__}: {_one_line(err)}") from None
     if args.text or not args.out:
         print(render_text(view))
     else:
@@ -720,17 +755,19 @@ def run_checks(
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .testing.assertions import DEFAULT_SIZE
+
     mask = _mask_arg(args.expr)
     cases = check_cases(args.q_len, args.kv_len, args.examples, args.block_size, args.seed)
     first = cases[0]  # the largest: later ones are no longer, in its blocks or in smaller ones dividing them
     try:
         mask.check(first.q_len, first.kv_len)
-        check_size(mask, first.q_len, first.kv_len, first.block_size, "check")
+        check_size(mask, first.q_len, first.kv_len, first.block_size, "check", DEFAULT_SIZE)
     except ValueError as err:
         raise CLIError(_one_line(err)) from None
     dtype = getattr(torch, args.dtype)
     print(f"checking {mask!r}: flex_attention vs float64 dense attention")
-    passed, failed, skipped = run_checks(mask, cases, dtype)
+    passed, failed, _ = run_checks(mask, cases, dtype)
     if failed:
         return 1
     if not passed:
@@ -741,21 +778,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 DEMO_EXPR = "causal() & (sliding_window(64) | global_tokens(4))"
 
 
-def _call_accepting(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with the keyword arguments its signature accepts (all of them if it takes ``**kwargs``)."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
-
-
 def _demo_nsa() -> bool:
-    """Run NSA on a tiny input against the float64 reference, if both exist yet. Returns False on mismatch."""
+    """Run NSA on a tiny input against the float64 reference. Returns False on mismatch."""
     from . import functional, testing
 
-    if not (hasattr(functional, "nsa_attention") and hasattr(testing, "reference_nsa")):
-        print("(nsa_flex.functional.nsa_attention / nsa_flex.testing.reference_nsa not available yet: skipped)")
-        return True
     gen = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, D = 1, 4, 2, 128, 16
     q = torch.randn(B, Hq, T, D, generator=gen)
@@ -768,8 +794,8 @@ def _demo_nsa() -> bool:
     print(f"q {list(q.shape)}, k/v {list(k.shape)} (GQA), gates {list(gates.shape)}; {config}")
     start = time.perf_counter()
     with torch.no_grad():
-        out = _call_accepting(functional.nsa_attention, q, k, v, gates, **config)
-        ref = _call_accepting(testing.reference_nsa, q, k, v, gates, **config)
+        out = functional.nsa_attention(q, k, v, gates, **config)
+        ref = testing.reference_nsa(q, k, v, gates, **config)
     err = float((out.double() - ref.double()).abs().max())
     atol = testing.TOLERANCE[torch.float32] * 10
     verdict = "ok" if err <= atol else "MISMATCH"
@@ -829,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--examples", type=_positive, default=8, help="number of cases (default 8)")
     check.add_argument("--block-size", type=_block_size, default=None, metavar="B[,KV_B]",
                        help="fixed BlockMask block size (default: 128 first, then random 16..128)")
-    check.add_argument("--seed", type=int, default=0, help="seed for lengths, block sizes and inputs (default 0)")
+    check.add_argument("--seed", type=_seed, default=0, help="seed for lengths, block sizes and inputs (default 0)")
     check.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="flex compute dtype")
     check.set_defaults(func=cmd_check)
 

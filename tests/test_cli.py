@@ -89,6 +89,11 @@ def test_expression_is_never_evaluated(tmp_path):
         ("sliding_window(window_size=8, foo=1)", "unexpected keyword argument 'foo'"),
         ("3", "expected a mask"),
         ("", "empty mask expression"),
+        ("sliding_window(100000000000000000000000)", "window_size must be an int <= 2**63 - 1"),
+        ("~" * 400 + "causal()", "nested too deeply (404 levels, limit 100)"),
+        (" | ".join(["causal()"] * 900), "nested too deeply"),
+        ("bigbird(200000)", "seq_len=200000 is too long to draw or check"),  # before its layout is built
+        ("fixed(64, device='meta')", "holds its tensors on meta"),
     ],
 )
 def test_bad_expressions_exit_2_with_one_line(capsys, expr, fragment):
@@ -111,6 +116,8 @@ def test_mask_not_defined_for_lengths_exits_2(capsys):
         (["show", "causal()", "--q-len", "100000"], "too many to draw"),
         (["show", "causal()", "--q-len", "64", "--block-size", "100000"], "in whole blocks 100000 x 100000"),
         (["check", "causal()", "--q-len", "100000", "--examples", "1"], "too many to check"),
+        # check's inputs have batch 2 and 2 heads: four times the entries of the drawing
+        (["check", "causal()", "--q-len", "8192", "--examples", "1"], "(B=2, H=2, q_len=8192"),
     ],
 )
 def test_too_large_to_materialize_exits_2_before_any_work(capsys, argv, fragment):
@@ -135,6 +142,8 @@ def test_too_large_to_materialize_exits_2_before_any_work(capsys, argv, fragment
         (["check", "causal()", "--examples", "-1"], "argument --examples: expected a positive integer, got -1"),
         (["check", "causal()", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
         (["check", "causal()", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+        (["check", "causal()", "--seed", "-3"], "argument --seed: must be an int >= 0, got -3"),
+        (["check", "causal()", "--seed", str(2**70)], "argument --seed: must be an int <= 2**63 - 1"),
         (["demo", "extra"], "unrecognized arguments: extra"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
     ],
