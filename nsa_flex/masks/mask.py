@@ -27,7 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
-from .._checks import device as check_device
+from .._checks import device as check_device, positive_int
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # A check receives (q_len, kv_len) and raises ValueError when the mask is not defined for them.
@@ -71,8 +71,8 @@ class Mask:
     """
 
     def __init__(self, fn: MaskMod, name: Optional[str] = None, extent: Extent = Extent(), *, _op: str = "atom"):
-        if isinstance(fn, Mask):
-            fn, name, extent, _op = fn.fn, name or fn.name, fn.extent, fn._op
+        if isinstance(fn, Mask):  # a rename, and the caller's extent on top of the mask's own
+            fn, name, extent, _op = fn.fn, name or fn.name, fn.extent.merge(extent), fn._op
         if not callable(fn):
             raise TypeError(f"Mask(fn): fn must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
         self.fn = fn
@@ -110,15 +110,14 @@ class Mask:
 
     # -- shapes ---------------------------------------------------------------------------------------
     def check(self, q_len: int, kv_len: int, B: Optional[int] = None, H: Optional[int] = None) -> None:
-        """Raise ValueError if this mask is not defined for these lengths / batch / heads."""
-        for arg, value in (("q_len", q_len), ("kv_len", kv_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        """Raise ValueError if this mask is not defined for these lengths / batch / heads (TypeError for
+        lengths or sizes that are not ints)."""
+        positive_int("q_len", q_len)
+        positive_int("kv_len", kv_len)
         for arg, value, own in (("B", B, self.extent.batch), ("H", H, self.extent.heads)):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int or None, got {value!r}")
+            positive_int(arg, value)
             if own is not None and value not in (own,):
                 raise ValueError(f"{self!r} is defined for {arg}={own}, got {arg}={value}")
         for length_check in self.extent.checks:
@@ -168,10 +167,17 @@ class Mask:
         return build_block_mask(self, q_len, kv_len, B, H, self._device(device), _block_pair(block_size))
 
     def _device(self, device) -> torch.device:
-        """The device of the tensors the mask holds, unless the caller names one."""
-        if device is not None:
-            return check_device("device", device)
-        return self.extent.device or torch.device("cpu")
+        """The device of the tensors the mask holds, which a ``device`` the caller names must agree with (the
+        mask_mod reads those tensors there); the CPU for masks that hold none."""
+        own = self.extent.device
+        if device is None:
+            return own or torch.device("cpu")
+        device = check_device("device", device)
+        if own is not None and (own.type != device.type or None not in (own.index, device.index)
+                                and own.index != device.index):
+            raise ValueError(f"device={str(device)!r} but {self!r} holds its tensors on {own}: move them, or "
+                             "leave device unset")
+        return device
 
 
 # (batch, head, query, key) entries up to which a CUDA BlockMask is built eagerly, the whole boolean mask

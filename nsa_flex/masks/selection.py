@@ -85,6 +85,9 @@ def fine_selection(block_indices: Int[Tensor, "B Hkv T n"], block_size: int = 64
     bs = positive_int("block_size", block_size)
     g = positive_int("group_size", group_size)
     B, Hkv, T, n = idx.shape
+    if 0 in (B, Hkv, n):
+        raise ValueError(f"block_indices must have a sequence, a kv head and a slot (B, Hkv, n >= 1), got shape "
+                         f"{list(idx.shape)}")
 
     def fits(q_len: int, kv_len: int) -> None:
         if q_len > T:
@@ -129,6 +132,8 @@ def block_mask_from_indices(
         block_indices = materialize(block_indices)
         mask_mod = fine_selection_mod(block_indices, block_size, group_size, r)
     else:
+        positive_int("q_len", q_len)
+        positive_int("kv_len", kv_len)
         positive_int("q_block_size", q_block_size)
         positive_int("rows_per_token", r)
         if r > 1 and (group_size != 1 or q_len % r or q_block_size % r):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import INT64_MAX, positive_int, tensor
 from .mask import Extent, Mask
 
 
@@ -66,10 +65,12 @@ def dilated(window_size: int, dilation: int) -> Mask:
     """Causal dilated window (Longformer): ``t - j`` in ``{0, d, 2d, ..., (w - 1) d}``."""
     w = positive_int("window_size", window_size)
     d = positive_int("dilation", dilation)
+    # the farthest key, (w - 1) d back; capped at int64's range, which no sequence reaches
+    reach = min((w - 1) * d, INT64_MAX)
 
     def dilated(b, h, q_idx, kv_idx):
         diff = q_idx - kv_idx
-        return (diff >= 0) & (diff < w * d) & (diff % d == 0)
+        return (diff >= 0) & (diff <= reach) & (diff % d == 0)
 
     return Mask(dilated, f"dilated({w}, {d})")
 
@@ -91,6 +92,8 @@ def prefix_lm(prefix_len: Union[int, Int[Tensor, " B"]]) -> Mask:
     """
     if isinstance(prefix_len, Tensor):
         lengths = tensor("prefix_len", prefix_len, ndim=1, integer=True)
+        if not lengths.numel():
+            raise ValueError("prefix_len as a tensor needs one length per sequence, got an empty tensor")
         if (lengths < 0).any():
             raise ValueError(f"prefix_len must be >= 0, got {lengths.tolist()}")
 
@@ -116,6 +119,8 @@ def document(document_ids: Int[Tensor, "*B T"]) -> Mask:
     ids = tensor("document_ids", document_ids, integer=True)
     if ids.ndim not in (1, 2):
         raise ValueError(f"document_ids must have shape [T] or [B, T], got {list(ids.shape)}")
+    if 0 in ids.shape:
+        raise ValueError(f"document_ids must not be empty, got shape {list(ids.shape)}")
     seq_len = ids.shape[-1]
 
     def within_ids(q_len: int, kv_len: int) -> None:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nsa_flex import masks
-from nsa_flex.masks import Mask
+from nsa_flex.masks import Extent, Mask
 from nsa_flex.testing import assert_matches_dense
 from nsa_flex.testing import strategies as nst
 
@@ -54,6 +54,7 @@ def test_boolean_laws_on_dense_form(shape, data):
     assert torch.equal(dense((a & b) & c, shape), dense(a & (b & c), shape))
     assert torch.equal(dense(a | b, shape), dense(b | a, shape))
     assert torch.equal(dense(a & (b | c), shape), dense((a & b) | (a & c), shape))
+    assert torch.equal(dense(a & (b | c), shape), A & (B | C))
 
 
 @given(data=st.data(), q_len=nst.lengths(max_len=150), kv_len=nst.lengths(max_len=150))
@@ -204,3 +205,42 @@ def test_cuda_block_masks_compile_only_above_a_few_million_entries(monkeypatch, 
     monkeypatch.setattr(mask_module, "create_block_mask", lambda *args, **kwargs: calls.append(kwargs["_compile"]))
     mask_module.build_block_mask(masks.causal(), q_len, kv_len, B, H, device, (128, 128))
     assert calls == [compiled]
+
+
+@pytest.mark.parametrize("build, fragment", [
+    (lambda: masks.prefix_lm(torch.tensor([], dtype=torch.long)), "prefix_len as a tensor needs one length"),
+    (lambda: masks.document(torch.zeros(0, 5, dtype=torch.long)), "document_ids must not be empty"),
+    (lambda: masks.document(torch.zeros(0, dtype=torch.long)), "document_ids must not be empty"),
+    (lambda: masks.fine_selection(torch.zeros(1, 1, 4, 0, dtype=torch.long)), r"\(B, Hkv, n >= 1\)"),
+    (lambda: masks.fine_selection(torch.zeros(0, 1, 4, 2, dtype=torch.long)), r"\(B, Hkv, n >= 1\)"),
+])
+def test_empty_data_is_refused_when_the_mask_is_built(build, fragment):
+    """A batch of 0 read as "any batch", and an empty slot list, had failed later with IndexError."""
+    with pytest.raises(ValueError, match=fragment):
+        build()
+
+
+def test_renaming_a_mask_keeps_its_extent_and_adds_the_given_one():
+    per_batch = masks.prefix_lm(torch.tensor([1, 2]))
+    renamed = Mask(per_batch, "prefix2", Extent(heads=4))
+    assert renamed.extent.batch == 2 and renamed.extent.heads == 4 and repr(renamed) == "prefix2"
+    with pytest.raises(ValueError, match="H=4, got H=3"):
+        renamed.to_dense(4, 4, H=3)
+    with pytest.raises(ValueError, match="cannot combine masks defined for batch=2 and batch=3"):
+        Mask(per_batch, "b3", Extent(batch=3))
+
+
+def test_a_device_other_than_the_masks_own_is_refused():
+    """The mask_mod reads its tensors where they are: asked for elsewhere, it had returned a tensor on the mask's
+    device (or on the asked one, unreadable) without a word."""
+    ids = masks.document(torch.tensor([0, 0, 1, 1]))
+    assert ids.to_dense(4, 4, device="cpu").device.type == "cpu"
+    with pytest.raises(ValueError, match="device='meta' but document.* holds its tensors on cpu"):
+        ids.to_dense(4, 4, device="meta")
+    with pytest.raises(ValueError, match="holds its tensors on meta"):
+        masks.fixed(64, device="meta").to_block_mask(64, 64, device="cpu")
+
+
+def test_dilated_with_a_reach_past_int64_is_the_unbounded_dilated_window():
+    far, near = masks.dilated(2**62, 4).to_dense(40, 40), masks.dilated(10, 4).to_dense(40, 40)
+    assert torch.equal(far, near)  # every key of 40 is within both reaches

@@ -176,3 +176,12 @@ def test_materialize_is_an_exact_copy_that_traces():
     assert torch.equal(compiled(x), x * 2 + 1)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         masks.materialize([1, 2])
+
+
+@pytest.mark.parametrize("q_len, error, fragment", [("8", TypeError, "q_len must be an int"),
+                                                    (8.5, TypeError, "q_len must be an int"),
+                                                    (0, ValueError, "q_len must be an int >= 1")])
+def test_block_mask_from_indices_checks_lengths_before_using_them(q_len, error, fragment):
+    idx = torch.zeros(1, 1, 8, 2, dtype=torch.long)
+    with pytest.raises(error, match=fragment):
+        masks.block_mask_from_indices(idx, q_len, 8, block_size=16, q_block_size=16)

@@ -161,9 +161,11 @@ def test_document_shorter_than_lengths_is_rejected():
         m.to_block_mask(11, 5)
 
 
-@pytest.mark.parametrize("q_len, kv_len", [(0, 5), (5, -1), (2.0, 3)])
-def test_lengths_must_be_positive_ints(q_len, kv_len):
-    with pytest.raises(ValueError, match="q_len|kv_len"):
+@pytest.mark.parametrize("q_len, kv_len, error", [(0, 5, ValueError), (5, -1, ValueError), (2.0, 3, TypeError),
+                                                  ("4", 4, TypeError), (4, True, TypeError)])
+def test_lengths_must_be_positive_ints(q_len, kv_len, error):
+    """Out of range is a ValueError, not an int at all a TypeError (as for every argument)."""
+    with pytest.raises(error, match="q_len|kv_len"):
         masks.causal().to_dense(q_len, kv_len)
 
 
