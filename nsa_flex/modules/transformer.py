@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import index_range, positive_int, tensor
 from .attention import SparseAttention, check_head_layout
-from .cache import KVCache, NSACache
+from .cache import KVCache
 from .rotary import RotaryEmbedding
 
 __all__ = ["CausalAttention", "TransformerLM"]

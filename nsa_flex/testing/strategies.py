@@ -65,8 +65,10 @@ def lengths(min_len: int = 1, max_len: int = 300) -> st.SearchStrategy[int]:
     """A sequence length, often odd or just off a multiple of a block size (where block edge cases live)."""
     near_blocks = [n + d for n in (16, 32, 64, 128, 256) for d in (-1, 0, 1)]
     near_blocks = [n for n in near_blocks if min_len <= n <= max_len]
-    odd = st.integers(min_len // 2, (max_len - 1) // 2).map(lambda k: 2 * k + 1).filter(lambda n: n >= min_len)
-    options = [st.integers(min_len, max_len), odd]
+    options = [st.integers(min_len, max_len)]
+    if min_len < max_len or min_len % 2:  # the range holds an odd length
+        options.append(st.integers(min_len // 2, (max_len - 1) // 2).map(lambda k: 2 * k + 1)
+                       .filter(lambda n: n >= min_len))
     if near_blocks:
         options.append(st.sampled_from(near_blocks))
     return st.one_of(*options)
