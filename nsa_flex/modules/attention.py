@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import block_and_stride, number, positive_int, tensor
 from .cache import NSACache
-from .compression import COMPRESSORS, MeanPool, get_compressor
+from .compression import COMPRESSORS, Compressor, MeanPool, get_compressor
 from .rotary import RotaryEmbedding
 
 __all__ = ["SparseAttention"]
@@ -69,7 +69,8 @@ class SparseAttention(nn.Module):
               ``l*D -> l*D*compress_mlp_expand_factor -> D``), as lucidrains' default;
             * a name of :data:`~nsa_flex.modules.compression.COMPRESSORS` (``"mean"``, ``"conv"``, ...),
               built for ``Hkv`` heads;
-            * a module: deep-copied into separate key and value compressors;
+            * a module: the key compressor, and a deep copy of it the value compressor (``TransformerLM``
+              gives each layer its own copies);
             * a ``(key_compressor, value_compressor)`` pair, used as given.
 
             Unlike lucidrains, a compressor receives the whole sequence ``[B, H, T, D]``, not cut blocks.
@@ -160,7 +161,7 @@ class SparseAttention(nn.Module):
         if isinstance(spec, tuple):
             if len(spec) != 2 or not all(callable(c) for c in spec):
                 raise TypeError(f"compress_mlp as a tuple must be (key_compressor, value_compressor), got {spec!r}")
-            return spec
+            return self._check_compressor_blocks(spec)
         if spec is None or isinstance(spec, str):
             name = "mlp" if spec is None else spec
             if name not in COMPRESSORS:
@@ -174,7 +175,19 @@ class SparseAttention(nn.Module):
         if not callable(spec):
             raise TypeError(f"compress_mlp must be None, a name, a module or a (key, value) pair, "
                             f"got {type(spec).__name__}")
-        return spec, copy.deepcopy(spec)
+        return self._check_compressor_blocks((spec, copy.deepcopy(spec)))
+
+    def _check_compressor_blocks(self, pair: tuple[Any, Any]) -> tuple[Any, Any]:
+        """A :class:`~.compression.Compressor` must cut the layer's blocks: the forward would refuse other ones
+        (``compress`` must return ``Tc`` keys), but decoding, which cuts the newest block itself, would not."""
+        layer = (self.compress_block_size, self.compress_block_sliding_stride)
+        for role, compressor in zip(("key", "value"), pair):
+            own = (getattr(compressor, "block_size", None), getattr(compressor, "stride", None))
+            if isinstance(compressor, Compressor) and own != layer:
+                raise ValueError(f"compress_mlp's {role} compressor cuts blocks of {own[0]} with stride {own[1]}, "
+                                 f"the layer's are compress_block_size={layer[0]}, "
+                                 f"compress_block_sliding_stride={layer[1]}")
+        return pair
 
     # --- pieces of forward, kept separate so that a KV-cache path can reuse them ---
 

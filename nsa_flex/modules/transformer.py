@@ -10,6 +10,7 @@ variants differ only in which keys a query sees.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Optional, Sequence, Union
 
@@ -228,6 +229,8 @@ class TransformerLM(nn.Module):
 
     @staticmethod
     def _attention(dim, dim_head, heads, kv_heads, attn, nsa_kwargs) -> nn.Module:
+        # each layer its own copy of any module passed (a compressor, the gate MLP), not one shared by all
+        nsa_kwargs = copy.deepcopy(nsa_kwargs)
         if attn == "nsa":
             return SparseAttention(dim, dim_head, heads, kv_heads, **nsa_kwargs)
         shared = {k: v for k, v in nsa_kwargs.items() if k in _SHARED_KWARGS}

@@ -390,3 +390,11 @@ def test_input_of_another_dtype_than_the_parameters(dtype):
         model(torch.randn(1, 8, SMALL["dim"], dtype=dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(torch.randn(1, 8, SMALL["dim"], dtype=torch.bfloat16)).shape == (1, 8, SMALL["dim"])
+
+
+@pytest.mark.parametrize("compress", [MeanPool(8, 2), (MeanPool(4, 2), MLPCompress(4, 4, 4))])
+def test_a_compressor_cutting_other_blocks_than_the_layer_is_refused(compress):
+    """The forward refused it (its compressed keys are not Tc), but decoding cuts the newest block itself and had
+    run with the layer's blocks instead, silently."""
+    with pytest.raises(ValueError, match="compressor cuts blocks of .* compress_block_size=4"):
+        SparseAttention(**SMALL, compress_mlp=compress)

@@ -219,3 +219,18 @@ def test_gpu_generate_from_cuda_graph_equals_eager(attn):
     assert graphed.tolist() == eager.tolist()
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(prompts, 35, temperature=0)
+
+
+def test_each_layer_gets_its_own_copy_of_modules_passed():
+    """One compressor or gate module passed to TransformerLM had become the key compressor and the gate of every
+    layer: one set of weights trained by all of them."""
+    from torch import nn
+
+    from nsa_flex.modules import MLPCompress
+
+    model = TransformerLM(attn="nsa", **{**TINY, "depth": 3}, compress_mlp=MLPCompress(8, 4, 8),
+                          strategy_combine_mlp=nn.Linear(32, 12))
+    attns = [layer.attn for layer in model.layers]
+    for name in ("k_compress", "v_compress", "to_strategy_combine"):
+        assert len({id(getattr(a, name)) for a in attns}) == 3, name
+    assert len(list(model.parameters())) == len(model.state_dict())  # no parameter is shared
