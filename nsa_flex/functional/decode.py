@@ -366,10 +366,11 @@ def _check_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
 
 
 def _check_write(k_cache, v_cache, k, v, positions, rotary_base) -> None:
-    B, H, _, D = _check_caches(k_cache, v_cache)
+    B, H, L, D = _check_caches(k_cache, v_cache)
     T = tensor("k", k, ndim=4, floating=True, shape=(B, H, None, D)).shape[2]
     tensor("v", v, ndim=4, floating=True, shape=(B, H, T, v_cache.shape[-1]))
-    _check_positions(positions, B, T)
+    # in range before either cache is written (a bad position had failed the second scatter after the first)
+    _check_positions(positions, B, T, L)
     if rotary_base is not None and D % 2:
         raise ValueError(f"rotary_base needs an even head dim, got k_cache of shape {list(k_cache.shape)}")
 

@@ -200,6 +200,11 @@ def test_positions_outside_the_cache_raise_on_cpu(position):
         F.cached_attention(q, k, v, pos)
     with pytest.raises(ValueError, match=r"positions must be in \[0, 10\)"):
         F.nsa_decode(q, k, v, c, c, pos, gates, **cfg)
+    # writing: refused before either cache is touched (the k cache had been written, then the v write failed)
+    k_before, v_before = k.clone(), v.clone()
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 10\)"):
+        F.write_cache(k, v, torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), pos)
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
