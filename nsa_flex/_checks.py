@@ -57,6 +57,29 @@ def tensor(
     return value
 
 
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True,
+              same_dtype: bool = True) -> tuple[int, int, int, int]:
+    """Validate ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]`` (floating; one dtype unless
+    ``same_dtype=False``, for references that compute in float64 anyway); return (B, Hq, Hkv, T)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        tensor(name, x, ndim=4, floating=True)
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same [B, Hkv, S], got {list(k.shape)} and {list(v.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {k.shape[-1]}")
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
+    if same_length and k.shape[2] != T:
+        raise ValueError(f"q and k must have the same length T (self-attention), got {T} and {k.shape[2]}")
+    if same_dtype and not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return B, Hq, Hkv, T
+
+
 def number(name: str, value, *, greater_than: Optional[float] = None, at_least: Optional[float] = None) -> float:
     """``value`` (a real number such as an int, float or NumPy scalar; not a bool) as a finite float,
     ``> greater_than`` / ``>= at_least`` if given; else TypeError (not a number) / ValueError (out of range or not
@@ -74,6 +97,12 @@ def number(name: str, value, *, greater_than: Optional[float] = None, at_least: 
             at_least is not None and not value >= at_least):
         raise ValueError(f"{name} must be {want}, got {value!r}")
     return value
+
+
+def attention_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` for None, else ``scale`` as a finite float > 0 (a NaN or a
+    non-positive scale had run, giving meaningless attention and block selections)."""
+    return head_dim ** -0.5 if scale is None else number("scale", scale, greater_than=0)
 
 
 def block_and_stride(block_size: int, stride: int, block_name: str = "block_size",

@@ -25,7 +25,7 @@ from .. import masks
 from ..masks.compressed import compressed_causal_mod
 from ..masks.mask import build_block_mask
 from ..masks.static import sliding_window_mod
-from .._checks import positive_int, tensor
+from .._checks import attention_scale, check_qkv, positive_int, tensor
 from .dense import dense_masked_attention, mask_rows
 from . import compressed_sdpa, selected_kernel, window_cudnn
 from .flex import flex, needs_dense_path
@@ -35,29 +35,6 @@ STATIC_BLOCK = 128
 # Query rows per tile of the selection branch's FlexAttention path: whole tokens' G heads, at least 16 rows
 # (tl.dot's smallest tile).
 SELECTION_TILE_ROWS = 16
-
-
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True,
-              same_dtype: bool = True) -> tuple[int, int, int, int]:
-    """Validate ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]`` (floating; one dtype unless
-    ``same_dtype=False``, for references that compute in float64 anyway); return (B, Hq, Hkv, T)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        tensor(name, x, ndim=4, floating=True)
-    B, Hq, T, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must have the same [B, Hkv, S], got {list(k.shape)} and {list(v.shape)}")
-    if k.shape[-1] != D:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {k.shape[-1]}")
-    Hkv = k.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
-    if same_length and k.shape[2] != T:
-        raise ValueError(f"q and k must have the same length T (self-attention), got {T} and {k.shape[2]}")
-    if same_dtype and not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return B, Hq, Hkv, T
 
 
 _BLOCK_MASKS: "collections.OrderedDict[tuple, BlockMask]" = collections.OrderedDict()
@@ -100,7 +77,7 @@ def sliding_window_attention(
     """
     _, _, _, T = check_qkv(q, k, v)
     positive_int("window_size", window_size)
-    cudnn_scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cudnn_scale = attention_scale(scale, q.shape[-1])  # also checks a given scale for the other paths
     if window_cudnn.supported(q, k, v, window_size, cudnn_scale):
         return window_cudnn.sliding_window_attention_cudnn(q, k, v, window_size, cudnn_scale)
     mod = sliding_window_mod(window_size)
@@ -130,6 +107,7 @@ def compressed_attention(
     """
     B, Hq, _, T = check_qkv(q, k_cmp, v_cmp, same_length=False)
     masks.compressed.check_compression(block_size, stride)
+    attention_scale(scale, q.shape[-1])  # a given scale checked for every path below
     Tc = k_cmp.shape[2]
     if Tc == 0:
         # No compressed key at all; keep the graph connected so gradients are zeros, not None.
@@ -177,7 +155,7 @@ def selected_attention(
     tensor("block_indices", block_indices, ndim=4, integer=True, shape=(B, Hkv, T, None))
     if gate is not None:
         tensor("gate", gate, ndim=3, floating=True, shape=(B, Hq, T))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = attention_scale(scale, q.shape[-1])
     if selected_kernel.supported(q, k, v, block_size):
         return selected_kernel.selected_attention_kernel(q, k, v, block_indices, block_size, scale, return_query,
                                                          gate)

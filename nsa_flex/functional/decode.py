@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import block_and_stride, index_range, number, positive_int, tensor
+from .._checks import attention_scale, block_and_stride, index_range, number, positive_int, tensor
 from . import cache_update, fused_decode
 from .selection import block_scores, check_selection, static_overlap_pattern, top_blocks
 
@@ -133,7 +133,7 @@ def cached_attention(
     if Hq % Hkv:
         raise ValueError(f"query heads must be a multiple of kv heads, got Hq={Hq}, Hkv={Hkv}")
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else number("scale", scale, greater_than=0)
+    scale = attention_scale(scale, D)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype, softmax in fp32 (fp64 for fp64)
     if window_size is None:
@@ -220,7 +220,7 @@ def nsa_decode(
     l, d, ls, n = compress_block_size, compress_stride, selection_block_size, num_selected
     G, C = Hq // Hkv, k_cmp.shape[2]
     S = math.ceil(L / ls)
-    scale = D ** -0.5 if scale is None else number("scale", scale, greater_than=0)
+    scale = attention_scale(scale, D)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     qg = q.view(B, Hkv, G, T, D)  # matmuls in the input dtype (fp32 accumulation on GPU), softmax in fp32

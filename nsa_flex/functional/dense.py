@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import attention_scale, check_qkv, positive_int, score_mod_heads, tensor
 
 # Query rows per chunk when the caller gives no chunk_size (the branches' CPU gradient path): memory
 # O(CHUNK_SIZE * KV) per head. Read at call time, so tests can make it small to run several chunks.
@@ -41,15 +41,16 @@ def dense_masked_attention(
     ``[q_start, q_stop)``; ``None`` means every key. GQA: ``Hq`` must be a multiple of ``Hkv``. Queries are
     taken ``chunk_size`` at a time (default :data:`CHUNK_SIZE`).
     """
-    B, Hq, Q, _ = q.shape
-    Hkv, KV = k.shape[1], k.shape[2]
+    B, Hq, Hkv, Q = check_qkv(q, k, v, same_length=False)
+    KV = k.shape[2]
+    score_mod_heads("score_mod", score_mod, Hq)
     chunk_size = positive_int("chunk_size", CHUNK_SIZE if chunk_size is None else chunk_size)
     if mask is not None and not callable(mask):
         mask = _tensor_rows(mask, (B, Hq, Q, KV))
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = attention_scale(scale, q.shape[-1])
     outs, lses = [], []
     for start in range(0, max(Q, 1), chunk_size):
         stop = min(Q, start + chunk_size)

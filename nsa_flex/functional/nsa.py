@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .._checks import number, positive_int, tensor
-from .branches import check_qkv, compressed_attention, selected_attention, sliding_window_attention
+from .._checks import check_qkv, number, positive_int, tensor
+from .branches import compressed_attention, selected_attention, sliding_window_attention
 from .compress import mean_pool, num_compressed_blocks
 from .flex import RECOMPILE_LIMIT
 from .selection import check_selection, select_blocks

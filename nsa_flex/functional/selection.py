@@ -21,10 +21,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import positive_int, tensor
+from .._checks import attention_scale, check_qkv, positive_int, tensor
 from ..masks.compressed import check_compression
 from . import block_topk
-from .branches import check_qkv
 from .flex import RECOMPILE_LIMIT
 
 # Bound on the [B, Hq, chunk, Tc] logits tile scored at once (256 MiB in float32). Smaller tiles mean more
@@ -146,7 +145,7 @@ def select_blocks(
     S = math.ceil(T / selection_block_size)
     if S >= 1 << _INDEX_BITS:
         raise ValueError(f"at most {(1 << _INDEX_BITS) - 1} selection blocks are supported, got {S}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = attention_scale(scale, q.shape[-1])
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     w = static_overlap_pattern(block_size, stride, selection_block_size, q.device, work)
     Tc = k_cmp.shape[2]

@@ -8,8 +8,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .._checks import score_mod_heads
-from ..functional.branches import check_qkv
+from .._checks import check_qkv, score_mod_heads
 from ..functional.dense import ScoreMod, dense_masked_attention
 from ..masks import Mask, as_mask
 

@@ -224,3 +224,30 @@ def test_dense_masked_attention_rejects_bad_chunk_sizes_and_masks():
         F.dense_masked_attention(q, k, v, torch.ones(1, 2, 10, 9))
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         F.dense_masked_attention(q, k, v, [[True] * 9] * 10)
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k, idx: F.sliding_window_attention(q, k, k, 4, scale=-1.0),
+    lambda q, k, idx: F.compressed_attention(q, k[:, :, :3], k[:, :, :3], 8, 4, scale=0.0),
+    lambda q, k, idx: F.selected_attention(q, k, k, idx, 4, scale="x"),
+    lambda q, k, idx: F.select_blocks(q, k[:, :, :3], 8, 4, 8, 2, 1, 1, scale=float("nan")),
+    lambda q, k, idx: F.dense_masked_attention(q, k, k, scale=float("inf")),
+])
+def test_every_branch_checks_a_given_scale(call):
+    """nsa_attention and the decoders refused a non-positive scale; the branches had run with it (a NaN scale
+    gave a meaningless selection, a string a raw indexing error)."""
+    q, k, idx = torch.randn(1, 2, 20, 8), torch.randn(1, 1, 20, 8), torch.zeros(1, 1, 20, 2, dtype=torch.long)
+    with pytest.raises((ValueError, TypeError), match="scale must be a finite number > 0"):
+        call(q, k, idx)
+
+
+def test_dense_masked_attention_checks_heads_and_score_mod():
+    from nsa_flex import scores
+
+    q, k = torch.randn(1, 3, 5, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="multiple of kv heads"):  # had been an einsum error
+        F.dense_masked_attention(q, k, k)
+    with pytest.raises(ValueError, match="same head dim"):
+        F.dense_masked_attention(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
+    with pytest.raises(ValueError, match="score_mod .* 4 heads, got 3"):  # had run with another head count's slopes
+        F.dense_masked_attention(q, q, q, score_mod=scores.alibi(4))
