@@ -62,10 +62,12 @@ DEFAULTS = dict(context=1024, steps=2000, batch=16, dim=256, depth=4, heads=8, w
 SMOKE = dict(context=64, steps=12, batch=4, dim=32, depth=2, heads=2, window=16, compress_block=8,
              compress_stride=4, selection_block=8, num_selected=4, eval_every=6, eval_batches=2,
              ckpt_every=6, warmup=2, max_files=300, out="runs/train_lm_smoke")
-# Arguments a resumed run must share with its checkpoint (they change the model, the data or the batches).
+# Arguments a resumed run must share with its checkpoint: they change the model, the data, the batches or the
+# learning-rate schedule (steps, lr, warm-up, floor), without which the resumed curve is not the uninterrupted one.
 RESUME_KEYS = ("attn", "context", "batch", "dim", "depth", "heads", "dim_head", "kv_heads", "mlp_mult",
                "max_seq_len", "window", "compress_block", "compress_stride", "selection_block", "num_selected",
-               "compress_mlp", "seed", "val_percent", "corpus", "max_files")
+               "compress_mlp", "seed", "val_percent", "corpus", "max_files", "steps", "lr", "warmup",
+               "min_lr_ratio")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

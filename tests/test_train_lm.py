@@ -207,6 +207,10 @@ def test_resume_errors_are_one_line(corpus, tmp_path, capsys):
     assert train_lm.main(tiny(corpus, out, "--resume", "--dim", "32")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--dim 16 -> 32" in err
+    # the schedule too: a new --lr or --steps had been taken silently, a jump in the learning rate
+    assert train_lm.main(tiny(corpus, out, "--resume", "--steps", "3", "--lr", "0.05")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--steps 1 -> 3" in err and "-> 0.05" in err
 
 
 def test_unreadable_checkpoint_is_a_one_line_error(corpus, tmp_path, capsys):
