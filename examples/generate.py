@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, report_errors, require, require_device
+from nsa_flex.cli import ArgParser, model_from_checkpoint, report_errors, require, require_device
 from nsa_flex.modules import TransformerLM
 
 PROG = "generate.py"
@@ -34,19 +34,7 @@ TINY = dict(vocab_size=256, dim=64, depth=2, heads=4, kv_heads=2, attn="nsa", ma
 def load_model(checkpoint: Optional[str], device: torch.device) -> TransformerLM:
     if checkpoint is None:
         return TransformerLM(**TINY).to(device)
-    state = load_checkpoint(checkpoint, "--checkpoint")
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        keys = list(state)[:5] if isinstance(state, dict) else None
-        raise CLIError(f"--checkpoint: {checkpoint!r}: expected a dict with 'config' (TransformerLM kwargs) and "
-                       f"'model' (state_dict), got {type(state).__name__} (keys {keys})")
-    try:
-        model = TransformerLM(**state["config"])
-        model.load_state_dict(state["model"])
-    except (TypeError, ValueError, RuntimeError) as err:  # a config or state dict this model cannot take
-        detail = " ".join(str(err).split())  # load_state_dict lists every missing key: one line, cut short
-        raise CLIError(f"--checkpoint: {checkpoint!r} does not fit a TransformerLM: {type(err).__name__}: "
-                       f"{detail[:200]}") from None
-    return model.to(device)
+    return model_from_checkpoint(checkpoint, "--checkpoint")[0].to(device)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:

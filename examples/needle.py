@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser, CLIError, load_checkpoint, make_dir, report_errors, require, require_device
+from nsa_flex.cli import ArgParser, CLIError, make_dir, model_from_checkpoint, report_errors, require, require_device
 from nsa_flex.modules import TransformerLM
 from nsa_flex.modules.compression import COMPRESSORS
 
@@ -222,15 +222,10 @@ def build_models(args, device) -> list[tuple[str, TransformerLM, dict[str, Any]]
         except (ValueError, TypeError) as err:
             raise CLIError(f"model configuration ({attn}): {err}") from None
     for path in args.init:
-        ckpt = load_checkpoint(path, "--init")
-        require(isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt,
-                f"--init: {path!r} is not a train_lm.py checkpoint")
-        config = dict(ckpt["config"])
-        require(args.context <= config["max_seq_len"],
-                f"--context {args.context} is beyond the checkpoint's max_seq_len {config['max_seq_len']} ({path})")
-        model = TransformerLM(**config)
-        model.load_state_dict(ckpt["model"])
-        models.append((f"{config['attn']} (fine-tuned {Path(path).parent.name or path})", model.to(device), config))
+        model, config = model_from_checkpoint(path, "--init")
+        require(args.context <= model.max_seq_len,
+                f"--context {args.context} is beyond the checkpoint's max_seq_len {model.max_seq_len} ({path})")
+        models.append((f"{model.attn_kind} (fine-tuned {Path(path).parent.name or path})", model.to(device), config))
     return models
 
 

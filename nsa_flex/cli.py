@@ -116,6 +116,27 @@ def load_checkpoint(path: Union[str, Path], flag: str) -> Any:
                        f"({type(err).__name__})") from None
 
 
+def model_from_checkpoint(path: Union[str, Path], flag: str) -> tuple[Any, dict]:
+    """``(TransformerLM, its config)`` rebuilt from a ``{"config": TransformerLM kwargs, "model": state_dict}``
+    checkpoint (``examples/train_lm.py`` writes them) that the command line names with ``flag``; a file that is
+    not one, or whose config or weights do not fit, is a one-line CLIError."""
+    from .modules import TransformerLM
+
+    state = load_checkpoint(path, flag)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        keys = list(state)[:5] if isinstance(state, dict) else None
+        raise CLIError(f"{flag}: {str(path)!r}: expected a dict with 'config' (TransformerLM kwargs) and 'model' "
+                       f"(state_dict), got {type(state).__name__} (keys {keys})")
+    try:
+        model = TransformerLM(**state["config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as err:  # a config or state dict this model cannot take
+        detail = " ".join(str(err).split())  # load_state_dict lists every missing key: one line, cut short
+        raise CLIError(f"{flag}: {str(path)!r} does not fit a TransformerLM: {type(err).__name__}: "
+                       f"{detail[:200]}") from None
+    return model, dict(state["config"])
+
+
 def make_dir(path: Union[str, Path], flag: str) -> Path:
     """Create the output directory (and its parents) the command line names with ``flag``; a one-line CLIError
     when it cannot be (a file in the way, no permission)."""

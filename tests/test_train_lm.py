@@ -317,3 +317,21 @@ def test_needle_bad_arguments_give_one_line_and_exit_2(capsys, argv, fragment):
     assert exit_status(needle.main, argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("needle.py: error: ") and fragment in lines[0], lines
+
+
+def test_bad_checkpoints_and_logs_give_one_line(corpus, tmp_path, capsys):
+    """needle --init and train_lm --compare had failed with tracebacks (RuntimeError / KeyError) on a file of the
+    right kind with the wrong contents; generate.py's loader already said why in one line, and is now theirs."""
+    bad = tmp_path / "bad.pt"
+    torch.save({"config": {"vocab_size": 256, "attn": "dense", "max_seq_len": 64}, "model": {}}, bad)
+    assert exit_status(needle.main, ["--init", str(bad), "--smoke"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "does not fit a TransformerLM" in lines[0], lines
+    torch.save({"config": {}, "model": {}}, bad)  # no max_seq_len: had been a KeyError
+    assert exit_status(needle.main, ["--init", str(bad), "--smoke"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.json").write_text("{}")
+    assert train_lm.main(["--compare", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a train_lm.py log (no history, args, num_parameters)" in err
