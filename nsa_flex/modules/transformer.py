@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import index_range, positive_int, tensor
+from .._checks import index_range, number, positive_int, tensor
 from .attention import SparseAttention, check_head_layout
 from .cache import KVCache
 from .rotary import RotaryEmbedding
@@ -303,8 +303,7 @@ class TransformerLM(nn.Module):
         ValueError if a prompt plus ``max_new_tokens`` exceeds ``max_seq_len``.
         """
         positive_int("max_new_tokens", max_new_tokens)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        temperature = number("temperature", temperature, at_least=0)  # a NaN had failed inside multinomial
         if top_k is not None:
             positive_int("top_k", top_k)
         device = self.token_emb.weight.device

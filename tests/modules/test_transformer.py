@@ -188,6 +188,7 @@ def test_token_ids_outside_the_vocabulary_raise_on_cpu():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),  # had failed inside torch.multinomial
     (dict(top_k=0), "top_k"),
     (dict(prompt_lengths=torch.tensor([0, 3])), "prompt_lengths"),
     (dict(prompt_lengths=torch.tensor([5, 6])), "prompt_lengths"),
