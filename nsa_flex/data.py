@@ -27,6 +27,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ._checks import number, positive_int, seed as check_seed
+
 __all__ = ["Corpus", "WindowSampler", "is_validation", "list_files", "load_corpus", "stdlib_path"]
 
 SEPARATOR = b"\x00"
@@ -88,10 +90,10 @@ def load_corpus(corpus: Optional[Union[str, os.PathLike]] = None, val_percent: f
     Raises:
         ValueError: the path does not exist, holds no ``*.py`` files, or a split comes out empty.
     """
-    if not (isinstance(val_percent, (int, float)) and 0 < val_percent < 100):
+    if number("val_percent", val_percent, greater_than=0) >= 100:
         raise ValueError(f"val_percent must be a number with 0 < val_percent < 100, got {val_percent!r}")
-    if max_files is not None and (isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1):
-        raise ValueError(f"max_files must be an int >= 1 or None, got {max_files!r}")
+    if max_files is not None:
+        positive_int("max_files", max_files)
     root = stdlib_path() if corpus is None else Path(corpus)
     if not root.exists():
         raise ValueError(f"corpus path {str(root)!r} does not exist")
@@ -142,9 +144,9 @@ class WindowSampler:
         if not isinstance(data, Tensor) or data.ndim != 1:
             raise ValueError(f"data must be a 1-D tensor of tokens, got {type(data).__name__}"
                              f"{' of shape ' + str(list(data.shape)) if isinstance(data, Tensor) else ''}")
-        for name, value in (("context", context), ("batch", batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        positive_int("context", context)
+        positive_int("batch", batch)
+        check_seed("seed", seed)
         if len(data) < context + 1:
             raise ValueError(f"data has {len(data)} tokens, fewer than context + 1 = {context + 1}")
         self.data, self.context, self.batch, self.seed = data, context, batch, seed

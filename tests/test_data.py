@@ -125,3 +125,12 @@ def test_sampler_rejects_bad_arguments():
         WindowSampler(torch.zeros(10, dtype=torch.uint8), context=0, batch=1)
     with pytest.raises(ValueError, match="1-D"):
         WindowSampler(torch.zeros(2, 10, dtype=torch.uint8), context=2, batch=1)
+    # a wrong kind is a TypeError naming the argument (a seed had been torch's "manual_seed expected a long")
+    with pytest.raises(TypeError, match="seed"):
+        WindowSampler(torch.zeros(10, dtype=torch.uint8), context=2, batch=1, seed="a")
+    with pytest.raises(TypeError, match="batch"):
+        WindowSampler(torch.zeros(10, dtype=torch.uint8), context=2, batch="3")
+    with pytest.raises(TypeError, match="val_percent"):
+        load_corpus(val_percent="5")
+    with pytest.raises(TypeError, match="max_files"):
+        load_corpus(max_files="3")

@@ -31,7 +31,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._checks import block_and_stride, positive_int, tensor
+from .._checks import block_and_stride, number, positive_int, tensor
 from ..functional import compression_blocks, num_compressed_blocks
 
 __all__ = [
@@ -54,8 +54,7 @@ def _optional_positive(name: str, value: Optional[int]) -> Optional[int]:
 def _hidden_size(hidden_dim: Optional[int], expand_factor: float, in_features: int) -> int:
     if hidden_dim is not None:
         return positive_int("hidden_dim", hidden_dim)
-    if isinstance(expand_factor, bool) or not isinstance(expand_factor, (int, float)) or not expand_factor > 0:
-        raise ValueError(f"expand_factor must be a number > 0, got {expand_factor!r}")
+    expand_factor = number("expand_factor", expand_factor, greater_than=0)  # finite: inf had overflowed int()
     return max(1, int(in_features * expand_factor))
 
 

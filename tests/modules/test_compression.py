@@ -211,6 +211,7 @@ def test_bad_sizes_raise(name, kwargs, match):
         (lambda: C.MLPCompress(4, 2, None), "head_dim"),
         (lambda: C.MLPCompress(4, 2, 3, hidden_dim=0), "hidden_dim"),
         (lambda: C.MLPCompress(4, 2, 3, expand_factor=0.0), "expand_factor"),
+        (lambda: C.MLPCompress(4, 2, 3, expand_factor=float("inf")), "expand_factor"),  # had been an OverflowError
         (lambda: C.get_compressor("median", block_size=4, stride=2, head_dim=3), "median"),
     ],
 )
