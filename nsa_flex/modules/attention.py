@@ -19,7 +19,7 @@ from .. import functional as F
 from .._checks import block_and_stride, number, positive_int, tensor
 from .cache import NSACache
 from .compression import COMPRESSORS, Compressor, MeanPool, get_compressor
-from .rotary import RotaryEmbedding
+from .rotary import layer_rotary
 
 __all__ = ["SparseAttention"]
 
@@ -146,7 +146,7 @@ class SparseAttention(nn.Module):
         self.qkv_split = (heads * dim_head, kv_heads * dim_head, kv_heads * dim_head)
         self.to_qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias)
         self.k_compress, self.v_compress = self._build_compressors(compress_mlp, compress_mlp_expand_factor)
-        self.rotary_emb = RotaryEmbedding(dim_head, rotary_base) if use_rotary else None
+        self.rotary_emb = layer_rotary(dim_head, use_rotary, rotary_base)
         if strategy_combine_mlp is None:
             strategy_combine_mlp = nn.Linear(dim, 3 * heads)
             nn.init.zeros_(strategy_combine_mlp.weight)

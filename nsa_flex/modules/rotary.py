@@ -12,6 +12,8 @@ The ``[T, D/2]`` cosine and sine table is made by a custom op (``nsa_flex::rotar
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -67,3 +69,11 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim_head={self.dim_head}, base={self.base}"
+
+
+def layer_rotary(dim_head: int, use_rotary: bool, rotary_base: float) -> Optional[RotaryEmbedding]:
+    """An attention layer's RoPE, None without it; a bad base is named as the layer's ``rotary_base``."""
+    if not use_rotary:
+        return None
+    number("rotary_base", rotary_base, greater_than=1)
+    return RotaryEmbedding(dim_head, rotary_base)

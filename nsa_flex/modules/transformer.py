@@ -23,7 +23,7 @@ from .. import functional as F
 from .._checks import index_range, number, positive_int, tensor
 from .attention import SparseAttention, check_head_layout
 from .cache import KVCache
-from .rotary import RotaryEmbedding
+from .rotary import layer_rotary
 
 __all__ = ["CausalAttention", "TransformerLM"]
 
@@ -63,7 +63,7 @@ class CausalAttention(nn.Module):
         self.norm = nn.RMSNorm(dim) if norm else nn.Identity()
         self.qkv_split = (heads * dim_head, kv_heads * dim_head, kv_heads * dim_head)
         self.to_qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias)
-        self.rotary_emb = RotaryEmbedding(dim_head, rotary_base) if use_rotary else None
+        self.rotary_emb = layer_rotary(dim_head, use_rotary, rotary_base)
         self.combine_heads = nn.Linear(heads * dim_head, dim, bias=False)
 
     check_input = SparseAttention.check_input
@@ -101,7 +101,9 @@ class CausalAttention(nn.Module):
             return self.project_out(self.attend(q, k, v))
         if cache is None:
             cache = self.init_cache(x.shape[0], x.shape[1], x.device, x.dtype)
-        if type(cache) is not KVCache or (cache.kv_heads, cache.dim_head) != (self.kv_heads, self.dim_head):
+        if type(cache) is not KVCache:  # the wrong kind, as SparseAttention says of a cache not an NSACache
+            raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+        if (cache.kv_heads, cache.dim_head) != (self.kv_heads, self.dim_head):
             raise ValueError(f"cache must be a KVCache from this layer's init_cache, got {cache!r}")
         cache.check_batch(x)
         T = x.shape[1]

@@ -398,3 +398,26 @@ def test_a_compressor_cutting_other_blocks_than_the_layer_is_refused(compress):
     run with the layer's blocks instead, silently."""
     with pytest.raises(ValueError, match="compressor cuts blocks of .* compress_block_size=4"):
         SparseAttention(**SMALL, compress_mlp=compress)
+
+
+@pytest.mark.parametrize("layer", ["nsa", "dense"])
+def test_a_bad_rotary_base_is_named_as_the_layers_argument(layer):
+    """RotaryEmbedding calls it base; the layers' users pass rotary_base (the message had said base)."""
+    from nsa_flex.modules.transformer import CausalAttention
+
+    build = (lambda **kw: SparseAttention(**SMALL, **kw)) if layer == "nsa" else (
+        lambda **kw: CausalAttention(16, 4, 4, 4, **kw))
+    with pytest.raises(ValueError, match="rotary_base must be a finite number > 1, got 0.5"):
+        build(rotary_base=0.5)
+    build(rotary_base=0.5, use_rotary=False)  # unused without RoPE
+
+
+def test_a_cache_of_the_wrong_kind_is_a_type_error_in_both_layers():
+    from nsa_flex.modules import KVCache
+    from nsa_flex.modules.transformer import CausalAttention
+
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(TypeError, match="cache must be an NSACache"):
+        SparseAttention(**SMALL)(x, cache=KVCache(1, 4, 4, 8))
+    with pytest.raises(TypeError, match="cache must be a KVCache"):  # had been a ValueError
+        CausalAttention(16, 4, 4, 4)(x, cache=SparseAttention(**SMALL).init_cache(1, 8))
