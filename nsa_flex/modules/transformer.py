@@ -324,6 +324,9 @@ class TransformerLM(nn.Module):
             elif any(scalar):
                 raise TypeError("prompt_ids must be a list of prompts (1-D token sequences) or one prompt as a flat "
                                 f"list of ints, got a list mixing both: {prompt_ids!r}")
+            for b, p in enumerate(prompt_ids):
+                if hasattr(p, "__len__") and len(p) == 0:  # an empty list would come out a float tensor
+                    raise ValueError(f"prompt_ids[{b}] is empty: every prompt needs at least one token")
             rows = [tensor(f"prompt_ids[{b}]", torch.as_tensor(p), ndim=1, integer=True).long()
                     for b, p in enumerate(prompt_ids)]
             prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
@@ -344,7 +347,9 @@ class TransformerLM(nn.Module):
         if hi + max_new_tokens > self.max_seq_len:
             raise ValueError(f"the longest prompt ({hi} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                              f"max_seq_len={self.max_seq_len}")
-        # the columns that are used, checked before the move, while a CPU prompt for a CUDA model needs no sync
+        # padding past each prompt (any value, -1 say) becomes token 0, which the prefill embeds and ignores; the
+        # prompts are checked before the move, while a CPU prompt for a CUDA model needs no sync
+        ids = torch.where(torch.arange(T, device=ids.device) < prompt_lengths.to(ids.device)[:, None], ids, 0)
         index_range("prompt_ids", ids[:, :hi], self.vocab_size, "vocab_size", "token ids")
         ids = ids.to(device)
         # Compiled FlexAttention specializes on the prefill length (functional/flex.py): pad it to a power of two

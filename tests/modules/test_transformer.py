@@ -235,3 +235,16 @@ def test_each_layer_gets_its_own_copy_of_modules_passed():
     for name in ("k_compress", "v_compress", "to_strategy_combine"):
         assert len({id(getattr(a, name)) for a in attns}) == 3, name
     assert len(list(model.parameters())) == len(model.state_dict())  # no parameter is shared
+
+
+def test_generate_ignores_padding_values_and_names_an_empty_prompt():
+    """Padding past prompt_lengths is padding whatever its value (-1 had been refused as out of vocabulary), and
+    an empty prompt in a list says so (it had been 'must have an integer dtype, got torch.float32')."""
+    model = TransformerLM(attn="nsa", **TINY)
+    padded = torch.tensor([[5, 6, 7], [8, -1, -1]])
+    got = model.generate(padded, 3, temperature=0, prompt_lengths=torch.tensor([3, 1]))
+    assert torch.equal(got, model.generate([[5, 6, 7], [8]], 3, temperature=0))
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
+        model.generate([[1, 2], []], 2)
+    with pytest.raises(ValueError, match="prompt_ids"):  # a prompt token out of range is still refused
+        model.generate(torch.tensor([[5, -1, 7]]), 2)
