@@ -3,7 +3,7 @@ and small NSA problems (``nsa_cases``).
 
 Needs ``hypothesis`` (the ``test`` extra). Typical use::
 
-    from hypothesis import given
+    from hypothesis import given, strategies as st
     from nsa_flex.testing import assert_matches_dense, strategies as nst
 
     @given(nst.shapes(same_length=True), st.data())
