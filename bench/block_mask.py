@@ -15,7 +15,9 @@ import math
 import torch
 
 from nsa_flex import masks
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
+from nsa_flex.masks.mask import build_block_mask
+from nsa_flex.masks.selection import fine_selection_mod
 from nsa_flex.functional.branches import SELECTION_TILE_ROWS
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
@@ -23,26 +25,28 @@ from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    p.add_argument("--num-selected", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--group", type=int, default=16, help="query heads per kv head, folded into rows (paper: 16)")
-    p.add_argument("--q-block-size", type=int, default=None,
+    p.add_argument("--seq-lens", type=positive_arg, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--num-selected", type=positive_arg, default=16)
+    p.add_argument("--kv-heads", type=positive_arg, default=4)
+    p.add_argument("--block-size", type=positive_arg, default=64)
+    p.add_argument("--group", type=positive_arg, default=16, help="query heads per kv head, folded into rows (paper: 16)")
+    p.add_argument("--q-block-size", type=positive_arg, default=None,
                    help="query rows per tile (default: the selection branch's, SELECTION_TILE_ROWS rounded to G)")
     p.add_argument("--with-dense", action="store_true",
-                   help="also time create_block_mask(fine_selection) at T <= 16384 (compiles for a while)")
+                   help="also time create_block_mask of the same mask's mask_mod at T <= 16384 (compiles for a while)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for block_mask.json (default bench/results)")
     args = p.parse_args(argv)
     if args.smoke:
         device, timer, args.seq_lens, args.with_dense = "cpu", cpu_time, [256], False
     elif not torch.cuda.is_available():
-        raise SystemExit("bench.block_mask needs CUDA (use --smoke for the CPU check)")
+        p.error("bench.block_mask needs CUDA (use --smoke for the CPU check)")
     else:
         device, timer = "cuda", cuda_time
     G = args.group
     tile = args.q_block_size or G * math.ceil(SELECTION_TILE_ROWS / G)
+    if tile % G:  # block_mask_from_indices would refuse it inside the timing loop
+        p.error(f"--q-block-size {tile} must be a multiple of --group {G} (whole tokens per tile)")
     env = environment()
     print(env, flush=True)
     rows = []
@@ -65,10 +69,12 @@ def main(argv=None) -> dict:
             rows.append(row)
             save(name, payload, args.out)  # after every row: a run cut short keeps what it measured
         if args.with_dense and T <= 16384:  # after ours: its compilation takes a while
-            mask = masks.fine_selection(idx, args.block_size)  # one head per kv head, as measured before
-            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, method="create_block_mask (per kv head)",
-                       ms=cuda_time(lambda: mask.to_block_mask(T, T, device="cuda", block_size=(128, args.block_size)),
-                                    1, 3))
+            # the same BlockMask (folded rows, the same tiles) from the dense mask_mod, as torch builds any mask
+            mod = fine_selection_mod(idx, args.block_size, 1, G)
+            row = dict(T=T, n=args.num_selected, kv_heads=args.kv_heads, group=G, q_block_size=tile,
+                       method="create_block_mask",
+                       ms=cuda_time(lambda: build_block_mask(mod, T * G, T, 1, args.kv_heads, "cuda",
+                                                             (tile, args.block_size)), 1, 3))
             print(row, flush=True)
             rows.append(row)
             save(name, payload, args.out)

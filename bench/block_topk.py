@@ -13,7 +13,7 @@ import torch
 
 from nsa_flex import functional as F
 from nsa_flex import testing
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.functional import block_topk
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
@@ -32,10 +32,10 @@ def unfused(fn):
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq-lens", type=positive_arg, nargs="+", default=[16384, 65536])
+    p.add_argument("--heads", type=positive_arg, default=64)
+    p.add_argument("--kv-heads", type=positive_arg, default=4)
+    p.add_argument("--head-dim", type=positive_arg, default=128)
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused tiles (190 ms a call at 64k)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the unfused path (for CI)")
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         device, dtype, timer = "cpu", torch.float32, cpu_time
         args.seq_lens, args.heads, args.kv_heads, args.head_dim = [256], 4, 1, 16
     elif not torch.cuda.is_available():
-        raise SystemExit("bench.block_topk needs CUDA (use --smoke for the CPU check)")
+        p.error("bench.block_topk needs CUDA (use --smoke for the CPU check)")
     else:
         device, dtype, timer = "cuda", torch.bfloat16, cuda_time
     env = environment()

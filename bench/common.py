@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,8 +32,38 @@ def environment() -> dict:
         "triton": triton_version,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        # what else decides the figures: cuDNN runs the window (through cudnn-frontend, where installed) and
+        # the compressed branch; fla is the NSA reference; the commit is the code that was timed
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_frontend": _version("cudnn"),
+        "fla": _version("fla"),
+        "commit": _commit(),
     }
     return env
+
+
+def _version(module: str):
+    """``module.__version__``, None where it is not installed."""
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except ImportError:
+        return None
+    except Exception as err:  # noqa: BLE001 - installed but failing to import (e.g. against this triton)
+        return f"unimportable ({type(err).__name__})"
+
+
+def _commit():
+    """The checkout's git commit (with ``+dirty`` for uncommitted changes), None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def cuda_time(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.modules import NSACache
 
 from .common import RESULTS, cpu_time, cuda_graphed, cuda_time, environment, profile_into, save
@@ -70,6 +70,9 @@ def make_state(B: int, T: int, heads: int, kv_heads: int, head_dim: int, cfg: di
     )
 
 
+STEPS = ("sdpa_dense", "nsa_decode", "nsa_decode_gather")  # the decode steps methods() times
+
+
 def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], object]]]:
     """Each method makes, from a state, the step to time (a closure over the state)."""
 
@@ -101,13 +104,13 @@ def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], 
 
         return step
 
-    steps = {"sdpa_dense": dense_step(), "nsa_decode": nsa_step(None), "nsa_decode_gather": nsa_step(False)}
+    steps = dict(zip(STEPS, (dense_step(), nsa_step(None), nsa_step(False))))
     out = {name: (lambda step: lambda s: (lambda: step(s)))(step) for name, step in steps.items()}
     if graphs:
         # The graphs replay the attention compiled (inductor's fused kernels, not dozens of small ops: for dense,
         # the query's rotation; for NSA, the rotation's frequencies and the glue between its kernels)
-        graphed = {"sdpa_dense": dense_step(compiled=True), "nsa_decode": nsa_step(None, compiled=True),
-                   "nsa_decode_gather": nsa_step(False, compiled=True)}
+        graphed = dict(zip(STEPS, (dense_step(compiled=True), nsa_step(None, compiled=True),
+                                   nsa_step(False, compiled=True))))
         for name, step in graphed.items():
             out[f"{name}_graph"] = (lambda step: lambda s: cuda_graphed(lambda: step(s)))(step)
     return out
@@ -115,19 +118,21 @@ def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], 
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536],
+    p.add_argument("--contexts", type=positive_arg, nargs="+", default=[8192, 16384, 32768, 65536],
                    help="tokens already in the cache")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batches", type=positive_arg, nargs="+", default=[1, 16])
     p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of sdpa_dense nsa_decode nsa_decode_gather, each also with the suffix _graph")
+    p.add_argument("--methods", nargs="+", default=None, choices=[f"{m}{g}" for m in STEPS for g in ("", "_graph")],
+                   metavar="METHOD", help=f"a subset of {' '.join(STEPS)}, each also with the suffix _graph")
     p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph variants")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=positive_arg, default=50)
     p.add_argument("--profile", action="store_true",
                    help="also profile each method: its top kernels and kernel launches per step (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON (default bench/results)")
     args = p.parse_args(argv)
+    if not (args.smoke or torch.cuda.is_available()):
+        p.error("bench.decode needs CUDA (use --smoke for the CPU check)")
     threads = torch.get_num_threads()
     try:
         return _run(args)
@@ -146,8 +151,6 @@ def _run(args) -> dict:
         timer = cpu_time
         graphs = False
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench.decode needs CUDA (use --smoke for the CPU check)")
         device, dtype = torch.device("cuda"), torch.bfloat16
         contexts, batches = args.contexts, args.batches
         configs = {name: CONFIGS[name] for name in args.configs}
@@ -157,6 +160,10 @@ def _run(args) -> dict:
     env = environment()
     print(env, flush=True)
     rows = []
+    payload = {"env": env, "nsa_config": cfg, "rows": rows, "smoke": args.smoke,
+               "note": "one attention layer, one new token per sequence, median ms per decode step"}
+    result = "decode_smoke" if args.smoke else "decode"
+    path = save(result, payload, args.out)  # a bad --out fails now, not after the run; rewritten after every row
     for config, shape in configs.items():
         for B in batches:
             for T in contexts:
@@ -167,6 +174,7 @@ def _run(args) -> dict:
                     if args.methods and name not in args.methods:
                         continue
                     row = dict(config=config, context=T, batch=B, method=name, **shape)
+                    state = None
                     try:
                         state = make_state(B, T, **shape, cfg=cfg, device=device, dtype=dtype)
                         with torch.no_grad():
@@ -178,12 +186,10 @@ def _run(args) -> dict:
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(row, flush=True)
                     rows.append(row)
+                    save(result, payload, args.out)
+                    state = None  # its caches freed before the next shape's
                     if device.type == "cuda":
-                        del state
                         torch.cuda.empty_cache()
-    payload = {"env": env, "nsa_config": cfg, "rows": rows, "smoke": args.smoke,
-               "note": "one attention layer, one new token per sequence, median ms per decode step"}
-    path = save("decode_smoke" if args.smoke else "decode", payload, args.out)
     print(f"wrote {path}")
     return payload
 

@@ -20,7 +20,7 @@ import itertools
 import torch
 
 from nsa_flex import functional as F
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.functional import fused_decode
 
 from .common import cuda_graphed, cuda_time, environment, profile_into
@@ -33,24 +33,30 @@ def parse_grid(items: list[str]) -> dict[str, list[int]]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not values:
-            raise SystemExit(f"--grid: expected NAME=V1,V2, got {item!r}")
+            raise ValueError(f"--grid: expected NAME=V1,V2, got {item!r}")
         if not isinstance(getattr(fused_decode, name, None), int):
-            raise SystemExit(f"--grid: {name!r} is not an integer setting of nsa_flex.functional.fused_decode")
-        grid[name] = [int(v) for v in values.split(",")]
+            raise ValueError(f"--grid: {name!r} is not an integer setting of nsa_flex.functional.fused_decode")
+        try:
+            grid[name] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid: {name}'s values must be integers, got {values!r}") from None
     return grid
 
 
 def main(argv=None) -> list[dict]:
     p = ArgParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--context", type=int, default=65536)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--context", type=positive_arg, default=65536)
+    p.add_argument("--batch", type=positive_arg, default=16)
     p.add_argument("--config", default="paper", choices=sorted(CONFIGS))
     p.add_argument("--grid", nargs="*", default=[], help="NAME=V1,V2 of fused_decode's launch constants")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=positive_arg, default=50)
     args = p.parse_args(argv)
-    grid = parse_grid(args.grid)
+    try:
+        grid = parse_grid(args.grid)
+    except ValueError as err:
+        p.error(str(err))
     if not torch.cuda.is_available():
-        raise SystemExit("bench.decode_sweep needs CUDA")
+        p.error("bench.decode_sweep needs CUDA")
     print(environment(), flush=True)
     state = make_state(args.batch, args.context, **CONFIGS[args.config], cfg=PAPER_NSA, device="cuda",
                        dtype=torch.bfloat16)

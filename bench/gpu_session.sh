@@ -136,7 +136,7 @@ phase_scoring() {
 
 phase_lm() {  # environment overrides: TOY_TIMEOUT (0: skip), LM_TIMEOUT, LM_CONTEXTS
     [ "${TOY_TIMEOUT:-150}" = 0 ] || timeout ${TOY_TIMEOUT:-150} python3 -m bench.train_toy --seq-len 8192 \
-        --steps 40 --compile 2>&1 | quiet | tee "$out/train_toy.log"
+        --steps 40 --compile --out "$out" 2>&1 | quiet | tee "$out/train_toy.log"
     timeout ${LM_TIMEOUT:-390} python3 -m bench.train_lm --attn nsa dense --contexts ${LM_CONTEXTS:-4096 16384} \
         --repeats 5 --out "$out" 2>&1 | quiet | tee "$out/train_lm.log"
 }

@@ -38,7 +38,7 @@ import torch.nn.functional as torch_F
 
 from nsa_flex import functional as F
 from nsa_flex import masks
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.functional import selected_kernel
 from nsa_flex.functional.nsa import gate
 from nsa_flex.testing import nsa_inputs
@@ -51,6 +51,10 @@ PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_siz
 # heads on 8 kv heads), where the selected kernels stack four tokens' heads a program (not in the default run)
 CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128),
            "gqa4": dict(heads=32, kv_heads=8, head_dim=128)}
+
+
+# Every method bench.nsa and bench.peak_memory can run (methods() gives those available here)
+METHODS = ("sdpa_causal", "flex_causal", "fla_nsa", "nsa_flex")
 
 
 def methods(fla_nsa: Optional[Callable]) -> dict[str, Callable]:
@@ -172,13 +176,14 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--seq-lens", type=positive_arg, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
     p.add_argument("--inputs", nargs="+", default=["random", "structured"], choices=["random", "structured"])
-    p.add_argument("--methods", nargs="+", default=None, help="subset of sdpa_causal flex_causal fla_nsa nsa_flex")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
+                   help=f"a subset of {' '.join(METHODS)} (default all)")
     p.add_argument("--layout", choices=["bthd", "bhtd"], default="bthd",
                    help="storage of q, k, v, gates and do: [B, T, H, D] as projections give it, or [B, H, T, D]")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive_arg, default=10)
     p.add_argument("--profile", action="store_true",
                    help="also profile ours (forward+backward): top kernels and launches per step (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
@@ -192,7 +197,7 @@ def main(argv=None) -> dict:
         fla = None
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("bench.nsa needs CUDA (use --smoke for the CPU check)")
+            p.error("bench.nsa needs CUDA (use --smoke for the CPU check)")
         device, dtype = torch.device("cuda"), torch.bfloat16
         seq_lens, configs = args.seq_lens, {name: CONFIGS[name] for name in args.configs}
         timer = lambda fn: cuda_time(fn, 3, args.repeats)  # noqa: E731

@@ -22,10 +22,10 @@ from typing import Callable
 
 import torch
 
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 
 from .common import RESULTS, environment, save
-from .nsa import CONFIGS, bench_inputs, load_fla, methods
+from .nsa import CONFIGS, METHODS, bench_inputs, load_fla, methods
 
 OURS = ("nsa_flex", "bench")  # path fragments of frames worth naming
 
@@ -84,12 +84,12 @@ SMOKE_TRACE = [  # a tensor freed before a larger pair is alive together: the pe
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=65536)
+    p.add_argument("--seq-len", type=positive_arg, default=65536)
     p.add_argument("--config", default="paper", choices=sorted(CONFIGS))
     p.add_argument("--inputs", default="random", choices=["random", "structured"])
     p.add_argument("--layout", choices=["bthd", "bhtd"], default="bthd")
-    p.add_argument("--methods", nargs="+", default=["sdpa_causal", "nsa_flex"],
-                   help="subset of sdpa_causal flex_causal fla_nsa nsa_flex")
+    p.add_argument("--methods", nargs="+", default=["sdpa_causal", "nsa_flex"], choices=METHODS, metavar="METHOD",
+                   help=f"a subset of {' '.join(METHODS)} (default sdpa_causal nsa_flex)")
     p.add_argument("--min-mib", type=float, default=16.0, help="list blocks of at least this size")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the steps, replay of a synthetic trace")
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON (default bench/results)")
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         device, dtype, T, shape = torch.device("cpu"), torch.float32, 256, dict(heads=4, kv_heads=1, head_dim=16)
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("bench.peak_memory needs CUDA (use --smoke for the CPU check)")
+            p.error("bench.peak_memory needs CUDA (use --smoke for the CPU check)")
         device, dtype, T, shape = torch.device("cuda"), torch.bfloat16, args.seq_len, CONFIGS[args.config]
     env = environment()
     print(env, flush=True)
@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     fla = load_fla() if "fla_nsa" in args.methods and not args.smoke else None
     rows = []
     payload = {"env": env, "T": T, "config": args.config, "layout": args.layout, "rows": rows, "smoke": args.smoke}
+    result = "peak_memory_smoke" if args.smoke else "peak_memory"
+    path = save(result, payload, args.out)  # a bad --out fails now; rewritten after every method
     for name, fn in methods(fla).items():
         if name not in args.methods:
             continue
@@ -130,7 +132,7 @@ def main(argv=None) -> dict:
         print(f"{name}: peak {peak / 2**30:.2f} GiB above the step's start; alive then:", flush=True)
         for block in blocks:
             print(f"  {block['bytes'] / 2**30:7.3f} GiB  {block['where']}")
-    path = save("peak_memory_smoke" if args.smoke else "peak_memory", payload, args.out)
+        save(result, payload, args.out)
     print(f"wrote {path}")
     return payload
 

@@ -25,7 +25,7 @@ import contextlib
 import torch
 import torch.nn.functional as torch_F
 
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.modules import TransformerLM
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, profile_into, save
@@ -62,10 +62,10 @@ def make_step(attn: str, context: int, batch: int, model_config: dict, device: t
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--contexts", type=positive_arg, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--attn", nargs="+", default=["nsa", "dense", "window"], choices=["nsa", "dense", "window"])
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens // context)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tokens", type=positive_arg, default=65536, help="tokens per step (batch = tokens // context)")
+    p.add_argument("--repeats", type=positive_arg, default=10)
     p.add_argument("--profile", action="store_true",
                    help="also profile each step: its top kernels (operators on CPU) and launches (in the JSON)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
@@ -73,7 +73,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.contexts, args.tokens, args.repeats = [64], 128, 1
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    elif not torch.cuda.is_available():  # its times are CUDA-event medians (the defaults would take hours on CPU)
+        p.error("bench.train_lm needs CUDA (use --smoke for the CPU check)")
+    device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     config = SMOKE_MODEL if args.smoke else MODEL

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from nsa_flex.cli import ArgParser
+from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.modules import SparseAttention
 
 from .common import RESULTS, environment, save
@@ -50,12 +50,12 @@ def batch(B: int, T: int, period: int, vocab: int, device) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     p = ArgParser(description=__doc__)
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--period", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--seq-len", type=positive_arg, default=8192)
+    p.add_argument("--period", type=positive_arg, default=1000)
+    p.add_argument("--steps", type=positive_arg, default=60)
+    p.add_argument("--batch", type=positive_arg, default=2)
+    p.add_argument("--vocab", type=positive_arg, default=64)
+    p.add_argument("--dim", type=positive_arg, default=256)
     p.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True, dynamic=False)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for train_toy.json (default bench/results)")
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
             p.error("--compile needs CUDA (compiled FlexAttention has no CPU backward); --smoke runs eagerly")
         vars(args).update(SMOKE)
     elif not torch.cuda.is_available():
-        raise SystemExit("bench.train_toy needs CUDA (use --smoke for the CPU check)")
+        p.error("bench.train_toy needs CUDA (use --smoke for the CPU check)")
     for name in ("seq_len", "period", "steps", "batch", "vocab", "dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -624,7 +624,8 @@ def save_png(view: MaskView, path: str, max_pixels: int = 1024) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
+def positive_arg(text: str) -> int:
+    """An argparse type: a positive int (sizes, lengths, counts), else a one-line usage error."""
     try:
         value = int(text)
     except ValueError:
@@ -859,8 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="draw a mask expression as text or PNG, with its density and block sparsity")
     show.add_argument("expr", metavar="EXPR", help='mask expression, e.g. "causal() & sliding_window(64)"')
-    show.add_argument("--q-len", type=_positive, default=256, help="number of queries (default 256)")
-    show.add_argument("--kv-len", type=_positive, default=None, help="number of keys (default: q-len)")
+    show.add_argument("--q-len", type=positive_arg, default=256, help="number of queries (default 256)")
+    show.add_argument("--kv-len", type=positive_arg, default=None, help="number of keys (default: q-len)")
     show.add_argument("--block-size", type=_block_size, default=(128, 128), metavar="B[,KV_B]",
                       help="BlockMask block size (default 128)")
     show.add_argument("--out", type=png_path, metavar="FILE.png", help="write a PNG (needs matplotlib)")
@@ -869,11 +870,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="property-test a mask expression: flex_attention vs float64 dense")
     check.add_argument("expr", metavar="EXPR", help="mask expression")
-    check.add_argument("--q-len", type=_positive, default=256,
+    check.add_argument("--q-len", type=positive_arg, default=256,
                        help="the first case's number of queries and the maximum for random ones (default 256)")
-    check.add_argument("--kv-len", type=_positive, default=None,
+    check.add_argument("--kv-len", type=positive_arg, default=None,
                        help="same for keys; default: every case uses kv_len = q_len")
-    check.add_argument("--examples", type=_positive, default=8, help="number of cases (default 8)")
+    check.add_argument("--examples", type=positive_arg, default=8, help="number of cases (default 8)")
     check.add_argument("--block-size", type=_block_size, default=None, metavar="B[,KV_B]",
                        help="fixed BlockMask block size (default: 128 first, then random 16..128)")
     check.add_argument("--seed", type=_seed, default=0, help="seed for lengths, block sizes and inputs (default 0)")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench import nsa
 
@@ -65,9 +66,41 @@ def test_decode_sweep_grid_names_fused_decode_settings():
 
     assert decode_sweep.parse_grid(["_TARGET_PROGRAMS=256,512", "_SPARSE_STAGES=2"]) == {
         "_TARGET_PROGRAMS": [256, 512], "_SPARSE_STAGES": [2]}
-    for bad in ("_TARGET_PROGRAMS", "_TARGET_PROGRAMS=", "MAX_BLOCK=1", "merge=1"):
-        with pytest.raises(SystemExit, match="--grid"):
+    for bad in ("_TARGET_PROGRAMS", "_TARGET_PROGRAMS=", "MAX_BLOCK=1", "merge=1", "_TARGET_PROGRAMS=a"):
+        with pytest.raises(ValueError, match="--grid"):
             decode_sweep.parse_grid([bad])
+
+
+@pytest.mark.parametrize("name, argv, fragment", [
+    ("block_mask", ["--smoke", "--group", "0"], "argument --group: expected a positive integer"),  # ZeroDivisionError
+    ("block_mask", ["--smoke", "--q-block-size", "7", "--group", "2"], "--q-block-size 7 must be a multiple"),
+    ("decode_sweep", ["--grid", "_TARGET_PROGRAMS=a"], "--grid: _TARGET_PROGRAMS's values must be integers"),
+    ("train_lm", ["--smoke", "--contexts", "0"], "argument --contexts: expected a positive integer"),
+    ("nsa", ["--smoke", "--repeats", "0"], "argument --repeats: expected a positive integer"),  # had timed nothing
+    ("nsa", ["--smoke", "--methods", "foo"], "argument --methods: invalid choice: 'foo'"),  # had run no method
+    ("decode", ["--smoke", "--methods", "nsa"], "argument --methods: invalid choice: 'nsa'"),
+    ("peak_memory", ["--smoke", "--methods", "fla"], "argument --methods: invalid choice: 'fla'"),
+])
+def test_bad_arguments_are_one_line_usage_errors(capsys, name, argv, fragment):
+    """Every bench command line fails as the package's do: one line, prog: error:, exit 2 (these had been
+    tracebacks, or runs that measured nothing and exited 0)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"bench.{name}").main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("name", ["nsa", "decode", "train_lm", "block_mask", "block_topk", "peak_memory"])
+def test_without_cuda_only_the_smoke_mode_runs(capsys, name):
+    """train_lm had timed the CPU (the defaults would take hours) and written its GPU result's file name."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"bench.{name}").main([])
+    assert exit_.value.code == 2 and "needs CUDA (use --smoke" in capsys.readouterr().err
 
 
 def test_peak_memory_replay_finds_what_is_alive_at_the_peak(tmp_path):

@@ -180,7 +180,7 @@ def test_bench_usage_errors_exit_2_with_one_line(capsys, argv):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
 def test_bench_without_cuda_says_so_in_one_line(capsys):
     code, _, err = run_cli(capsys, "bench", "nsa")
-    assert code == 2 and err.strip() == "nsa-flex: error: bench.nsa needs CUDA (use --smoke for the CPU check)"
+    assert code == 2 and err.strip() == "nsa-flex bench nsa: error: bench.nsa needs CUDA (use --smoke for the CPU check)"
 
 
 def test_bench_runs_the_checkout_benchmark(capsys, tmp_path):
