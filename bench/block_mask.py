@@ -10,15 +10,13 @@ Usage: ``python -m bench.block_mask [--seq-lens 8192 65536] [--num-selected 16] 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nsa_flex import masks
 from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.masks.mask import build_block_mask
 from nsa_flex.masks.selection import fine_selection_mod
-from nsa_flex.functional.branches import SELECTION_TILE_ROWS
+from nsa_flex.functional.branches import selection_tile_rows
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
@@ -44,7 +42,7 @@ def main(argv=None) -> dict:
     else:
         device, timer = "cuda", cuda_time
     G = args.group
-    tile = args.q_block_size or G * math.ceil(SELECTION_TILE_ROWS / G)
+    tile = args.q_block_size or selection_tile_rows(G)
     if tile % G:  # block_mask_from_indices would refuse it inside the timing loop
         p.error(f"--q-block-size {tile} must be a multiple of --group {G} (whole tokens per tile)")
     env = environment()

@@ -38,10 +38,10 @@ from nsa_flex.cli import ArgParser, positive_arg
 from nsa_flex.modules import NSACache
 
 from .common import RESULTS, cpu_time, cuda_graphed, cuda_time, environment, profile_into, save
+from .nsa import CONFIGS as NSA_CONFIGS
+from .nsa import PAPER_NSA
 
-PAPER_NSA = dict(compress_block_size=32, compress_stride=16, selection_block_size=64, num_selected=16,
-                 num_initial=1, num_local=2, window_size=512)
-CONFIGS = {"paper": dict(heads=64, kv_heads=4, head_dim=128), "small": dict(heads=16, kv_heads=1, head_dim=128)}
+CONFIGS = {name: NSA_CONFIGS[name] for name in ("paper", "small")}  # bench.nsa's two of issue 5
 ROTARY_BASE = 10000.0
 
 

@@ -114,7 +114,6 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
     """Our forward, stage by stage (each timed on its own, inputs from the previous stage)."""
     cfg = PAPER_NSA
     l, d, ls = cfg["compress_block_size"], cfg["compress_stride"], cfg["selection_block_size"]
-    T = q.shape[2]
     G = q.shape[1] // k.shape[1]
     with torch.no_grad():
         k_cmp, v_cmp = F.mean_pool(k, l, d), F.mean_pool(v, l, d)
@@ -129,7 +128,7 @@ def stage_breakdown(q, k, v, g, timer) -> dict[str, float]:
             # the selection's lists as the selected branch takes them: the kernels' sorted lists, else a BlockMask
             # (the branch's own time includes this again)
             "mask_build": timer(lambda: selected_kernel.block_lists(idx, G)) if selected_kernel.supported(q, k, v, ls)
-            else timer(lambda: masks.block_mask_from_indices(idx, T, T, ls, group_size=G, compute_q_blocks=False)),
+            else timer(lambda: F.branches.selection_block_mask(idx, G, ls, compute_q_blocks=False)),
             "selected_attn": timer(lambda: F.selected_attention(q, k, v, idx, ls)),
             "window_attn": timer(lambda: F.sliding_window_attention(q, k, v, cfg["window_size"])),
             "gating": timer(lambda: gate(g, o_cmp, o_sel, o_win)),

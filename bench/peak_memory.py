@@ -27,7 +27,8 @@ from nsa_flex.cli import ArgParser, positive_arg
 from .common import RESULTS, environment, save
 from .nsa import CONFIGS, METHODS, bench_inputs, load_fla, methods
 
-OURS = ("nsa_flex", "bench")  # path fragments of frames worth naming
+OURS = ("nsa_flex", "bench")  # the folders of frames worth naming (whole path components)
+INSTALLED = ("site-packages", "dist-packages")  # below these, the package is the next folder, whatever the path
 
 
 def live_at_peak(trace: list[dict], min_bytes: int = 0) -> tuple[int, list[dict]]:
@@ -55,8 +56,16 @@ def live_at_peak(trace: list[dict], min_bytes: int = 0) -> tuple[int, list[dict]
 
 def where(frames: list[dict], depth: int = 3) -> str:
     """The innermost ``depth`` frames from this project (``file:line function``), else the innermost frame."""
-    ours = [f for f in frames if any(part in f.get("filename", "") for part in OURS)] or frames[:1]
+    ours = [f for f in frames if _is_ours(f.get("filename", ""))] or frames[:1]
     return "; ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in ours[:depth])
+
+
+def _is_ours(filename: str) -> bool:
+    """A frame of this project: an ``OURS`` folder in its path, below any installed-packages folder (so that torch
+    in a virtualenv inside a checkout named nsa_flex does not count, nor torch/utils/benchmark)."""
+    parts = filename.replace("\\", "/").split("/")[:-1]
+    installed = [i for i, part in enumerate(parts) if part in INSTALLED]
+    return any(part in OURS for part in parts[installed[-1] + 1 if installed else 0:])
 
 
 def traced_step(step: Callable[[], None]) -> list[dict]:

@@ -132,3 +132,15 @@ def test_results_default_to_bench_results_under_the_working_directory(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert common.save("x_smoke", {"a": 1}) == common.RESULTS / "x_smoke.json"
     assert json.loads((tmp_path / "bench" / "results" / "x_smoke.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("filename, ours", [
+    ("/w/main/nsa_flex/functional/nsa.py", True), ("/w/main/bench/nsa.py", True),
+    ("/venv/lib/python3.12/site-packages/nsa_flex/functional/nsa.py", True),  # installed, still ours
+    ("/home/u/nsa_flex/.venv/lib/python3.12/site-packages/torch/nn/functional.py", False),  # had counted
+    ("/opt/torch/utils/benchmark/utils/timer.py", False),
+])
+def test_peak_memory_names_frames_of_this_project_only(filename, ours):
+    from bench import peak_memory
+
+    assert peak_memory._is_ours(filename) is ours

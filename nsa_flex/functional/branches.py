@@ -165,6 +165,21 @@ def selected_attention(
     return (out, q) if return_query else out
 
 
+def selection_tile_rows(G: int) -> int:
+    """Query rows per tile of the selection BlockMask: :data:`SELECTION_TILE_ROWS` rounded up to whole tokens."""
+    return G * math.ceil(SELECTION_TILE_ROWS / G)
+
+
+def selection_block_mask(block_indices: Int[Tensor, "B Hkv T n"], G: int, block_size: int,
+                         compute_q_blocks: bool = True) -> BlockMask:
+    """The selection branch's BlockMask (its FlexAttention path): GQA folded into query rows (row ``t*G + g``), so
+    each selected KV block is loaded once for the ``G`` heads sharing it, in tiles of
+    :func:`selection_tile_rows` rows, which cover few tokens and so union few selections."""
+    T = block_indices.shape[2]
+    return masks.block_mask_from_indices(block_indices, T * G, T, block_size, selection_tile_rows(G),
+                                         compute_q_blocks=compute_q_blocks, rows_per_token=G)
+
+
 def _selected_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_size: int,
                                   scale: float) -> Tensor:
     """:func:`selected_attention` without the kernels: dense on CPU with gradients, FlexAttention otherwise."""
@@ -175,12 +190,7 @@ def _selected_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices
         mask.check(T, T)
         rows = mask_rows(mask, B, Hq, T, q.device)
         return dense_masked_attention(q, k, v, rows, scale=scale)
-    # GQA folded into query rows (row t*G + g): each selected KV block is loaded once for the G heads
-    # sharing it, and a tile of about 16 rows covers few tokens, so it unions few selections.
-    tile_rows = G * math.ceil(SELECTION_TILE_ROWS / G)
     q_rows = rearrange(q, "b (h g) t d -> b h (t g) d", g=G)
-    block_mask = masks.block_mask_from_indices(
-        block_indices, T * G, T, block_size, tile_rows, compute_q_blocks=torch.is_grad_enabled(), rows_per_token=G
-    )
+    block_mask = selection_block_mask(block_indices, G, block_size, compute_q_blocks=torch.is_grad_enabled())
     out = flex(q_rows, k, v, block_mask=block_mask, scale=scale)
     return rearrange(out, "b h (t g) d -> b (h g) t d", g=G)
