@@ -92,6 +92,12 @@ def nsa_attention(
     """
     B, Hq, T = check_nsa_arguments(q, k, v, gates, compress_block_size, compress_stride, selection_block_size,
                                    num_selected, num_initial, num_local, window_size, scale, fine_qk)
+    if T == 0:  # no token, nothing to attend; kept in the graph, so the gradients are (empty) zeros, not None
+        out = q.new_zeros(B, Hq, 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum() + gates.sum())
+        if return_branches:
+            none = q.new_zeros(B, k.shape[1], 0, num_selected, dtype=torch.long)
+            return out, {"compressed": out, "selected": out, "window": out, "block_indices": none}
+        return out
     k_compress, v_compress = resolve_compressors(compress, compress_block_size, compress_stride)
 
     k_cmp, v_cmp = k_compress(k), v_compress(v)

@@ -314,3 +314,20 @@ def test_nsa_attention_rejects_a_scale_that_is_not_a_positive_number(scale, erro
     q, k, v, gates = testing.nsa_inputs(16, 2, 1, 4)
     with pytest.raises(error, match="scale"):
         F.nsa_attention(q, k, v, gates, scale=scale, **ARGUMENT_CFG)
+
+
+def test_no_tokens_gives_an_empty_output_with_gradients():
+    """T = 0 had failed inside the selected branch's mask check, naming its internal q_len; the dense layer
+    (CausalAttention) returns an empty output, and so does NSA now."""
+    from nsa_flex.modules import SparseAttention
+
+    q, k, v = torch.randn(2, 4, 0, 8, requires_grad=True), torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8)
+    gates = torch.rand(2, 4, 0, 3)
+    out, branches = F.nsa_attention(q, k, v, gates, compress_block_size=16, compress_stride=8,
+                                    selection_block_size=16, num_selected=2, window_size=8, return_branches=True)
+    assert out.shape == (2, 4, 0, 8) and branches["block_indices"].shape == (2, 2, 0, 2)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
+    layer = SparseAttention(dim=16, dim_head=4, heads=4, sliding_window_size=6, compress_block_size=4,
+                            compress_block_sliding_stride=2, selection_block_size=4, num_selected_blocks=3)
+    assert layer(torch.randn(2, 0, 16)).shape == (2, 0, 16)
