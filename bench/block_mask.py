@@ -14,9 +14,9 @@ import torch
 
 from nsa_flex import masks
 from nsa_flex.cli import ArgParser, positive_arg
+from nsa_flex.functional.branches import selection_tile_rows
 from nsa_flex.masks.mask import build_block_mask
 from nsa_flex.masks.selection import fine_selection_mod
-from nsa_flex.functional.branches import selection_tile_rows
 
 from .common import RESULTS, cpu_time, cuda_time, environment, peak_memory, save
 
@@ -27,11 +27,13 @@ def main(argv=None) -> dict:
     p.add_argument("--num-selected", type=positive_arg, default=16)
     p.add_argument("--kv-heads", type=positive_arg, default=4)
     p.add_argument("--block-size", type=positive_arg, default=64)
-    p.add_argument("--group", type=positive_arg, default=16, help="query heads per kv head, folded into rows (paper: 16)")
+    p.add_argument("--group", type=positive_arg, default=16,
+                   help="query heads per kv head, folded into rows (paper: 16)")
     p.add_argument("--q-block-size", type=positive_arg, default=None,
                    help="query rows per tile (default: the selection branch's, SELECTION_TILE_ROWS rounded to G)")
     p.add_argument("--with-dense", action="store_true",
-                   help="also time create_block_mask of the same mask's mask_mod at T <= 16384 (compiles for a while)")
+                   help="also time create_block_mask of the same mask's mask_mod at T <= 16384 "
+                        "(compiles for a while)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for block_mask.json (default bench/results)")
     args = p.parse_args(argv)

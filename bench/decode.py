@@ -104,14 +104,15 @@ def methods(cfg: dict, graphs: bool) -> dict[str, Callable[[dict], Callable[[], 
 
         return step
 
-    steps = dict(zip(STEPS, (dense_step(), nsa_step(None), nsa_step(False))))
-    out = {name: (lambda step: lambda s: (lambda: step(s)))(step) for name, step in steps.items()}
+    def steps(compiled: bool) -> dict:
+        """The :data:`STEPS`, in that order."""
+        return dict(zip(STEPS, (dense_step(compiled), nsa_step(None, compiled), nsa_step(False, compiled))))
+
+    out = {name: (lambda step: lambda s: (lambda: step(s)))(step) for name, step in steps(False).items()}
     if graphs:
         # The graphs replay the attention compiled (inductor's fused kernels, not dozens of small ops: for dense,
         # the query's rotation; for NSA, the rotation's frequencies and the glue between its kernels)
-        graphed = dict(zip(STEPS, (dense_step(compiled=True), nsa_step(None, compiled=True),
-                                   nsa_step(False, compiled=True))))
-        for name, step in graphed.items():
+        for name, step in steps(True).items():
             out[f"{name}_graph"] = (lambda step: lambda s: cuda_graphed(lambda: step(s)))(step)
     return out
 

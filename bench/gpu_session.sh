@@ -85,7 +85,8 @@ tests/functional/test_block_topk.py tests/functional/test_selected_kernel.py -m 
     local masks="tests/masks -k 'not generators and"
     local fast="tests/functional/test_gpu.py -k"
     [ $# -gt 0 ] || shards=("tests/masks -k '$first'" "tests/masks -k 'generators and not ($first)'"
-                            "$masks per_block_size and not 16x16'" "$masks (16x16 or gradient) and not (per_block_size and not 16x16)'" "$masks not gradient'"
+                            "$masks per_block_size and not 16x16'"
+                            "$masks (16x16 or gradient) and not (per_block_size and not 16x16)'" "$masks not gradient'"
                             "tests/functional --ignore=tests/functional/test_gpu.py"
                             "$fast 'fast_path and 1000'" "$fast 'fast_path and 4096'"
                             "$fast 'fast_path and 8192'" "$fast 'not fast_path'" "tests/modules tests/test_*.py" "$kernels")

@@ -605,7 +605,8 @@ def compare_runs(run_dirs: Sequence[str], out: Path) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             raise CLIError(f"--compare: cannot read {str(path)!r}: {err}") from None
         log = logs[str(run_dir)]
-        missing = [key for key in ("history", "args", "num_parameters") if not isinstance(log, dict) or key not in log]
+        missing = [key for key in ("history", "args", "num_parameters")
+                   if not isinstance(log, dict) or key not in log]
         require(not missing, f"--compare: {str(path)!r} is not a {PROG} log (no {', '.join(missing)})")
     rows = []
     for name, log in logs.items():

@@ -135,7 +135,8 @@ def device(name: str, value) -> Optional[torch.device]:
         backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
         is_available = getattr(backend, "is_available", None)
         if not (callable(is_available) and is_available()):
-            raise ValueError(f"{name}={value!r} but this torch cannot use {dev.type} devices (torch {torch.__version__})")
+            raise ValueError(f"{name}={value!r} but this torch cannot use {dev.type} devices "
+                             f"(torch {torch.__version__})")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}={value!r} but CUDA is not available (torch {torch.__version__}, "

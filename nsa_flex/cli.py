@@ -637,10 +637,13 @@ def positive_arg(text: str) -> int:
 
 def _seed(text: str) -> int:
     try:
-        return check_seed("--seed", int(text))
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        return check_seed("--seed", value)
     except ValueError as err:
-        detail = str(err) if text.strip().lstrip("+-").isdigit() else f"invalid int value: {text!r}"
-        raise argparse.ArgumentTypeError(detail.removeprefix("--seed ")) from None
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--seed ")) from None
 
 
 def _block_size(text: str) -> tuple[int, int]:

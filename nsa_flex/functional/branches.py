@@ -107,16 +107,15 @@ def compressed_attention(
     """
     B, Hq, _, T = check_qkv(q, k_cmp, v_cmp, same_length=False)
     masks.compressed.check_compression(block_size, stride)
-    attention_scale(scale, q.shape[-1])  # a given scale checked for every path below
+    cudnn_scale = attention_scale(scale, q.shape[-1])  # also checks a given scale for the other paths
     Tc = k_cmp.shape[2]
     if Tc == 0:
         # No compressed key at all; keep the graph connected so gradients are zeros, not None.
         out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + 0 * (q.sum() + k_cmp.sum() + v_cmp.sum())
         lse = q.new_full((B, Hq, T), float("-inf"))
     elif compressed_sdpa.supported(q, k_cmp, v_cmp, block_size, stride):
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        out, lse, *passed = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block_size, stride, scale,
-                                                                       return_query)
+        out, lse, *passed = compressed_sdpa.compressed_attention_cudnn(q, k_cmp, v_cmp, block_size, stride,
+                                                                       cudnn_scale, return_query)
         q = passed[0] if return_query else q
     else:
         mod = compressed_causal_mod(block_size, stride)

@@ -239,8 +239,8 @@ def masks(
     ``(q_len, kv_len)``. With ``seq_len`` the mask may also use data sized for it (``document`` ids, the image
     of ``neighborhood``; block layouts, which need ``q_len == kv_len == seq_len``). ``batch`` adds per-sequence
     masks (``prefix_lm`` with a length per sequence, ``document`` with ``[B, T]`` ids; with ``heads`` also
-    ``fine_selection``), ``heads`` adds per-head masks (per-head layouts, ``fine_selection`` with a GQA group); the result is then defined for
-    exactly that batch / that many heads when it uses them. ``device`` is where the data-dependent masks keep
+    ``fine_selection``), ``heads`` adds per-head masks (per-head layouts, ``fine_selection`` with a GQA group);
+    the result is then defined for exactly that batch / that many heads when it uses them. ``device`` is where the data-dependent masks keep
     their tensors (``"cuda"`` for compiled kernels); default CPU.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
